@@ -1,0 +1,140 @@
+"""The one exception tree of heartline, and the mapping from gRPC status codes.
+
+::
+
+    HeartlineError
+    ├── RPCError                      a call to the server failed; .code is the grpc.StatusCode
+    │   ├── InvalidArgumentError      INVALID_ARGUMENT
+    │   ├── NotFoundError             NOT_FOUND
+    │   ├── PermissionDeniedError     PERMISSION_DENIED
+    │   ├── UnauthenticatedError      UNAUTHENTICATED
+    │   ├── FailedPreconditionError   FAILED_PRECONDITION (e.g. a refused transition)
+    │   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED (e.g. a payload over the limit)
+    │   └── UnavailableError          UNAVAILABLE (server not reachable)
+    ├── SerializationError            a function, its arguments or a result could not be pickled
+    ├── TaskFailedError               a task settled without a result (cancelled, failed, skipped)
+    │   └── RemoteError               the task's function raised; keeps the remote type name,
+    │                                 message and traceback text
+    └── TimeoutError                  (also a builtins.TimeoutError) a wait ran out
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import grpc
+
+
+class HeartlineError(Exception):
+    """Base of every error heartline raises."""
+
+
+class RPCError(HeartlineError):
+    """A call to the server failed with a gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code.name})"
+
+
+class InvalidArgumentError(RPCError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(RPCError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDeniedError(RPCError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnauthenticatedError(RPCError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPreconditionError(RPCError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhaustedError(RPCError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(RPCError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class SerializationError(HeartlineError):
+    """A function, its arguments or its result could not be serialized."""
+
+
+class TaskFailedError(HeartlineError):
+    """A task settled without a value: cancelled, failed, skipped, or errored by the system."""
+
+    def __init__(self, task_id: str, state: str, message: str) -> None:
+        super().__init__(f"task {task_id} {state}: {message}")
+        self.task_id = task_id
+        self.state = state
+
+
+class RemoteError(TaskFailedError):
+    """The task's function raised on the endpoint.
+
+    ``str(err)`` reads ``TypeName: message``; ``remote_type`` is the remote
+    exception's qualified type name and ``remote_traceback`` its traceback text.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        state: str,
+        remote_type: str,
+        message: str,
+        remote_traceback: str,
+    ) -> None:
+        HeartlineError.__init__(self, f"{remote_type}: {message}")
+        self.task_id = task_id
+        self.state = state
+        self.remote_type = remote_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = f"{self.remote_type}: {self.message}"
+        if self.remote_traceback:
+            text += f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return text
+
+
+class TimeoutError(HeartlineError, builtins.TimeoutError):  # noqa: A001 - deliberate
+    """A wait for a task ran out of time."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RPCError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        PermissionDeniedError,
+        UnauthenticatedError,
+        FailedPreconditionError,
+        ResourceExhaustedError,
+        UnavailableError,
+    )
+}
+
+
+def rpc_error_from_grpc(err: grpc.RpcError) -> RPCError:
+    """Map a grpc error (sync or aio) to the matching :class:`RPCError` subclass."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    cls = _BY_CODE.get(code, RPCError)
+    return cls(details or code.name, code)
