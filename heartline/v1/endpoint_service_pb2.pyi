@@ -84,12 +84,14 @@ class ConnectRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[StatusBatch, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "agent_id")
+    __slots__ = ("heartbeat_interval_seconds", "agent_id", "max_payload_bytes")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     agent_id: str
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., agent_id: _Optional[str] = ...) -> None: ...
+    max_payload_bytes: int
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., agent_id: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ...) -> None: ...
 
 class Dispatch(_message.Message):
     __slots__ = ("task_id", "attempt", "function_id", "function", "args", "walltime_seconds")

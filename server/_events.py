@@ -1,0 +1,213 @@
+"""What goes into the scheduler (events) and what comes out (instructions).
+
+Both are frozen dataclasses: the scheduler is a pure function of its state and the
+events it is fed, and its only output is the instructions it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from heartline._states import TaskState
+from heartline.server._model import ErrorInfo, TaskRow, WriteBatch
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One task of a submission, already validated and given its id."""
+
+    task_id: str
+    function_id: str
+    args: bytes
+    priority: int
+    max_retries: int
+    max_system_retries: int
+    walltime: float
+    held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TasksSubmitted:
+    endpoint_id: str
+    owner: str
+    tasks: tuple[NewTask, ...]
+    session_id: str
+    time: float
+    stimulus: str = "submit"
+    resubmitted_from: tuple[str, ...] = ()
+    """Per task: the id of the task it was resubmitted from, or empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTask:
+    task_id: str
+    attempt: int
+    state: TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConnected:
+    agent_id: str
+    endpoint_id: str
+    capacity: int
+    prefetch: int
+    held: tuple[HeldTask, ...]
+    time: float
+    hostname: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLost:
+    """The agent's stream closed, or it went silent past the heartbeat timeout."""
+
+    agent_id: str
+    time: float
+    cause: str = "endpoint-lost"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSeen:
+    """A heartbeat (or any message) arrived from the agent."""
+
+    agent_id: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    task_id: str
+    attempt: int
+    state: TaskState
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReported:
+    agent_id: str
+    reports: tuple[StatusReport, ...]
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class TasksCommanded:
+    """An owner's command on a set of tasks: cancel, hold, release, retry or give-up."""
+
+    command: str
+    task_ids: tuple[str, ...]
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes: find silent agents, expire ERRORED tasks past their retention."""
+
+    time: float
+
+
+Event = (
+    TasksSubmitted
+    | AgentConnected
+    | AgentLost
+    | AgentSeen
+    | AgentReported
+    | TasksCommanded
+    | Tick
+)
+
+# --------------------------------------------------------------------- instructions
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Make these rows durable (one store batch)."""
+
+    batch: WriteBatch
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchItem:
+    task_id: str
+    attempt: int
+    function_id: str
+    args: bytes
+    walltime: float
+
+
+@dataclass(frozen=True, slots=True)
+class SendDispatches:
+    agent_id: str
+    items: tuple[DispatchItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancels:
+    agent_id: str
+    task_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendAcks:
+    """Acknowledge terminal reports; carried out once the Persist of the same step commits."""
+
+    agent_id: str
+    acks: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChanged:
+    """One transition as watchers see it."""
+
+    task_id: str
+    session_id: str
+    state: TaskState
+    attempt: int
+    cause: str
+    time: float
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyWatchers:
+    """Push transitions to watchers; carried out once the Persist of the same step commits."""
+
+    changes: tuple[TaskChanged, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAgent:
+    """Close an agent's stream (e.g. it was declared lost while its stream stayed open)."""
+
+    agent_id: str
+    reason: str
+
+
+Instruction = Persist | SendDispatches | SendCancels | SendAcks | NotifyWatchers | CloseAgent
+
+__all__ = [
+    "AgentConnected",
+    "AgentLost",
+    "AgentReported",
+    "AgentSeen",
+    "CloseAgent",
+    "DispatchItem",
+    "Event",
+    "HeldTask",
+    "Instruction",
+    "NewTask",
+    "NotifyWatchers",
+    "Persist",
+    "SendAcks",
+    "SendCancels",
+    "SendDispatches",
+    "StatusReport",
+    "TaskChanged",
+    "TaskRow",
+    "TasksCommanded",
+    "TasksSubmitted",
+    "Tick",
+]

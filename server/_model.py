@@ -1,0 +1,152 @@
+"""Records shared by the scheduler and the store: plain data, no behaviour.
+
+``TaskRecord`` is mutable and owned by the scheduler (only the scheduler's loop touches
+it). Everything that crosses to the store's writer thread is a frozen snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from heartline._states import TaskState
+
+PRIORITY_HIGH = 1
+PRIORITY_NORMAL = 2
+PRIORITY_LOW = 3
+
+# FailureKind values of the wire enum (heartline.v1.FailureKind).
+FAILURE_NONE = 0
+FAILURE_WORKER_DIED = 1
+FAILURE_WALLTIME = 2
+FAILURE_ENDPOINT_LOST = 3
+FAILURE_SERIALIZATION = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An exception of an attempt, as text."""
+
+    type_name: str
+    message: str
+    traceback: str = ""
+    failure_kind: int = FAILURE_NONE
+    """0 when the function raised; a FAILURE_* value for a system failure."""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """One task as the scheduler holds it."""
+
+    task_id: str
+    endpoint_id: str
+    function_id: str
+    args: bytes
+    owner: str
+    state: TaskState
+    submit_time: float
+    attempt: int = 1
+    priority: int = PRIORITY_NORMAL
+    max_retries: int = 0
+    max_system_retries: int = 3
+    walltime: float = 0.0
+    start_time: float | None = None
+    settle_time: float | None = None
+    held_from: TaskState | None = None
+    """The state a HELD task returns to when released."""
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+    raised_count: int = 0
+    """Attempts whose function raised (counted against max_retries)."""
+    system_failures: int = 0
+    """Attempts ended by a system failure (counted against max_system_retries)."""
+    resubmitted_from: str = ""
+    group_id: str = ""
+    payload_purged: bool = False
+    # Not stored: runtime placement.
+    session_id: str = field(default="", compare=False)
+    agent_id: str | None = field(default=None, compare=False)
+
+    def snapshot(self) -> TaskRow:
+        """A frozen copy of the stored columns, safe to hand to the writer thread."""
+        return TaskRow(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TaskRow)})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """The stored columns of a task (a frozen snapshot of a TaskRecord)."""
+
+    task_id: str
+    endpoint_id: str
+    function_id: str
+    args: bytes
+    owner: str
+    state: TaskState
+    submit_time: float
+    attempt: int
+    priority: int
+    max_retries: int
+    max_system_retries: int
+    walltime: float
+    start_time: float | None
+    settle_time: float | None
+    held_from: TaskState | None
+    result: bytes | None
+    error: ErrorInfo | None
+    raised_count: int
+    system_failures: int
+    resubmitted_from: str
+    group_id: str
+    payload_purged: bool
+
+    def to_record(self) -> TaskRecord:
+        return TaskRecord(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TaskRow)})
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRow:
+    """One recorded transition: (task, start, finish, cause, time) plus the attempt."""
+
+    task_id: str
+    from_state: TaskState | None
+    """None for the submit transition (the task did not exist before)."""
+    to_state: TaskState
+    cause: str
+    time: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionRow:
+    function_id: str
+    payload: bytes
+    owner: str
+    register_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRow:
+    endpoint_id: str
+    name: str
+    owner: str
+    register_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """Everything one scheduler step (or one request) asks the store to make durable.
+
+    Applied in one transaction, in this order: functions, endpoints, new tasks (inserted),
+    task updates (the full row replaces the stored one), transitions (appended).
+    """
+
+    functions: tuple[FunctionRow, ...] = ()
+    endpoints: tuple[EndpointRow, ...] = ()
+    new_tasks: tuple[TaskRow, ...] = ()
+    task_updates: tuple[TaskRow, ...] = ()
+    transitions: tuple[TransitionRow, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.functions or self.endpoints or self.new_tasks or self.task_updates or self.transitions
+        )
