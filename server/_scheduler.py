@@ -428,7 +428,7 @@ class Scheduler:
             task = self.tasks[task_id]
             finish = finish_of(task)
             if finish is None or (task.state, finish) not in _TRANSITIONS:
-                refusals.append((task_id, task.state, _COMMAND_WORDS[event.command]))
+                refusals.append((task_id, task.state, COMMAND_WORDS[event.command]))
             else:
                 plan.append((task, finish))
         if refusals:
@@ -706,7 +706,7 @@ _COMMANDS: dict[str, Callable[[TaskRecord], TaskState | None]] = {
     "retry": lambda t: S.WAITING_FOR_EP if t.state == S.ERRORED else None,
     "give-up": lambda t: S.FAILED,
 }
-_COMMAND_WORDS = {
+COMMAND_WORDS = {
     "cancel": "cancelled",
     "hold": "held",
     "release": "released",

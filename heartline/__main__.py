@@ -1,0 +1,3 @@
+from heartline._cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""The ``heartline`` command line: server, endpoint agents, and operator commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from heartline._cli_ops import register_operator_commands
+
+_DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="heartline")
+def main() -> None:
+    """heartline: run Python functions on your own machines, through one server."""
+
+
+def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate):  # noqa: ANN001, ANN202
+    from heartline.server import ServerConfig
+
+    return ServerConfig(
+        listen=listen,
+        db_path=Path(db) if db else None,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        insecure_no_auth=insecure_no_auth,
+        validate=validate,
+    )
+
+
+_server_options = [
+    click.option("--listen", default=_DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
+    click.option("--db", type=click.Path(dir_okay=False), help="SQLite store [default: $HEARTLINE_HOME/heartline.db]."),
+    click.option("--heartbeat-interval", type=float, default=5.0, show_default=True, help="Seconds between agent heartbeats."),
+    click.option("--heartbeat-timeout", type=float, default=None, help="Seconds of silence before an agent is lost [default: 3 x interval]."),
+    click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback address without authentication."),
+    click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug)."),
+    click.option("--validate", is_flag=True, hidden=True, help="Check scheduler invariants every step (tests)."),
+]
+
+
+def _with_server_options(fn):  # noqa: ANN001, ANN202
+    for option in reversed(_server_options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@_with_server_options
+def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate) -> None:  # noqa: ANN001
+    """Run the heartline server."""
+    from heartline.server import run_server
+
+    _setup_logging(verbose)
+    config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate)
+
+    def ready(address: str) -> None:
+        click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
+
+    sys.exit(run_server(config, ready))
+
+
+@main.command()
+@_with_server_options
+@click.option("--workers", type=int, default=None, help="Worker processes of the local endpoint [default: CPU count].")
+def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, workers) -> None:  # noqa: ANN001
+    """Run the server and one local endpoint named 'local', in one command."""
+    from heartline.server import run_server
+
+    _setup_logging(verbose)
+    config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate)
+    agent: list[subprocess.Popen] = []
+
+    def ready(address: str) -> None:
+        cmd = [sys.executable, "-m", "heartline", "endpoint", "start", "--name", "local", "--server", address]
+        if workers:
+            cmd += ["--workers", str(workers)]
+        # The agent gets its own process group so a Ctrl-C reaches it only through us.
+        agent.append(subprocess.Popen(cmd, start_new_session=True))
+        click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
+        click.echo("endpoint 'local' starting; submit with Executor(endpoint=\"local\"). Ctrl-C stops both.")
+
+    try:
+        code = run_server(config, ready)
+    finally:
+        for proc in agent:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    sys.exit(code)
+
+
+@main.group()
+def endpoint() -> None:
+    """Endpoint agents."""
+
+
+@endpoint.command("start")
+@click.option("--name", required=True, help="Endpoint name (registered on first start).")
+@click.option("--server", "server_address", default=None, help="Server HOST:PORT [default: $HEARTLINE_ADDRESS or 127.0.0.1:50051].")
+@click.option("--workers", type=int, default=None, help="Worker processes [default: CPU count].")
+@click.option("--prefetch", type=int, default=None, help="Tasks queued beyond free workers [default: 4 x workers].")
+@click.option("--token", default=None, envvar="HEARTLINE_TOKEN", help="Bearer token.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def endpoint_start(name, server_address, workers, prefetch, token, verbose) -> None:  # noqa: ANN001
+    """Start an endpoint agent that runs tasks on this machine."""
+    from heartline.endpoint import AgentConfig, run_agent
+
+    _setup_logging(verbose)
+    kwargs = {"name": name, "token": token}
+    address = server_address or os.environ.get("HEARTLINE_ADDRESS")
+    if address:
+        kwargs["server"] = address
+    if workers is not None:
+        if workers < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--workers")
+        kwargs["workers"] = workers
+    if prefetch is not None:
+        if prefetch < 0:
+            raise click.BadParameter("must be at least 0", param_hint="--prefetch")
+        kwargs["prefetch"] = prefetch
+    sys.exit(run_agent(AgentConfig(**kwargs)))
+
+
+register_operator_commands(main)

@@ -1,0 +1,238 @@
+"""Operator commands of the CLI: tasks, endpoints, stats. Tables are rich tables; an
+error is one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from heartline._errors import HeartlineError, TaskFailedError
+from heartline._states import TaskState
+
+_address = click.option(
+    "--server",
+    "address",
+    default=None,
+    envvar="HEARTLINE_ADDRESS",
+    help="Server HOST:PORT [default: $HEARTLINE_ADDRESS or 127.0.0.1:50051].",
+)
+_token = click.option("--token", default=None, envvar="HEARTLINE_TOKEN", help="Bearer token.")
+
+
+def _console() -> Console:
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report heartline errors as one line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HeartlineError as err:
+            click.echo(f"error: {str(err).splitlines()[0]}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _client(address: str | None, token: str | None):  # noqa: ANN202
+    from heartline.client import Client
+
+    return Client(address, token=token)
+
+
+def _when(value: datetime.datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _state_style(state: TaskState) -> str:
+    return {
+        TaskState.SUCCEEDED: "green",
+        TaskState.ERRORED: "red",
+        TaskState.FAILED: "red",
+        TaskState.CANCELLED: "yellow",
+        TaskState.RUNNING: "cyan",
+    }.get(state, "")
+
+
+def register_operator_commands(main: click.Group) -> None:
+    """Attach the operator command groups to the top-level ``heartline`` group."""
+    main.add_command(tasks)
+    main.add_command(endpoints)
+    main.add_command(stats)
+
+
+@click.group()
+def tasks() -> None:
+    """Inspect and control tasks."""
+
+
+@tasks.command("list")
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in TaskState]), help="Only tasks in this state (repeatable).")
+@click.option("--endpoint", default=None, help="Only tasks of this endpoint (name or id).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@_address
+@_token
+@_fail_cleanly
+def tasks_list(states, endpoint, limit, address, token) -> None:  # noqa: ANN001
+    """List tasks, newest first."""
+    with _client(address, token) as hc:
+        rows = hc.list_tasks(states=list(states) or None, endpoint=endpoint, limit=limit)
+    table = Table("task", "state", "endpoint", "attempt", "submitted", "settled", "waiting / error")
+    for t in rows:
+        note = t.waiting_reason if t.pending else (f"{t.error.type_name}: {t.error.message}" if t.error else "")
+        table.add_row(
+            t.id,
+            f"[{_state_style(t.state)}]{t.state.value}[/]" if _state_style(t.state) else t.state.value,
+            t.endpoint,
+            str(t.attempt),
+            _when(t.submitted),
+            _when(t.settled),
+            note[:60],
+        )
+    _console().print(table)
+    if not rows:
+        click.echo("no tasks")
+
+
+@tasks.command("show")
+@click.argument("task_id")
+@_address
+@_token
+@_fail_cleanly
+def tasks_show(task_id, address, token) -> None:  # noqa: ANN001
+    """Show one task with its history of transitions."""
+    with _client(address, token) as hc:
+        t = hc.get_task(task_id)
+    console = _console()
+    summary = Table(show_header=False, box=None)
+    summary.add_row("task", t.id)
+    summary.add_row("state", t.state.value + (f"  ({t.waiting_reason})" if t.waiting_reason else ""))
+    summary.add_row("endpoint", t.endpoint)
+    summary.add_row("attempt", str(t.attempt))
+    summary.add_row("submitted", _when(t.submitted))
+    summary.add_row("started", _when(t.started))
+    summary.add_row("settled", _when(t.settled))
+    if t.state is TaskState.SUCCEEDED:
+        try:
+            summary.add_row("result", repr(t.result)[:200])
+        except HeartlineError as err:
+            summary.add_row("result", f"(cannot load here: {err})")
+    if t.error is not None:
+        summary.add_row("error", f"{t.error.type_name}: {t.error.message}")
+    console.print(summary)
+    history = Table("time", "from", "to", "attempt", "cause", title="history")
+    for h in t.history:
+        history.add_row(
+            _when(h.time),
+            h.from_state.value if h.from_state else "-",
+            h.to_state.value,
+            str(h.attempt),
+            h.cause,
+        )
+    console.print(history)
+    if t.error is not None and t.error.traceback:
+        console.print(t.error.traceback.rstrip(), markup=False, highlight=False)
+
+
+def _command(name: str, method: str, help_text: str) -> None:
+    @tasks.command(name, help=help_text)
+    @click.argument("task_ids", nargs=-1, required=True)
+    @_address
+    @_token
+    @_fail_cleanly
+    def command(task_ids, address, token) -> None:  # noqa: ANN001
+        with _client(address, token) as hc:
+            updates = getattr(hc, method)(list(task_ids))
+        if method == "resubmit":
+            for old, new in zip(task_ids, updates, strict=True):
+                click.echo(f"{old} -> {new}")
+            return
+        for u in updates:
+            click.echo(f"{u.task_id} {u.state.value}")
+
+
+_command("cancel", "cancel", "Cancel pending tasks (a running task's worker is ended).")
+_command("hold", "hold", "Hold queued tasks: they are not dispatched until released.")
+_command("release", "release", "Release held tasks.")
+_command("retry", "retry", "Run errored tasks again (attempt + 1).")
+_command("give-up", "give_up", "Mark errored tasks failed for good.")
+_command("resubmit", "resubmit", "Submit failed or cancelled tasks again as new tasks.")
+
+
+@tasks.command("wait")
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@_address
+@_token
+@_fail_cleanly
+def tasks_wait(task_ids, timeout, address, token) -> None:  # noqa: ANN001
+    """Wait until tasks settle, with a progress bar; exit 1 if any did not succeed."""
+    failed = 0
+    columns = (TextColumn("settled"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with _client(address, token) as hc, Progress(*columns, console=Console(stderr=True)) as bar:
+        progress = bar.add_task("wait", total=len(task_ids))
+        for tid in task_ids:
+            try:
+                hc.get_result(tid, timeout=timeout)
+            except TaskFailedError:
+                failed += 1
+            bar.advance(progress)
+    click.echo(f"{len(task_ids) - failed} succeeded, {failed} did not")
+    sys.exit(1 if failed else 0)
+
+
+@click.group()
+def endpoints() -> None:
+    """Inspect endpoints."""
+
+
+@endpoints.command("list")
+@_address
+@_token
+@_fail_cleanly
+def endpoints_list(address, token) -> None:  # noqa: ANN001
+    """List endpoints with their agents and queues."""
+    with _client(address, token) as hc:
+        rows = hc.list_endpoints()
+    table = Table("endpoint", "id", "online", "agents", "workers", "in flight", "queued")
+    for ep in rows:
+        table.add_row(
+            ep.name,
+            ep.id,
+            "[green]yes[/]" if ep.online else "[red]no[/]",
+            str(len(ep.agents)),
+            str(sum(a.capacity for a in ep.agents)),
+            str(sum(a.in_flight for a in ep.agents)),
+            str(ep.queued),
+        )
+    _console().print(table)
+
+
+@click.command()
+@_address
+@_token
+@_fail_cleanly
+def stats(address, token) -> None:  # noqa: ANN001
+    """Task counts by state, endpoints online, transitions so far."""
+    with _client(address, token) as hc:
+        s = hc.stats()
+    table = Table("state", "tasks")
+    for state in TaskState:
+        table.add_row(state.value, str(s.tasks_by_state.get(state.value, 0)))
+    console = _console()
+    console.print(table)
+    console.print(
+        f"endpoints online: {s.endpoints_online}   agents online: {s.agents_online}   "
+        f"transitions since start: {s.transitions}"
+    )

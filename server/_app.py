@@ -1,0 +1,149 @@
+"""The server process: gRPC services, health and reflection, timers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from heartline.server._config import ServerConfig
+from heartline.server._core import ServerCore
+from heartline.server._endpoint_service import EndpointServicer
+from heartline.server._store import SqliteStore, Store
+from heartline.server._task_service import TaskServicer
+from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc, task_service_pb2, task_service_pb2_grpc
+
+log = logging.getLogger("heartline.server")
+
+# Room for a full batch of payloads at the limit is not the goal: a single message must fit
+# one payload at the limit plus its envelope, so oversized payloads get our clear error.
+_MESSAGE_HEADROOM = 16 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The server cannot start with this configuration."""
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    """One heartline server: ``await start()`` then ``await wait_closed()`` or ``stop()``."""
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        if not is_loopback(config.listen) and not config.insecure_no_auth:
+            raise ConfigError(
+                f"refusing to listen on {config.listen} without authentication: "
+                "pass --insecure-no-auth to do it anyway"
+            )
+        self.config = config
+        self.store = store or SqliteStore(config.effective_db_path)
+        self.core = ServerCore(config, self.store)
+        self.port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._timers: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Open the store, restore unsettled tasks, start serving; return the bound port."""
+        self.config.effective_db_path.parent.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await self.core.open()
+        limit = self.config.max_payload + _MESSAGE_HEADROOM
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ]
+        )
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.core), server)
+        endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(
+            EndpointServicer(self.core), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (
+            task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+            endpoint_service_pb2.DESCRIPTOR.services_by_name["EndpointService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise ConfigError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        for name in ("", *names[:2]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._grpc = server
+        self._timers = asyncio.create_task(self.core.run_timers())
+        log.info("listening on %s", self.address)
+        return self.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving (waiting up to ``grace`` seconds for calls), flush the store."""
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self._timers is not None:
+            self._timers.cancel()
+            await asyncio.gather(self._timers, return_exceptions=True)
+            self._timers = None
+        await self.store.close()
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig, ready=None) -> None:  # noqa: ANN001
+    """Run a server until SIGINT or SIGTERM; ``ready(address)`` is called once it listens."""
+    server = Server(config)
+    await server.start()
+    if ready is not None:
+        ready(server.address)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace=2.0)
+
+
+def run_server(config: ServerConfig, ready=None) -> int:  # noqa: ANN001
+    """Blocking entry of ``heartline server``: uvloop, signals, exit code."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
+        runner = asyncio.run
+    try:
+        runner(serve(config, ready))
+    except ConfigError as err:
+        print(f"heartline server: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,293 @@
+"""The server's I/O shell around the scheduler: it feeds events in and carries
+instructions out (store writes, agent stream sends, watcher pushes).
+
+Only :meth:`ServerCore.feed` calls the scheduler, always on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from heartline._states import PENDING_STATES
+from heartline.server._config import ServerConfig
+from heartline.server._convert import change_to_proto
+from heartline.server._events import (
+    CloseAgent,
+    DispatchItem,
+    Event,
+    Instruction,
+    NotifyWatchers,
+    Persist,
+    SendAcks,
+    SendCancels,
+    SendDispatches,
+    TaskChanged,
+    Tick,
+)
+from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
+from heartline.server._scheduler import Scheduler, SchedulerConfig
+from heartline.server._store import Store
+from heartline.v1 import endpoint_service_pb2 as ep_pb2
+from heartline.v1 import task_pb2
+
+log = logging.getLogger("heartline.server")
+
+
+class FunctionCache:
+    """Pickled functions by id: memory first, then the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._payloads: dict[str, bytes] = {}
+
+    def remember(self, function_id: str, payload: bytes) -> None:
+        self._payloads[function_id] = payload
+
+    async def get(self, function_id: str) -> bytes | None:
+        payload = self._payloads.get(function_id)
+        if payload is None:
+            row = await self._store.get_function(function_id)
+            if row is not None:
+                payload = self._payloads[function_id] = row.payload
+        return payload
+
+
+class AgentConnection:
+    """The downstream half of one agent's Connect stream: an outbox and its writer."""
+
+    def __init__(self, agent_id: str, endpoint_id: str, functions: FunctionCache) -> None:
+        self.agent_id = agent_id
+        self.endpoint_id = endpoint_id
+        self._functions = functions
+        self._outbox: list[tuple[str, tuple]] = []
+        self._wake = asyncio.Event()
+        self._sent_functions: set[str] = set()
+        self.close_reason: str | None = None
+
+    def push(self, kind: str, items: tuple) -> None:
+        self._outbox.append((kind, items))
+        self._wake.set()
+
+    def close(self, reason: str) -> None:
+        self.close_reason = reason
+        self._wake.set()
+
+    async def run_writer(self, write) -> None:  # noqa: ANN001 - grpc context.write
+        """Send everything pushed, coalescing consecutive items of one kind per message."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.close_reason is not None:
+                return
+            outbox, self._outbox = self._outbox, []
+            for message in await self._messages(outbox):
+                await write(message)
+
+    async def _messages(self, outbox: list[tuple[str, tuple]]) -> list[ep_pb2.ConnectResponse]:
+        runs: list[tuple[str, list]] = []
+        for kind, items in outbox:
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].extend(items)
+            else:
+                runs.append((kind, list(items)))
+        messages = []
+        for kind, items in runs:
+            if kind == "dispatch":
+                messages.append(
+                    ep_pb2.ConnectResponse(
+                        dispatch=ep_pb2.DispatchBatch(dispatches=[await self._dispatch(i) for i in items])
+                    )
+                )
+            elif kind == "cancel":
+                messages.append(
+                    ep_pb2.ConnectResponse(cancel=ep_pb2.CancelBatch(task_ids=list(dict.fromkeys(items))))
+                )
+            else:
+                acks = [ep_pb2.Ack(task_id=tid, attempt=attempt) for tid, attempt in items]
+                messages.append(ep_pb2.ConnectResponse(ack=ep_pb2.AckBatch(acks=acks)))
+        return messages
+
+    async def _dispatch(self, item: DispatchItem) -> ep_pb2.Dispatch:
+        function = b""
+        if item.function_id not in self._sent_functions:
+            function = await self._functions.get(item.function_id) or b""
+            self._sent_functions.add(item.function_id)
+        return ep_pb2.Dispatch(
+            task_id=item.task_id,
+            attempt=item.attempt,
+            function_id=item.function_id,
+            function=function,
+            args=item.args,
+            walltime_seconds=item.walltime,
+        )
+
+
+class Watcher:
+    """One WatchTasks stream: what it wants, and the updates not yet sent."""
+
+    def __init__(
+        self, task_ids: Iterable[str], session_id: str, settled_only: bool, include_results: bool
+    ) -> None:
+        self.task_ids = frozenset(task_ids)
+        self.session_id = session_id
+        self.settled_only = settled_only
+        self.include_results = include_results
+        self.pending: list[task_pb2.TaskUpdate] = []
+        self.wake = asyncio.Event()
+
+    def take(self) -> list[task_pb2.TaskUpdate]:
+        self.wake.clear()
+        out, self.pending = self.pending, []
+        return out
+
+
+class WatchRegistry:
+    def __init__(self) -> None:
+        self._by_session: dict[str, set[Watcher]] = {}
+        self._by_task: dict[str, set[Watcher]] = {}
+
+    def add(self, watcher: Watcher) -> None:
+        if watcher.session_id:
+            self._by_session.setdefault(watcher.session_id, set()).add(watcher)
+        for task_id in watcher.task_ids:
+            self._by_task.setdefault(task_id, set()).add(watcher)
+
+    def remove(self, watcher: Watcher) -> None:
+        for key, index in [(watcher.session_id, self._by_session)] + [
+            (tid, self._by_task) for tid in watcher.task_ids
+        ]:
+            group = index.get(key)
+            if group is not None:
+                group.discard(watcher)
+                if not group:
+                    del index[key]
+
+    def publish(self, changes: Iterable[TaskChanged]) -> None:
+        if not self._by_session and not self._by_task:
+            return
+        for change in changes:
+            targets = self._by_session.get(change.session_id, set()) | self._by_task.get(
+                change.task_id, set()
+            )
+            if not targets:
+                continue
+            settled = change.state not in PENDING_STATES
+            with_result = without_result = None
+            for watcher in targets:
+                if watcher.settled_only and not settled:
+                    continue
+                if watcher.include_results:
+                    with_result = with_result or change_to_proto(change, True)
+                    watcher.pending.append(with_result)
+                else:
+                    without_result = without_result or change_to_proto(change, False)
+                    watcher.pending.append(without_result)
+                watcher.wake.set()
+
+
+class ServerCore:
+    """Scheduler + store + agent connections + watchers, on one event loop."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                heartbeat_timeout=config.effective_heartbeat_timeout,
+                errored_retention=config.errored_retention,
+                max_payload=config.max_payload,
+                validate=config.validate,
+            )
+        )
+        self.functions = FunctionCache(store)
+        self.connections: dict[str, AgentConnection] = {}
+        self.watchers = WatchRegistry()
+        self.endpoints: dict[str, EndpointRow] = {}
+        self.start_time = time.time()
+
+    async def open(self) -> None:
+        """Load endpoints and unsettled tasks from the store; resume where it stopped."""
+        for row in await self.store.list_endpoints():
+            self.endpoints[row.endpoint_id] = row
+        rows = await self.store.load_unsettled()
+        persisted = self.execute(self.scheduler.restore(rows, time.time()))
+        if persisted is not None:
+            await persisted
+        if rows:
+            log.info("restored %d unsettled tasks", len(rows))
+
+    def feed(self, *events: Event) -> asyncio.Future[None] | None:
+        """Hand events to the scheduler and carry out its instructions.
+
+        Returns the store future of the step's writes (None if nothing was written);
+        a caller that must answer only once its change is durable awaits it.
+        """
+        return self.execute(self.scheduler.handle(*events))
+
+    def execute(self, instructions: list[Instruction]) -> asyncio.Future[None] | None:
+        persisted: asyncio.Future[None] | None = None
+        after_commit: list[Instruction] = []
+        for ins in instructions:
+            if isinstance(ins, Persist):
+                persisted = self.store.write(ins.batch)
+            elif isinstance(ins, SendDispatches):
+                self._push(ins.agent_id, "dispatch", ins.items)
+            elif isinstance(ins, SendCancels):
+                self._push(ins.agent_id, "cancel", ins.task_ids)
+            elif isinstance(ins, CloseAgent):
+                conn = self.connections.pop(ins.agent_id, None)
+                if conn is not None:
+                    conn.close(ins.reason)
+            else:
+                after_commit.append(ins)
+        if after_commit:
+            if persisted is None:
+                self._after_commit(after_commit)
+            else:
+                persisted.add_done_callback(lambda f: self._committed(f, after_commit))
+        return persisted
+
+    def _committed(self, future: asyncio.Future[None], instructions: list[Instruction]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            # Nothing is acked or announced that is not durable; agents resend reports.
+            log.error("store write failed: %s", exc)
+            return
+        self._after_commit(instructions)
+
+    def _after_commit(self, instructions: list[Instruction]) -> None:
+        for ins in instructions:
+            if isinstance(ins, SendAcks):
+                self._push(ins.agent_id, "ack", ins.acks)
+            elif isinstance(ins, NotifyWatchers):
+                self.watchers.publish(ins.changes)
+
+    def _push(self, agent_id: str, kind: str, items: tuple) -> None:
+        conn = self.connections.get(agent_id)
+        if conn is not None:
+            conn.push(kind, items)
+
+    async def register_function(self, payload: bytes, function_id: str, owner: str) -> None:
+        self.functions.remember(function_id, payload)
+        await self.store.write(
+            WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),))
+        )
+
+    async def run_timers(self) -> None:
+        """Heartbeat checks and retention, until cancelled."""
+        interval = max(0.05, self.config.heartbeat_interval / 2)
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            self.feed(Tick(now))
+            if now - last_purge > 3600:
+                last_purge = now
+                purged = await self.store.purge_results(now - self.config.result_retention)
+                if purged:
+                    log.info("purged payloads of %d settled tasks", purged)

@@ -1,0 +1,156 @@
+"""``heartline.v1.EndpointService``: agent registration and the Connect stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+import grpc
+
+from heartline.server._convert import error_from_proto, state_from_proto
+from heartline.server._core import AgentConnection, ServerCore
+from heartline.server._events import (
+    AgentConnected,
+    AgentLost,
+    AgentReported,
+    AgentSeen,
+    HeldTask,
+    StatusReport,
+)
+from heartline.server._model import EndpointRow, WriteBatch
+from heartline.server._task_service import ANONYMOUS
+from heartline.v1 import endpoint_service_pb2 as pb, endpoint_service_pb2_grpc
+
+log = logging.getLogger("heartline.server")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_CAPACITY = 100_000
+
+
+class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        return ANONYMOUS
+
+    async def RegisterEndpoint(self, request, context):  # noqa: N802, ANN001
+        owner = self._owner(context)
+        if not _NAME.match(request.name):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid endpoint name {request.name!r}: use 1-64 letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit",
+            )
+        for row in self.core.endpoints.values():
+            if row.name == request.name and row.owner == owner:
+                return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
+        row = EndpointRow(str(uuid.uuid4()), request.name, owner, time.time())
+        self.core.endpoints[row.endpoint_id] = row
+        await self.core.store.write(WriteBatch(endpoints=(row,)))
+        log.info("endpoint registered name=%s id=%s", row.name, row.endpoint_id)
+        return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
+
+    async def Connect(self, request_iterator, context):  # noqa: N802, ANN001
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.WhichOneof("message") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a hello")
+        hello = first.hello
+        endpoint = self.core.endpoints.get(hello.endpoint_id)
+        if endpoint is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown endpoint id {hello.endpoint_id!r}: register the endpoint again",
+            )
+        if not hello.agent_id or not 0 < hello.capacity <= MAX_CAPACITY or hello.prefetch < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"hello needs an agent_id, a capacity in 1..{MAX_CAPACITY} and a prefetch >= 0",
+            )
+        held = []
+        for h in hello.held_tasks:
+            state = state_from_proto(h.state)
+            if state is not None:
+                held.append(HeldTask(h.task_id, h.attempt, state))
+        agent_id = hello.agent_id
+        conn = AgentConnection(agent_id, endpoint.endpoint_id, self.core.functions)
+        previous = self.core.connections.get(agent_id)
+        if previous is not None:
+            previous.close("the agent opened a new stream")
+        self.core.connections[agent_id] = conn
+        await context.write(
+            pb.ConnectResponse(
+                welcome=pb.Welcome(
+                    heartbeat_interval_seconds=self.core.config.heartbeat_interval,
+                    agent_id=agent_id,
+                    max_payload_bytes=self.core.config.max_payload,
+                )
+            )
+        )
+        self.core.feed(
+            AgentConnected(
+                agent_id,
+                endpoint.endpoint_id,
+                hello.capacity,
+                hello.prefetch,
+                tuple(held),
+                time.time(),
+                hello.hostname,
+                hello.version,
+            )
+        )
+        log.info(
+            "agent connected agent=%s endpoint=%s capacity=%d held=%d",
+            agent_id,
+            endpoint.name,
+            hello.capacity,
+            len(held),
+        )
+        reader = asyncio.ensure_future(self._read(conn, context))
+        writer = asyncio.ensure_future(conn.run_writer(context.write))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("agent stream %s ended: %r", agent_id, task.exception())
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            if self.core.connections.get(agent_id) is conn:
+                del self.core.connections[agent_id]
+                self.core.feed(AgentLost(agent_id, time.time(), "stream-closed"))
+                log.info("agent disconnected agent=%s", agent_id)
+
+    async def _read(self, conn: AgentConnection, context) -> None:  # noqa: ANN001
+        core = self.core
+        agent_id = conn.agent_id
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            if conn.close_reason is not None:
+                return
+            kind = message.WhichOneof("message")
+            if kind == "status":
+                reports = []
+                for u in message.status.updates:
+                    state = state_from_proto(u.state)
+                    if state is None:
+                        continue
+                    reports.append(
+                        StatusReport(
+                            u.task_id,
+                            u.attempt,
+                            state,
+                            u.result if u.result else None,
+                            error_from_proto(u.error) if u.HasField("error") else None,
+                        )
+                    )
+                core.feed(AgentReported(agent_id, tuple(reports), time.time()))
+            else:
+                core.feed(AgentSeen(agent_id, time.time()))

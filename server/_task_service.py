@@ -1,0 +1,424 @@
+"""``heartline.v1.TaskService``: validates requests, feeds the scheduler, answers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+import grpc
+
+from heartline._serialize import function_id as hash_function
+from heartline._states import TaskState
+from heartline.server._convert import row_to_update, state_from_proto, task_to_proto
+from heartline.server._core import ServerCore, Watcher
+from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
+from heartline.server._model import PRIORITY_NORMAL, EndpointRow
+from heartline.server._scheduler import COMMAND_WORDS, InvalidTransition, UnknownTasks
+from heartline.v1 import task_pb2, task_service_pb2 as pb, task_service_pb2_grpc
+
+MAX_IDS = 10_000
+MAX_TASKS_PER_SUBMIT = 10_000
+ANONYMOUS = "anonymous"
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Abort(Exception):
+    """A request refused with a status and a message a person can act on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def refusing(method):  # noqa: ANN001, ANN201
+    """Turn an Abort raised by a handler into the gRPC status it names."""
+
+    async def wrapper(self, request, context):  # noqa: ANN001, ANN202
+        try:
+            return await method(self, request, context)
+        except Abort as err:
+            await context.abort(err.code, err.message)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+def check_ids(task_ids: Sequence[str], what: str = "task_ids") -> list[str]:
+    if not task_ids:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is empty: name at least one task")
+    if len(task_ids) > MAX_IDS:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{what} has {len(task_ids)} ids; at most {MAX_IDS}"
+        )
+    bad = [tid for tid in task_ids if not _UUID.match(tid)]
+    if bad:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"malformed task id {bad[0]!r}: task ids are lowercase UUIDs "
+            f"like 8c2c0e0a-1b7e-4f5e-9a43-0d5c3a1f9b21",
+        )
+    return list(task_ids)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+
+    # ---------------------------------------------------------------- helpers
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        return ANONYMOUS
+
+    def resolve_endpoint(self, ref: str, owner: str) -> EndpointRow:
+        if not ref:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "endpoint is empty: give its name or id")
+        row = self.core.endpoints.get(ref)
+        if row is None:
+            row = next(
+                (r for r in self.core.endpoints.values() if r.name == ref and r.owner == owner), None
+            )
+        if row is None:
+            raise Abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown endpoint {ref!r}: start an agent for it with "
+                f"`heartline endpoint start --name {ref}`",
+            )
+        return row
+
+    async def _check_functions(self, function_ids: set[str]) -> None:
+        for fid in function_ids:
+            if not _SHA256.match(fid):
+                raise Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"malformed function_id {fid!r}: expected the sha256 hex digest "
+                    "returned by RegisterFunction",
+                )
+            if await self.core.functions.get(fid) is None:
+                raise Abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"unknown function {fid}: register it with RegisterFunction first",
+                )
+
+    def _new_task(self, index: int, spec: task_pb2.TaskSpec) -> NewTask:
+        limit = self.core.config.max_payload
+        if len(spec.args) > limit:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"task {index}: its arguments are {_mib(len(spec.args))}, over the payload "
+                f"limit of {_mib(limit)}",
+            )
+        if spec.priority not in (0, 1, 2, 3):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: unknown priority {spec.priority}")
+        if spec.max_retries < 0:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: max_retries is negative")
+        system = spec.max_system_retries if spec.HasField("max_system_retries") else 3
+        if system < 0:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: max_system_retries is negative")
+        if not math.isfinite(spec.walltime_seconds) or spec.walltime_seconds < 0:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"task {index}: walltime_seconds must be a finite number >= 0",
+            )
+        return NewTask(
+            task_id=str(uuid.uuid4()),
+            function_id=spec.function_id,
+            args=spec.args,
+            priority=spec.priority or PRIORITY_NORMAL,
+            max_retries=spec.max_retries,
+            max_system_retries=system,
+            walltime=spec.walltime_seconds,
+            held=spec.held,
+        )
+
+    async def _durable(self, future: asyncio.Future[None] | None) -> None:
+        if future is not None:
+            try:
+                await future
+            except Exception as exc:  # the store could not commit: say so, keep serving
+                raise Abort(grpc.StatusCode.UNAVAILABLE, f"the store could not commit: {exc}") from exc
+
+    async def _command(self, command: str, task_ids: Sequence[str]) -> list[task_pb2.TaskUpdate]:
+        ids = check_ids(task_ids)
+        try:
+            future = self.core.feed(TasksCommanded(command, tuple(ids), time.time()))
+        except UnknownTasks as err:
+            raise await self._explain_unknown(err.task_ids, command) from None
+        except InvalidTransition as err:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        await self._durable(future)
+        rows = await self.core.store.get_tasks(ids)
+        return [row_to_update(rows[tid][0], False) for tid in dict.fromkeys(ids) if tid in rows]
+
+    async def _explain_unknown(self, task_ids: list[str], command: str) -> Abort:
+        rows = await self.core.store.get_tasks(task_ids)
+        missing = [tid for tid in task_ids if tid not in rows]
+        if missing:
+            return Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
+        tid = task_ids[0]
+        state = rows[tid][0].state.value
+        return Abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"task {tid} is {state}, so it cannot be {COMMAND_WORDS[command]}",
+        )
+
+    # ---------------------------------------------------------------- RPCs
+
+    @refusing
+    async def RegisterFunction(self, request, context):  # noqa: N802, ANN001
+        limit = self.core.config.max_payload
+        if not request.function:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "function is empty")
+        if len(request.function) > limit:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the function is {_mib(len(request.function))}, over the payload limit of {_mib(limit)}",
+            )
+        fid = hash_function(request.function)
+        if request.function_id and request.function_id != fid:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"function_id {request.function_id} does not match the payload's sha256 {fid}",
+            )
+        await self.core.register_function(request.function, fid, self._owner(context))
+        return pb.RegisterFunctionResponse(function_id=fid)
+
+    @refusing
+    async def SubmitTasks(self, request, context):  # noqa: N802, ANN001
+        owner = self._owner(context)
+        endpoint = self.resolve_endpoint(request.endpoint, owner)
+        if not request.tasks:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "tasks is empty: submit at least one")
+        if len(request.tasks) > MAX_TASKS_PER_SUBMIT:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.tasks)} tasks in one request; at most {MAX_TASKS_PER_SUBMIT}",
+            )
+        await self._check_functions({spec.function_id for spec in request.tasks})
+        tasks = tuple(self._new_task(i, spec) for i, spec in enumerate(request.tasks))
+        future = self.core.feed(
+            TasksSubmitted(endpoint.endpoint_id, owner, tasks, request.session_id, time.time())
+        )
+        await self._durable(future)
+        return pb.SubmitTasksResponse(task_ids=[t.task_id for t in tasks])
+
+    @refusing
+    async def GetTasks(self, request, context):  # noqa: N802, ANN001
+        ids = check_ids(request.task_ids)
+        rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
+        missing = [tid for tid in ids if tid not in rows]
+        if missing:
+            raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
+        return pb.GetTasksResponse(tasks=[self._task(*rows[tid]) for tid in ids])
+
+    def _task(self, row, history=None, *, include_result: bool = True):  # noqa: ANN001, ANN202
+        endpoint = self.core.endpoints.get(row.endpoint_id)
+        return task_to_proto(
+            row,
+            endpoint_name=endpoint.name if endpoint else "",
+            history=history,
+            waiting_reason=self.core.scheduler.waiting_reason(row.task_id),
+            include_result=include_result,
+        )
+
+    @refusing
+    async def ListTasks(self, request, context):  # noqa: N802, ANN001
+        owner = self._owner(context)
+        states = []
+        for value in request.states:
+            state = state_from_proto(value)
+            if state is None:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {value}")
+            states.append(state)
+        endpoint_id = self.resolve_endpoint(request.endpoint, owner).endpoint_id if request.endpoint else None
+        if request.page_size < 0:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size is negative")
+        limit = min(request.page_size or 100, 1000)
+        after = _decode_token(request.page_token) if request.page_token else None
+        rows = await self.core.store.list_tasks(
+            states=states or None, endpoint_id=endpoint_id, limit=limit + 1, after=after
+        )
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = _encode_token(rows[-1].submit_time, rows[-1].task_id)
+        return pb.ListTasksResponse(
+            tasks=[self._task(r, include_result=False) for r in rows], next_page_token=token
+        )
+
+    async def WatchTasks(self, request, context):  # noqa: N802, ANN001
+        try:
+            ids = check_ids(request.task_ids) if request.task_ids else []
+            if not ids and not request.session_id:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "name task_ids or a session_id to watch")
+        except Abort as err:
+            await context.abort(err.code, err.message)
+            return
+        watcher = Watcher(ids, request.session_id, request.settled_only, request.include_results)
+        # Register before reading the current states, so no transition falls in between
+        # (a change may then arrive twice; watchers treat updates as idempotent).
+        self.core.watchers.add(watcher)
+        try:
+            rows = await self.core.store.get_tasks(ids) if ids else {}
+            missing = [tid for tid in ids if tid not in rows]
+            if missing:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
+                return
+            first = [
+                row_to_update(rows[tid][0], request.include_results)
+                for tid in ids
+                if not request.settled_only or not rows[tid][0].state.pending
+            ]
+            yield pb.WatchTasksResponse(updates=first)
+            while True:
+                await watcher.wake.wait()
+                updates = watcher.take()
+                if updates:
+                    yield pb.WatchTasksResponse(updates=updates)
+        finally:
+            self.core.watchers.remove(watcher)
+
+    @refusing
+    async def CancelTasks(self, request, context):  # noqa: N802, ANN001
+        return pb.CancelTasksResponse(updates=await self._command("cancel", request.task_ids))
+
+    @refusing
+    async def HoldTasks(self, request, context):  # noqa: N802, ANN001
+        return pb.HoldTasksResponse(updates=await self._command("hold", request.task_ids))
+
+    @refusing
+    async def ReleaseTasks(self, request, context):  # noqa: N802, ANN001
+        return pb.ReleaseTasksResponse(updates=await self._command("release", request.task_ids))
+
+    @refusing
+    async def RetryTasks(self, request, context):  # noqa: N802, ANN001
+        return pb.RetryTasksResponse(updates=await self._command("retry", request.task_ids))
+
+    @refusing
+    async def GiveUpTasks(self, request, context):  # noqa: N802, ANN001
+        return pb.GiveUpTasksResponse(updates=await self._command("give-up", request.task_ids))
+
+    @refusing
+    async def ResubmitTasks(self, request, context):  # noqa: N802, ANN001
+        ids = check_ids(request.task_ids)
+        rows = await self.core.store.get_tasks(ids)
+        missing = [tid for tid in ids if tid not in rows]
+        if missing:
+            raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
+        by_endpoint: dict[str, list] = {}
+        for tid in ids:
+            row = rows[tid][0]
+            if row.state not in (TaskState.FAILED, TaskState.CANCELLED):
+                raise Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"task {tid} is {row.state.value}, so it cannot be resubmitted "
+                    "(only failed or cancelled tasks can; retry an errored one)",
+                )
+            if row.payload_purged:
+                raise Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"task {tid} cannot be resubmitted: its payload was purged after retention",
+                )
+            by_endpoint.setdefault(row.endpoint_id, []).append(row)
+        new_ids: dict[str, str] = {}
+        futures = []
+        for endpoint_id, group in by_endpoint.items():
+            tasks = tuple(
+                NewTask(
+                    task_id=str(uuid.uuid4()),
+                    function_id=r.function_id,
+                    args=r.args,
+                    priority=r.priority,
+                    max_retries=r.max_retries,
+                    max_system_retries=r.max_system_retries,
+                    walltime=r.walltime,
+                )
+                for r in group
+            )
+            new_ids.update({r.task_id: t.task_id for r, t in zip(group, tasks, strict=True)})
+            futures.append(
+                self.core.feed(
+                    TasksSubmitted(
+                        endpoint_id,
+                        group[0].owner,
+                        tasks,
+                        request.session_id,
+                        time.time(),
+                        resubmitted_from=tuple(r.task_id for r in group),
+                    )
+                )
+            )
+        for future in futures:
+            await self._durable(future)
+        return pb.ResubmitTasksResponse(task_ids=[new_ids[tid] for tid in ids])
+
+    @refusing
+    async def ListEndpoints(self, request, context):  # noqa: N802, ANN001
+        scheduler = self.core.scheduler
+        out = []
+        for row in sorted(self.core.endpoints.values(), key=lambda r: r.name):
+            agents = [a for a in scheduler.agents.values() if a.endpoint_id == row.endpoint_id]
+            out.append(
+                pb.Endpoint(
+                    endpoint_id=row.endpoint_id,
+                    name=row.name,
+                    online=bool(agents),
+                    agents=[
+                        pb.AgentInfo(
+                            agent_id=a.agent_id,
+                            capacity=a.capacity,
+                            in_flight=len(a.in_flight),
+                            last_heartbeat=_ts(a.last_seen),
+                            version=a.version,
+                            hostname=a.hostname,
+                        )
+                        for a in agents
+                    ],
+                    queued=scheduler.queued(row.endpoint_id),
+                    registered_time=_ts(row.register_time),
+                )
+            )
+        return pb.ListEndpointsResponse(endpoints=out)
+
+    @refusing
+    async def GetStats(self, request, context):  # noqa: N802, ANN001
+        counts = await self.core.store.count_by_state()
+        scheduler = self.core.scheduler
+        online = {a.endpoint_id for a in scheduler.agents.values()}
+        return pb.GetStatsResponse(
+            tasks_by_state={s.value: counts.get(s, 0) for s in TaskState},
+            endpoints_online=len(online),
+            agents_online=len(scheduler.agents),
+            transitions=scheduler.transitions_total,
+            start_time=_ts(self.core.start_time),
+        )
+
+
+def _ts(seconds: float):  # noqa: ANN202
+    from heartline.server._convert import timestamp
+
+    return timestamp(seconds)
+
+
+def _encode_token(submit_time: float, task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{submit_time!r}|{task_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        when, task_id = text.split("|", 1)
+        return float(when), task_id
+    except Exception:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed page_token {token!r}") from None
