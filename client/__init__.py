@@ -1,1 +1,35 @@
-__all__: list[str] = []
+"""The heartline client: ``Client`` (blocking), ``AsyncClient`` (asyncio) and ``Executor``
+(``concurrent.futures``), plus the value types they return."""
+
+from ._async import AsyncClient
+from ._base import SubmitOptions
+from ._executor import Executor, TaskFuture
+from ._sync import Client
+from ._types import (
+    AgentInfo,
+    EndpointInfo,
+    FailureKind,
+    Priority,
+    Stats,
+    Task,
+    TaskError,
+    TaskTransition,
+    TaskUpdate,
+)
+
+__all__ = [
+    "AgentInfo",
+    "AsyncClient",
+    "Client",
+    "EndpointInfo",
+    "Executor",
+    "FailureKind",
+    "Priority",
+    "Stats",
+    "SubmitOptions",
+    "Task",
+    "TaskError",
+    "TaskFuture",
+    "TaskTransition",
+    "TaskUpdate",
+]

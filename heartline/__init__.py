@@ -1,1 +1,54 @@
-__all__: list[str] = []
+"""heartline: a self-hosted task-execution fabric for Python functions.
+
+The public face: ``Client``, ``AsyncClient``, ``Executor``, ``TaskState``, ``Task`` and
+the exception tree (see :mod:`heartline._errors`). Server, agent and client internals
+live in ``heartline.server``, ``heartline.endpoint`` and ``heartline.client``.
+"""
+
+import os as _os
+
+# Agents start worker processes with fork+exec under uvloop; gRPC's fork handlers only
+# print warnings there. Must be set before grpc is first imported.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from heartline._errors import (  # noqa: E402
+    FailedPreconditionError,
+    HeartlineError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RemoteError,
+    ResourceExhaustedError,
+    RPCError,
+    SerializationError,
+    TaskFailedError,
+    TimeoutError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from heartline._states import TaskState  # noqa: E402
+from heartline.client import AsyncClient, Client, Executor, Task  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Executor",
+    "FailedPreconditionError",
+    "HeartlineError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RPCError",
+    "RemoteError",
+    "ResourceExhaustedError",
+    "SerializationError",
+    "Task",
+    "TaskFailedError",
+    "TaskState",
+    "TimeoutError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "__version__",
+]

@@ -207,6 +207,7 @@ class ServerCore:
         self.watchers = WatchRegistry()
         self.endpoints: dict[str, EndpointRow] = {}
         self.start_time = time.time()
+        self._later: list[Event] = []
 
     async def open(self) -> None:
         """Load endpoints and unsettled tasks from the store; resume where it stopped."""
@@ -226,6 +227,18 @@ class ServerCore:
         a caller that must answer only once its change is durable awaits it.
         """
         return self.execute(self.scheduler.handle(*events))
+
+    def feed_soon(self, event: Event) -> None:
+        """Queue an event from an agent stream; all such events of one loop iteration
+        go to the scheduler as one step, so credit freed by many reports is spent in
+        one dispatch batch and one store write. Their order is kept."""
+        if not self._later:
+            asyncio.get_running_loop().call_soon(self._feed_later)
+        self._later.append(event)
+
+    def _feed_later(self) -> None:
+        events, self._later = self._later, []
+        self.feed(*events)
 
     def execute(self, instructions: list[Instruction]) -> asyncio.Future[None] | None:
         persisted: asyncio.Future[None] | None = None

@@ -91,7 +91,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 )
             )
         )
-        self.core.feed(
+        self.core.feed_soon(
             AgentConnected(
                 agent_id,
                 endpoint.endpoint_id,
@@ -123,7 +123,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
             await asyncio.gather(reader, writer, return_exceptions=True)
             if self.core.connections.get(agent_id) is conn:
                 del self.core.connections[agent_id]
-                self.core.feed(AgentLost(agent_id, time.time(), "stream-closed"))
+                self.core.feed_soon(AgentLost(agent_id, time.time(), "stream-closed"))
                 log.info("agent disconnected agent=%s", agent_id)
 
     async def _read(self, conn: AgentConnection, context) -> None:  # noqa: ANN001
@@ -151,6 +151,6 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                             error_from_proto(u.error) if u.HasField("error") else None,
                         )
                     )
-                core.feed(AgentReported(agent_id, tuple(reports), time.time()))
+                core.feed_soon(AgentReported(agent_id, tuple(reports), time.time()))
             else:
-                core.feed(AgentSeen(agent_id, time.time()))
+                core.feed_soon(AgentSeen(agent_id, time.time()))

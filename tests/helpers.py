@@ -138,8 +138,15 @@ def grpcurl_path() -> str:
     return found
 
 
-def grpcurl(address: str, *args: str, data: Any = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    cmd = [grpcurl_path(), "-plaintext"]
+def grpcurl(
+    address: str,
+    *args: str,
+    data: Any = None,
+    options: tuple[str, ...] = (),
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real grpcurl binary; ``options`` go before the address."""
+    cmd = [grpcurl_path(), "-plaintext", *options]
     if data is not None:
         cmd += ["-d", data if isinstance(data, str) else json.dumps(data)]
     cmd += [address, *args]

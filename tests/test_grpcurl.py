@@ -51,14 +51,14 @@ def test_read_rpcs_in_json_form(server: ServerProc, agent) -> None:  # noqa: ANN
     )
     assert out.returncode == 0, out.stderr
     task = json.loads(out.stdout)["tasks"][0]
-    assert task["taskId"] == tid
+    assert task["task_id"] == tid
     assert task["state"] == "TASK_STATE_SUCCEEDED"
-    assert task["endpointName"] == "local"
-    assert [h["toState"] for h in task["history"]][-1] == "TASK_STATE_SUCCEEDED"
+    assert task["endpoint_name"] == "local"
+    assert [h["to_state"] for h in task["history"]][-1] == "TASK_STATE_SUCCEEDED"
 
     out = grpcurl(server.address, "heartline.v1.TaskService/ListTasks", data={"states": ["TASK_STATE_SUCCEEDED"]})
     assert out.returncode == 0, out.stderr
-    assert tid in [t["taskId"] for t in json.loads(out.stdout)["tasks"]]
+    assert tid in [t["task_id"] for t in json.loads(out.stdout)["tasks"]]
 
     out = grpcurl(server.address, "heartline.v1.TaskService/ListEndpoints", data={})
     assert out.returncode == 0, out.stderr
@@ -68,8 +68,8 @@ def test_read_rpcs_in_json_form(server: ServerProc, agent) -> None:  # noqa: ANN
     out = grpcurl(server.address, "heartline.v1.TaskService/GetStats", data={})
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)
-    assert stats["tasksByState"]["success"] == "1"
-    assert stats["agentsOnline"] == "1"
+    assert stats["tasks_by_state"]["success"] == "1"
+    assert stats["agents_online"] == "1"
 
 
 def test_watch_tasks_streams_current_state(server: ServerProc, agent) -> None:  # noqa: ANN001
@@ -78,13 +78,13 @@ def test_watch_tasks_streams_current_state(server: ServerProc, agent) -> None:  
         assert hc.get_result(tid, timeout=30) == 3
     out = grpcurl(
         server.address,
-        "-max-time",
-        "2",
         "heartline.v1.TaskService/WatchTasks",
         data={"task_ids": [tid]},
+        options=("-max-time", "2"),
     )
-    first = json.loads(out.stdout.split("\n}\n")[0] + "\n}")
-    assert first["updates"][0]["taskId"] == tid
+    # The stream stays open until -max-time cuts it; the first message is complete JSON.
+    first, _ = json.JSONDecoder().raw_decode(out.stdout.lstrip())
+    assert first["updates"][0]["task_id"] == tid
     assert first["updates"][0]["state"] == "TASK_STATE_SUCCEEDED"
 
 

@@ -1,0 +1,144 @@
+"""End-to-end throughput and single-task round trip, through real processes.
+
+Starts a real server (durable SQLite store in a temporary folder) and a real agent
+with ``--workers`` worker processes on loopback, then measures:
+
+* ``tasks_per_s``: ``submit_batch`` of ``-n`` no-op tasks from one client until every
+  result is back at that client;
+* ``rtt_median_ms``: one task submitted and awaited alone, ``--rtt`` times (median).
+
+Prints one JSON line. Example: ``python bench/throughput.py -n 20000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "heartline", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} not ready within {timeout}s")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _measure(address: str, n: int, batch: int, rtt_count: int) -> dict[str, float]:
+    from heartline import AsyncClient
+
+    async with AsyncClient(address) as client:
+        # Warm up: function registration, the watch stream, worker imports.
+        warm = await client.submit_batch("local", [(noop, (i,), {}) for i in range(200)])
+        await asyncio.gather(*(client.get_result(t, timeout=60) for t in warm))
+
+        start = time.perf_counter()
+        ids: list[str] = []
+        for lo in range(0, n, batch):
+            ids += await client.submit_batch(
+                "local", [(noop, (i,), {}) for i in range(lo, min(n, lo + batch))]
+            )
+        submitted = time.perf_counter()
+        results = await asyncio.gather(*(client.get_result(t, timeout=600) for t in ids))
+        elapsed = time.perf_counter() - start
+        if results != list(range(n)):
+            raise SystemExit("bench: wrong results")
+
+        rtts = []
+        for i in range(rtt_count):
+            t0 = time.perf_counter()
+            tid = await client.submit("local", noop, i)
+            await client.get_result(tid, timeout=60)
+            rtts.append(time.perf_counter() - t0)
+    return {
+        "tasks_per_s": round(n / elapsed, 1),
+        "submit_s": round(submitted - start, 3),
+        "total_s": round(elapsed, 3),
+        "rtt_median_ms": round(statistics.median(rtts) * 1000, 3),
+        "rtt_p90_ms": round(statistics.quantiles(rtts, n=10)[-1] * 1000, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=20_000, help="tasks in the throughput run")
+    parser.add_argument("--batch", type=int, default=1000, help="tasks per submit_batch call")
+    parser.add_argument("--rtt", type=int, default=300, help="single-task round trips to time")
+    parser.add_argument("--workers", type=int, default=2, help="agent worker processes")
+    parser.add_argument("--prefetch", type=int, default=None, help="agent prefetch (default: agent's)")
+    parser.add_argument("--port", type=int, default=50591, help="loopback port for the server")
+    opts = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="heartline-bench-") as tmp:
+        home = Path(tmp)
+        address = f"127.0.0.1:{opts.port}"
+        env = {**os.environ, "HEARTLINE_HOME": str(home)}
+        server = _start(
+            ["server", "--listen", address, "--db", str(home / "heartline.db")], env, home / "server.log"
+        )
+        agent = None
+        try:
+            _wait_for(lambda: "listening on" in (home / "server.log").read_text(), 30, "server")
+            agent_args = ["endpoint", "start", "--name", "local", "--server", address,
+                          "--workers", str(opts.workers)]
+            if opts.prefetch is not None:
+                agent_args += ["--prefetch", str(opts.prefetch)]
+            agent = _start(agent_args, env, home / "agent.log")
+            _wait_for(lambda: "connected" in (home / "agent.log").read_text(), 30, "agent")
+            figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt))
+        finally:
+            if agent is not None:
+                _stop(agent)
+            _stop(server)
+    print(
+        json.dumps(
+            {
+                "bench": "throughput",
+                "n": opts.n,
+                "workers": opts.workers,
+                "durable_store": True,
+                **figures,
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

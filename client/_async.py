@@ -1,0 +1,521 @@
+"""AsyncClient: the one I/O layer of the client, over ``grpc.aio``.
+
+Results come from the server, never by polling: before its first submit a client opens one
+``WatchTasks`` stream for its session (settled updates only, results included) and waits
+for the server's first message, which confirms the subscription. Every settled update
+resolves an ``asyncio.Future`` in ``_waiters``. If the stream breaks it is reopened with
+backoff, naming every task still unresolved, so the server sends their current states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+
+from heartline._errors import HeartlineError, RPCError, TimeoutError, rpc_error_from_grpc
+from heartline._states import TaskState
+from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+from ._base import (
+    Call,
+    ClientBase,
+    PreparedBatch,
+    SubmitOptions,
+    channel_options,
+    outcome_of_update,
+)
+from ._types import EndpointInfo, Priority, Stats, Task, TaskUpdate
+
+# Codes on which reopening a watch with the same request can't help.
+_FATAL_WATCH_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+_MAX_SUBMITS_IN_FLIGHT = 4
+
+
+class ClientState(enum.Enum):
+    UNOPENED = 1
+    """Created; the channel opens on first use."""
+    OPENED = 2
+    """The channel is open (the session watch may or may not be)."""
+    CLOSED = 3
+    """Closed; every call raises."""
+
+
+def _backoff(attempt: int) -> float:
+    """Jittered exponential backoff: 50 ms doubling, capped at 5 s."""
+    return min(0.05 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
+
+
+class AsyncClient(ClientBase):
+    """Submit and control tasks from asyncio code.
+
+    Args:
+        address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
+            ``127.0.0.1:50051``.
+        token: bearer token; default ``$HEARTLINE_TOKEN``.
+
+    Use as ``async with AsyncClient() as client:`` or call :meth:`close`.
+    """
+
+    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+        super().__init__(address, token=token)
+        self._state = ClientState.UNOPENED
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        # Settled updates by task id; resolved from watch streams.
+        self._waiters: dict[str, asyncio.Future[task_pb2.TaskUpdate]] = {}
+        # Settles that arrived before their SubmitTasks answer (kept only while one is out).
+        self._early: dict[str, task_pb2.TaskUpdate] = {}
+        self._submits_in_flight = 0
+        self._watch_lock: asyncio.Lock | None = None
+        self._watch_call: Any = None
+        self._watch_live = False
+        self._watch_epoch = 0
+        self._registering: dict[str, asyncio.Future[None]] = {}
+        self._named: dict[str, list[Any]] = {}  # task id -> [watch task, users]
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._submit_limit: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        self._open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _open(self) -> Any:
+        """Open the channel on first use (inside the loop that will drive it)."""
+        if self._state is ClientState.OPENED:
+            return self._stub
+        if self._state is ClientState.CLOSED:
+            raise HeartlineError("the client is closed")
+        self._channel = grpc.aio.insecure_channel(self.address, options=channel_options())
+        self._stub = task_service_pb2_grpc.TaskServiceStub(self._channel)
+        self._watch_lock = asyncio.Lock()
+        self._submit_limit = asyncio.Semaphore(_MAX_SUBMITS_IN_FLIGHT)
+        self._state = ClientState.OPENED
+        return self._stub
+
+    async def _unary(self, name: str, request: Any) -> Any:
+        stub = self._open()
+        try:
+            return await getattr(stub, name)(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            raise rpc_error_from_grpc(err) from err
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Start a background task owned by this client (cancelled on close)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Close the streams and the channel; unresolved waits raise HeartlineError."""
+        if self._state is ClientState.CLOSED:
+            return
+        was_open = self._state is ClientState.OPENED
+        self._state = ClientState.CLOSED
+        self._watch_live = False
+        if self._watch_call is not None:
+            self._watch_call.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_waiters(HeartlineError("the client was closed"), self._waiters)
+        if was_open and self._channel is not None:
+            await self._channel.close()
+
+    # -- submitting ----------------------------------------------------------------
+
+    async def submit(
+        self,
+        endpoint: str,
+        function: Any,
+        /,
+        *args: Any,
+        priority: str | Priority = Priority.NORMAL,
+        max_retries: int = 0,
+        max_system_retries: int | None = None,
+        walltime: float | None = None,
+        held: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Submit ``function(*args, **kwargs)`` to an endpoint (name or id); return the task id.
+
+        The keyword options (priority, max_retries, max_system_retries, walltime, held)
+        are taken by heartline; pass a function keyword of one of those names through
+        :meth:`submit_batch`.
+
+        Raises:
+            SerializationError: the function or its arguments can't be pickled (nothing sent).
+        """
+        options = SubmitOptions.of(
+            priority=priority,
+            max_retries=max_retries,
+            max_system_retries=max_system_retries,
+            walltime=walltime,
+            held=held,
+        )
+        prepared = self._prepare([(function, args, kwargs)], options)
+        return (await self._submit_prepared(endpoint, prepared))[0]
+
+    async def submit_batch(
+        self,
+        endpoint: str,
+        calls: Iterable[Call],
+        *,
+        priority: str | Priority = Priority.NORMAL,
+        max_retries: int = 0,
+        max_system_retries: int | None = None,
+        walltime: float | None = None,
+        held: bool = False,
+    ) -> list[str]:
+        """Submit many ``(function, args, kwargs)`` calls; return their task ids in order.
+
+        Sent as SubmitTasks requests of at most 1000 tasks and about 8 MiB each.
+        """
+        options = SubmitOptions.of(
+            priority=priority,
+            max_retries=max_retries,
+            max_system_retries=max_system_retries,
+            walltime=walltime,
+            held=held,
+        )
+        return await self._submit_prepared(endpoint, self._prepare(calls, options))
+
+    async def _submit_prepared(self, endpoint: str, prepared: PreparedBatch) -> list[str]:
+        requests = list(self._submit_requests(endpoint, prepared.specs))
+        if not requests:
+            return []
+        self._open()
+        await self._subscribe()
+        await self._register(prepared.functions)
+        epoch = self._watch_epoch
+        self._submits_in_flight += 1
+        try:
+            if len(requests) == 1:
+                answers = [await self._unary("SubmitTasks", requests[0])]
+            else:
+                answers = await asyncio.gather(*(self._limited_submit(r) for r in requests))
+            ids = [tid for answer in answers for tid in answer.task_ids]
+            self._track(ids, epoch)
+        finally:
+            self._submits_in_flight -= 1
+            if not self._submits_in_flight:
+                self._early.clear()
+        return ids
+
+    async def _limited_submit(
+        self, request: task_service_pb2.SubmitTasksRequest
+    ) -> task_service_pb2.SubmitTasksResponse:
+        assert self._submit_limit is not None
+        async with self._submit_limit:
+            return await self._unary("SubmitTasks", request)
+
+    async def _register(self, functions: dict[str, bytes]) -> None:
+        """Send each function the server may not have, once per client."""
+        pending = []
+        for fid, payload in functions.items():
+            if self._functions.is_registered(fid):
+                continue
+            fut = self._registering.get(fid)
+            if fut is None:
+                fut = self._spawn(self._register_one(fid, payload))
+                self._registering[fid] = fut
+            pending.append(fut)
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def _register_one(self, fid: str, payload: bytes) -> None:
+        try:
+            await self._unary(
+                "RegisterFunction",
+                task_service_pb2.RegisterFunctionRequest(function=payload, function_id=fid),
+            )
+            self._functions.mark_registered(fid)
+        finally:
+            self._registering.pop(fid, None)
+
+    def _track(self, ids: Sequence[str], epoch: int) -> None:
+        """Make a waiter for each new task id; catch settles the session watch may have missed."""
+        loop = asyncio.get_running_loop()
+        for tid in ids:
+            fut = self._waiters.get(tid)
+            if fut is None:
+                fut = self._waiters[tid] = loop.create_future()
+            early = self._early.pop(tid, None)
+            if early is not None and not fut.done():
+                fut.set_result(early)
+        if epoch != self._watch_epoch or not self._watch_live:
+            # The session stream broke while these were being submitted: a settle could
+            # have fallen in the gap, and the reopened stream did not name these ids.
+            self._spawn(self._watch_named(list(ids)))
+
+    # -- watching ------------------------------------------------------------------
+
+    def _watch_request(self, task_ids: Sequence[str], session: bool):
+        return task_service_pb2.WatchTasksRequest(
+            task_ids=task_ids,
+            session_id=self.session_id if session else "",
+            settled_only=True,
+            include_results=True,
+        )
+
+    def _resolve(self, response: task_service_pb2.WatchTasksResponse) -> None:
+        waiters = self._waiters
+        for update in response.updates:
+            if update.pending:
+                continue
+            fut = waiters.get(update.task_id)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(update)
+            elif self._submits_in_flight:
+                self._early[update.task_id] = update
+
+    def _unresolved(self) -> list[str]:
+        return [tid for tid, fut in self._waiters.items() if not fut.done()]
+
+    async def _subscribe(self) -> None:
+        """Make sure the session watch is live; raise if the server refuses or is down."""
+        if self._watch_live:
+            return
+        assert self._watch_lock is not None
+        async with self._watch_lock:
+            if self._watch_live:
+                return
+            stub = self._open()
+            call = stub.WatchTasks(
+                self._watch_request(self._unresolved(), session=True), metadata=self._metadata
+            )
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as err:
+                raise rpc_error_from_grpc(err) from err
+            except BaseException:
+                call.cancel()
+                raise
+            if first is grpc.aio.EOF:
+                raise RPCError(
+                    "the server ended the watch stream at once", grpc.StatusCode.UNAVAILABLE
+                )
+            self._resolve(first)
+            self._watch_call = call
+            self._watch_epoch += 1
+            self._watch_live = True
+            self._spawn(self._read_session(call))
+
+    async def _read_session(self, call: Any) -> None:
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                self._resolve(response)
+        except grpc.aio.AioRpcError:
+            pass
+        if self._state is ClientState.CLOSED or call is not self._watch_call:
+            return
+        self._watch_live = False
+        self._watch_call = None
+        await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
+        """Reopen the session watch with backoff while anything waits on it."""
+        attempt = 0
+        while self._state is ClientState.OPENED and not self._watch_live:
+            if not self._unresolved():
+                return  # nothing waits; the next submit reopens it
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
+            try:
+                await self._subscribe()
+            except RPCError as err:
+                if err.code in _FATAL_WATCH_CODES:
+                    self._fail_waiters(err, self._waiters)
+            except HeartlineError:
+                return
+
+    async def _watch_named(self, task_ids: list[str]) -> None:
+        """Watch named tasks until each has settled (reopening on breaks)."""
+        attempt = 0
+        stub = self._open()
+        while True:
+            waiting = {t: f for t in task_ids if (f := self._waiters.get(t)) and not f.done()}
+            ids = list(waiting)
+            if not ids:
+                return
+            call = stub.WatchTasks(self._watch_request(ids, session=False), metadata=self._metadata)
+            try:
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        break
+                    attempt = 0
+                    self._resolve(response)
+                    if all(self._waiters[t].done() for t in ids if t in self._waiters):
+                        return
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _FATAL_WATCH_CODES:
+                    self._fail_waiters(rpc_error_from_grpc(err), waiting)
+                    return
+            finally:
+                call.cancel()
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
+
+    @staticmethod
+    def _fail_waiters(error: BaseException, waiters: dict[str, asyncio.Future[Any]]) -> None:
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved here: nobody may be waiting on it
+
+    async def _wait_settled(self, task_id: str, timeout: float | None) -> task_pb2.TaskUpdate:
+        fut = self._waiters.get(task_id)
+        if fut is not None and fut.done():
+            self._waiters.pop(task_id, None)
+            return fut.result()
+        named = self._named.get(task_id)
+        if fut is None:
+            # Not submitted here (or already consumed): watch it by name; the server
+            # sends its current state first.
+            self._ids_request([task_id])
+            fut = self._waiters[task_id] = asyncio.get_running_loop().create_future()
+            named = self._named[task_id] = [self._spawn(self._watch_named([task_id])), 0]
+        if named is not None:
+            named[1] += 1
+        try:
+            done, _ = await asyncio.wait((fut,), timeout=timeout)
+            if not done:
+                raise TimeoutError(f"task {task_id} did not settle within {timeout} s")
+            self._waiters.pop(task_id, None)
+            return fut.result()
+        finally:
+            if named is not None:
+                named[1] -= 1
+                if named[1] == 0:
+                    self._named.pop(task_id, None)
+                    named[0].cancel()
+                    if not fut.done() and self._waiters.get(task_id) is fut:
+                        del self._waiters[task_id]
+
+    async def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for a task to settle; return its value or raise its error.
+
+        Raises:
+            RemoteError: the function raised; keeps the remote type, message, traceback.
+            TaskFailedError: the task was cancelled, failed by the system, or skipped.
+            TimeoutError: it did not settle within ``timeout`` seconds.
+        """
+        return outcome_of_update(await self._wait_settled(task_id, timeout))
+
+    # -- reading and controlling ---------------------------------------------------
+
+    async def get_task(self, task_id: str, *, history: bool = True) -> Task:
+        """Read one task (with its transition history by default)."""
+        return (await self.get_tasks([task_id], history=history))[0]
+
+    async def get_tasks(self, task_ids: Iterable[str], *, history: bool = False) -> list[Task]:
+        """Read tasks by id, in the order given."""
+        request = task_service_pb2.GetTasksRequest(
+            task_ids=self._ids_request(task_ids), include_history=history
+        )
+        response = await self._unary("GetTasks", request)
+        return [Task._from_proto(t) for t in response.tasks]
+
+    async def list_tasks(
+        self,
+        *,
+        states: Iterable[TaskState | str] | None = None,
+        endpoint: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """List up to ``limit`` tasks, newest first, filtered by state and endpoint."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        request = self._list_request(states, endpoint, min(limit, 1000))
+        tasks: list[Task] = []
+        while len(tasks) < limit:
+            request.page_size = min(limit - len(tasks), 1000)
+            response = await self._unary("ListTasks", request)
+            tasks.extend(Task._from_proto(t) for t in response.tasks)
+            if not response.next_page_token or not response.tasks:
+                break
+            request.page_token = response.next_page_token
+        return tasks[:limit]
+
+    async def _control(
+        self, name: str, request_type: Any, task_ids: Iterable[str]
+    ) -> list[TaskUpdate]:
+        response = await self._unary(name, request_type(task_ids=self._ids_request(task_ids)))
+        return [TaskUpdate._from_proto(u) for u in response.updates]
+
+    async def cancel(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Cancel pending tasks (a running task's worker is ended)."""
+        return await self._control("CancelTasks", task_service_pb2.CancelTasksRequest, task_ids)
+
+    async def hold(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Hold queued tasks: they are not dispatched until released."""
+        return await self._control("HoldTasks", task_service_pb2.HoldTasksRequest, task_ids)
+
+    async def release(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Release held tasks to the state they were held from."""
+        return await self._control("ReleaseTasks", task_service_pb2.ReleaseTasksRequest, task_ids)
+
+    async def retry(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Queue ERRORED tasks again with attempt+1; get_result then waits for the new outcome."""
+        ids = self._ids_request(task_ids)
+        updates = await self._control("RetryTasks", task_service_pb2.RetryTasksRequest, ids)
+        for tid in ids:
+            fut = self._waiters.get(tid)
+            if fut is not None and fut.done():
+                del self._waiters[tid]  # the stored outcome is stale now
+        return updates
+
+    async def give_up(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Mark ERRORED tasks FAILED for good."""
+        return await self._control("GiveUpTasks", task_service_pb2.GiveUpTasksRequest, task_ids)
+
+    async def resubmit(self, task_ids: Iterable[str]) -> list[str]:
+        """Create new tasks from FAILED or CANCELLED ones; return the new ids in order."""
+        request = task_service_pb2.ResubmitTasksRequest(
+            task_ids=self._ids_request(task_ids), session_id=self.session_id
+        )
+        self._open()
+        await self._subscribe()
+        epoch = self._watch_epoch
+        self._submits_in_flight += 1
+        try:
+            ids = list((await self._unary("ResubmitTasks", request)).task_ids)
+            self._track(ids, epoch)
+        finally:
+            self._submits_in_flight -= 1
+            if not self._submits_in_flight:
+                self._early.clear()
+        return ids
+
+    async def list_endpoints(self) -> list[EndpointInfo]:
+        """List endpoints with their agents and queue lengths."""
+        response = await self._unary("ListEndpoints", task_service_pb2.ListEndpointsRequest())
+        return [EndpointInfo._from_proto(e) for e in response.endpoints]
+
+    async def stats(self) -> Stats:
+        """Task counts by state, endpoints and agents online, transitions so far."""
+        return Stats._from_proto(await self._unary("GetStats", task_service_pb2.GetStatsRequest()))

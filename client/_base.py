@@ -1,0 +1,286 @@
+"""The I/O-free core shared by every client: configuration, request building and batching,
+the function registration cache, and the conversion of answers and outcomes.
+
+Nothing here awaits or touches a socket; :mod:`._async` is the only I/O layer and
+:mod:`._sync` drives it from a private event-loop thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from heartline._errors import InvalidArgumentError
+from heartline._serialize import dumps_args, dumps_function, function_id
+from heartline._states import TaskState
+from heartline.v1 import task_pb2, task_service_pb2
+
+from ._types import Priority, TaskError, settled_outcome
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+MAX_BATCH_TASKS = 1000
+"""At most this many tasks go in one SubmitTasks request."""
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+"""A SubmitTasks request is cut before it passes this size (the server's limit is 10 MiB)."""
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""gRPC send/receive limit of the client's channel."""
+
+# Bytes a TaskSpec adds to a SubmitTasksRequest beyond its args: the function id
+# (64 hex), small fields and the field/length framing. Overestimated on purpose.
+_SPEC_OVERHEAD = 128
+
+Call = tuple[Callable[..., Any], Sequence[Any], Mapping[str, Any]]
+"""One call of a batch: ``(function, args, kwargs)``."""
+
+
+def resolve_address(address: str | None) -> str:
+    """The server address: the argument, else ``$HEARTLINE_ADDRESS``, else the default."""
+    return address or os.environ.get("HEARTLINE_ADDRESS") or DEFAULT_ADDRESS
+
+
+def resolve_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying the bearer token (argument, else ``$HEARTLINE_TOKEN``)."""
+    token = token or os.environ.get("HEARTLINE_TOKEN")
+    if not token:
+        return None
+    return (("authorization", f"Bearer {token}"),)
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitOptions:
+    """How a task is to be run; the keyword options of ``submit``/``submit_batch``."""
+
+    priority: Priority = Priority.NORMAL
+    """Dispatch priority: ``"high"``, ``"normal"`` or ``"low"``."""
+    max_retries: int = 0
+    """How many times a task whose function raised is run again."""
+    max_system_retries: int | None = None
+    """How many times a task is re-queued after a system failure; None: server default (3)."""
+    walltime: float | None = None
+    """Per-attempt walltime in seconds, enforced on the agent; None means none."""
+    held: bool = False
+    """Submit the task held: it is not dispatched until released."""
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        priority: str | Priority = Priority.NORMAL,
+        max_retries: int = 0,
+        max_system_retries: int | None = None,
+        walltime: float | None = None,
+        held: bool = False,
+    ) -> SubmitOptions:
+        """Validate the user's keyword options.
+
+        Raises:
+            InvalidArgumentError: an option is out of range or of the wrong kind.
+        """
+        try:
+            prio = Priority(priority)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"priority must be one of 'high', 'normal', 'low', not {priority!r}"
+            ) from None
+        _check_count("max_retries", max_retries)
+        if max_system_retries is not None:
+            _check_count("max_system_retries", max_system_retries)
+        if walltime is not None:
+            if isinstance(walltime, bool) or not isinstance(walltime, (int, float)):
+                raise InvalidArgumentError(f"walltime must be seconds, not {walltime!r}")
+            if not walltime > 0:
+                raise InvalidArgumentError(f"walltime must be positive, not {walltime!r}")
+        return cls(prio, max_retries, max_system_retries, walltime, bool(held))
+
+    def _spec(self, fid: str, args: bytes) -> task_pb2.TaskSpec:
+        spec = task_pb2.TaskSpec(
+            function_id=fid,
+            args=args,
+            priority=self.priority._to_proto(),
+            max_retries=self.max_retries,
+            walltime_seconds=self.walltime or 0.0,
+            held=self.held,
+        )
+        if self.max_system_retries is not None:
+            spec.max_system_retries = self.max_system_retries
+        return spec
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise InvalidArgumentError(f"{name} must be a non-negative int, not {value!r}")
+
+
+class FunctionCache:
+    """Pickles each function once and remembers which ids the server already has.
+
+    Entries are keyed by the function object: weakly when it supports weak references
+    (so a dropped lambda frees its payload), else by ``id()`` with a strong reference
+    held (builtins such as ``pow``) so the id can't be reused by another object.
+    Thread-safe: the Executor pickles in its callers' threads.
+    """
+
+    def __init__(self) -> None:
+        self._weak: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._strong: dict[int, tuple[Any, str, bytes]] = {}
+        self._registered: set[str] = set()
+        self._lock = threading.Lock()
+
+    def lookup(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
+        """Return ``(function_id, payload)`` of ``fn``, pickling it on first sight.
+
+        Raises:
+            SerializationError: ``fn`` is not callable or cannot be pickled.
+        """
+        try:
+            hit = self._weak.get(fn)
+        except TypeError:  # not weak-referenceable (or unhashable)
+            strong = self._strong.get(id(fn))
+            if strong is not None and strong[0] is fn:
+                return strong[1], strong[2]
+            hit = None
+        if hit is not None:
+            return hit
+        payload = dumps_function(fn)
+        entry = (function_id(payload), payload)
+        with self._lock:
+            try:
+                self._weak[fn] = entry
+            except TypeError:
+                self._strong[id(fn)] = (fn, *entry)
+        return entry
+
+    def is_registered(self, fid: str) -> bool:
+        return fid in self._registered
+
+    def mark_registered(self, fid: str) -> None:
+        self._registered.add(fid)
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    """Task specs ready to send, and the functions the server may not have yet."""
+
+    specs: list[task_pb2.TaskSpec]
+    functions: dict[str, bytes]
+    """function_id -> payload of every function the batch uses that is not registered."""
+
+
+class ClientBase:
+    """State and request building shared by :class:`AsyncClient` (and so :class:`Client`)."""
+
+    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+        self.address = resolve_address(address)
+        """The server's ``host:port``."""
+        self.session_id = uuid.uuid4().hex
+        """This client's session: the server streams its submitted tasks' settles to it."""
+        self._metadata = resolve_metadata(token)
+        self._functions = FunctionCache()
+
+    # -- building requests ---------------------------------------------------------
+
+    def _prepare(self, calls: Iterable[Call], options: SubmitOptions) -> PreparedBatch:
+        """Pickle functions (once each) and arguments; raise before anything is sent."""
+        specs: list[task_pb2.TaskSpec] = []
+        functions: dict[str, bytes] = {}
+        cache = self._functions
+        for call in calls:
+            try:
+                fn, args, kwargs = call
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(
+                    f"a batch entry must be (function, args, kwargs), not {call!r}"
+                ) from None
+            fid, payload = cache.lookup(fn)
+            if not cache.is_registered(fid):
+                functions[fid] = payload
+            specs.append(options._spec(fid, dumps_args(tuple(args), dict(kwargs or {}))))
+        return PreparedBatch(specs, functions)
+
+    def _submit_requests(
+        self, endpoint: str, specs: Sequence[task_pb2.TaskSpec]
+    ) -> Iterator[task_service_pb2.SubmitTasksRequest]:
+        """Cut specs into SubmitTasks requests of bounded count and size."""
+        _check_endpoint(endpoint)
+        for chunk in chunk_specs(specs):
+            yield task_service_pb2.SubmitTasksRequest(
+                endpoint=endpoint, tasks=chunk, session_id=self.session_id
+            )
+
+    @staticmethod
+    def _ids_request(task_ids: Iterable[str]) -> list[str]:
+        if isinstance(task_ids, str):
+            raise InvalidArgumentError("expected a list of task ids, got one string")
+        ids = list(task_ids)
+        for tid in ids:
+            if not isinstance(tid, str) or not tid:
+                raise InvalidArgumentError(f"a task id must be a non-empty string, not {tid!r}")
+        return ids
+
+    @staticmethod
+    def _list_request(
+        states: Iterable[TaskState | str] | None, endpoint: str | None, page_size: int
+    ) -> task_service_pb2.ListTasksRequest:
+        wire_states = []
+        for s in states or ():
+            try:
+                wire_states.append(TaskState(s)._to_proto())
+            except ValueError:
+                raise InvalidArgumentError(f"unknown task state {s!r}") from None
+        return task_service_pb2.ListTasksRequest(
+            states=wire_states, endpoint=endpoint or "", page_size=page_size
+        )
+
+
+def _check_endpoint(endpoint: Any) -> None:
+    if not isinstance(endpoint, str) or not endpoint:
+        raise InvalidArgumentError(f"endpoint must be a name or id, not {endpoint!r}")
+
+
+def chunk_specs(
+    specs: Sequence[task_pb2.TaskSpec],
+    max_tasks: int = MAX_BATCH_TASKS,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> Iterator[list[task_pb2.TaskSpec]]:
+    """Split specs into runs of at most ``max_tasks`` and about ``max_bytes``.
+
+    A single spec larger than ``max_bytes`` travels alone; the server then answers
+    RESOURCE_EXHAUSTED with the size and the limit, which is the error the user needs.
+    """
+    chunk: list[task_pb2.TaskSpec] = []
+    size = 0
+    for spec in specs:
+        spec_size = len(spec.args) + _SPEC_OVERHEAD
+        if chunk and (len(chunk) >= max_tasks or size + spec_size > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(spec)
+        size += spec_size
+    if chunk:
+        yield chunk
+
+
+def outcome_of_update(update: task_pb2.TaskUpdate) -> Any:
+    """The value of a settled update, or raise its error (see :func:`settled_outcome`)."""
+    return settled_outcome(
+        update.task_id,
+        TaskState._from_proto(update.state),
+        update.result,
+        TaskError._from_proto(update.error) if update.HasField("error") else None,
+        cause=update.cause,
+    )

@@ -1,0 +1,286 @@
+"""Executor: ``concurrent.futures.Executor`` over a Client.
+
+``submit`` pickles in the caller's thread (so a bad argument raises there, before anything
+is sent) and queues the task; the client's loop thread sends whatever is queued as one
+SubmitTasks batch, so a burst of submits (or a ``map``) travels in few requests while a lone
+submit leaves at once. Futures resolve from the client's watch stream, never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from heartline._errors import HeartlineError
+
+from ._base import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_TASKS,
+    _SPEC_OVERHEAD,
+    PreparedBatch,
+    SubmitOptions,
+    _check_endpoint,
+    outcome_of_update,
+)
+from ._sync import Client
+from ._types import Priority
+
+_MAX_FLUSHERS = 4
+
+
+class TaskFuture(concurrent.futures.Future):
+    """The future of one task; ``task_id`` is set once the server has stored the task.
+
+    ``cancel()`` on a pending future also cancels the task on the server.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        super().__init__()
+        self.task_id: str | None = None
+        self._executor = executor
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._executor._request_cancel(self)
+        return True
+
+
+class Executor(concurrent.futures.Executor):
+    """Run calls on one endpoint through ``concurrent.futures``.
+
+    Args:
+        endpoint: endpoint name or id.
+        address: server ``host:port``; default ``$HEARTLINE_ADDRESS`` or ``127.0.0.1:50051``.
+        token: bearer token; default ``$HEARTLINE_TOKEN``.
+        client: an existing Client to use (not closed on shutdown) instead of a new one.
+        priority, max_retries, max_system_retries, walltime, held: submit options applied
+            to every task (see :meth:`AsyncClient.submit`).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        client: Client | None = None,
+        priority: str | Priority = Priority.NORMAL,
+        max_retries: int = 0,
+        max_system_retries: int | None = None,
+        walltime: float | None = None,
+        held: bool = False,
+    ) -> None:
+        _check_endpoint(endpoint)
+        self.endpoint = endpoint
+        self._options = SubmitOptions.of(
+            priority=priority,
+            max_retries=max_retries,
+            max_system_retries=max_system_retries,
+            walltime=walltime,
+            held=held,
+        )
+        self._owns_client = client is None
+        self.client = client if client is not None else Client(address, token=token)
+        self._async = self.client._async
+        self._loop = self.client._loop
+        # (future, spec, functions) waiting to be sent; appended from any thread.
+        self._queue: collections.deque[tuple[TaskFuture, Any, dict[str, bytes]]] = (
+            collections.deque()
+        )
+        self._flushers = 0  # loop thread only
+        self._cancels: set[str] = set()  # loop thread only
+        self._cancelling: set[asyncio.Task[Any]] = set()  # loop thread only
+        self._outstanding: set[TaskFuture] = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    # -- concurrent.futures.Executor -----------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on the endpoint; return its future.
+
+        Raises:
+            SerializationError: ``fn`` or its arguments can't be pickled (nothing sent).
+            RuntimeError: the executor was shut down.
+        """
+        return self._enqueue([(fn, args, kwargs)])[0]
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like :func:`map` run on the endpoint; results in order, sent in batches.
+
+        ``chunksize`` is accepted for compatibility; batching is automatic.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        futures = self._enqueue([(fn, args, {}) for args in zip(*iterables)])
+
+        def results() -> Iterator[Any]:
+            try:
+                futures.reverse()
+                while futures:
+                    fut = futures.pop()
+                    if deadline is None:
+                        yield fut.result()
+                    else:
+                        yield fut.result(max(deadline - time.monotonic(), 0))
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel what is pending and wait for the rest."""
+        with self._lock:
+            self._shutdown = True
+            outstanding = list(self._outstanding)
+        if cancel_futures:
+            for fut in outstanding:
+                fut.cancel()
+            self.client._run(self._drain_cancels())
+        if not self._owns_client:
+            if wait:
+                concurrent.futures.wait(outstanding)
+            return
+        if wait:
+            self._close_when_done(outstanding)
+        else:
+            threading.Thread(
+                target=self._close_when_done, args=(outstanding,), daemon=True
+            ).start()
+
+    def _close_when_done(self, outstanding: list[TaskFuture]) -> None:
+        concurrent.futures.wait(outstanding)
+        self.client._run(self._drain_cancels())
+        self.client.close()
+
+    # -- queueing (caller threads) -------------------------------------------------
+
+    def _enqueue(self, calls: list[Any]) -> list[TaskFuture]:
+        prepared = self._async._prepare(calls, self._options)
+        futures = [TaskFuture(self) for _ in prepared.specs]
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to an Executor after shutdown")
+            self._outstanding.update(futures)
+            # Every task carries (a reference to) the payloads of functions the server may
+            # lack: whichever batch goes first registers them, the others wait for that.
+            functions = prepared.functions
+            self._queue.extend((fut, spec, functions) for fut, spec in zip(futures, prepared.specs))
+        for fut in futures:
+            fut.add_done_callback(self._forget)
+        self._loop.call_soon_threadsafe(self._kick)
+        return futures
+
+    def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._outstanding.discard(fut)  # type: ignore[arg-type]
+
+    def _request_cancel(self, fut: TaskFuture) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._cancel_on_loop, fut)
+
+    # -- sending (loop thread) -----------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._queue and self._flushers < _MAX_FLUSHERS:
+            self._flushers += 1
+            self._async._spawn(self._flush())
+
+    def _take_batch(self) -> tuple[list[tuple[TaskFuture, Any]], dict[str, bytes]]:
+        """Pop queued tasks up to one request's count and size."""
+        batch: list[tuple[TaskFuture, Any]] = []
+        functions: dict[str, bytes] = {}
+        size = 0
+        while self._queue and len(batch) < MAX_BATCH_TASKS:
+            spec_size = len(self._queue[0][1].args) + _SPEC_OVERHEAD
+            if batch and size + spec_size > MAX_BATCH_BYTES:
+                break
+            fut, spec, fns = self._queue.popleft()
+            if fns:
+                functions.update(fns)
+            if fut.cancelled():
+                continue  # cancelled before it was sent: never send it
+            batch.append((fut, spec))
+            size += spec_size
+        return batch, functions
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, functions = self._take_batch()
+                if not batch:
+                    continue
+                self._kick()  # more queued: let another flusher send it meanwhile
+                prepared = PreparedBatch([spec for _, spec in batch], functions)
+                try:
+                    ids = await self._async._submit_prepared(self.endpoint, prepared)
+                except Exception as exc:  # the whole batch failed: each future says why
+                    for fut, _ in batch:
+                        if fut.set_running_or_notify_cancel():
+                            fut.set_exception(exc)
+                    continue
+                for (fut, _), tid in zip(batch, ids):
+                    self._bind(fut, tid)
+        finally:
+            self._flushers -= 1
+
+    def _bind(self, fut: TaskFuture, task_id: str) -> None:
+        fut.task_id = task_id
+        waiter = self._async._waiters.get(task_id)
+        if waiter is None:  # already consumed elsewhere; should not happen
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(HeartlineError(f"lost track of task {task_id}"))
+            return
+        if fut.cancelled():
+            self._cancel_on_loop(fut)
+        waiter.add_done_callback(lambda w: self._settled(fut, task_id, w))
+
+    def _settled(self, fut: TaskFuture, task_id: str, waiter: asyncio.Future[Any]) -> None:
+        if self._async._waiters.get(task_id) is waiter:
+            del self._async._waiters[task_id]
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(outcome_of_update(waiter.result()))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    def _cancel_on_loop(self, fut: TaskFuture) -> None:
+        if fut.task_id is None:
+            return  # not sent yet: _take_batch drops it, or _bind comes back here
+        first = not self._cancels
+        self._cancels.add(fut.task_id)
+        if first:
+            self._loop.call_soon(self._send_cancels)
+
+    def _send_cancels(self) -> None:
+        ids, self._cancels = sorted(self._cancels), set()
+        if ids:
+            task = self._async._spawn(self._cancel_quietly(ids))
+            self._cancelling.add(task)
+            task.add_done_callback(self._cancelling.discard)
+
+    async def _drain_cancels(self) -> None:
+        """Wait until every cancel asked for so far has reached the server."""
+        await asyncio.sleep(0)  # let call_soon'd _send_cancels run first
+        if self._cancelling:
+            await asyncio.gather(*self._cancelling, return_exceptions=True)
+
+    async def _cancel_quietly(self, ids: list[str]) -> None:
+        try:
+            await self._async.cancel(ids)
+        except HeartlineError:
+            pass  # e.g. already settled: the future is cancelled either way
+

@@ -1,0 +1,184 @@
+"""Client: the blocking face, driving one AsyncClient on a private event-loop thread.
+
+Each method is a one-line hop onto the loop (``run_coroutine_threadsafe``); there is no
+second implementation of any call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+from heartline._states import TaskState
+
+from ._async import AsyncClient
+from ._base import Call
+from ._types import EndpointInfo, Priority, Stats, Task, TaskUpdate
+
+T = TypeVar("T")
+
+
+class Client:
+    """Submit and control tasks from ordinary (blocking) code.
+
+    Args:
+        address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
+            ``127.0.0.1:50051``.
+        token: bearer token; default ``$HEARTLINE_TOKEN``.
+
+    Use as ``with Client() as hc:`` or call :meth:`close`. Thread-safe.
+    """
+
+    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="heartline-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._async = AsyncClient(address, token=token)
+
+    @property
+    def address(self) -> str:
+        """The server's ``host:port``."""
+        return self._async.address
+
+    @property
+    def session_id(self) -> str:
+        """This client's session id."""
+        return self._async.session_id
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a Client method was called from its own loop thread")
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: don't leave the call running
+            raise
+
+    def close(self) -> None:
+        """Close the connection and stop the loop thread. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._run(self._close_on_loop())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    async def _close_on_loop(self) -> None:
+        await self._async.close()
+        # Let grpc's own per-call tasks see their (already delivered) final status before
+        # the loop stops; a call left half-finished makes grpc's shared poller schedule
+        # onto a closed loop later ("Event loop is closed" noise in other loops).
+        current = asyncio.current_task()
+        for _ in range(100):
+            others = [t for t in asyncio.all_tasks() if t is not current]
+            if not others:
+                return
+            await asyncio.wait(others, timeout=0.01)
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(
+        self,
+        endpoint: str,
+        function: Any,
+        /,
+        *args: Any,
+        priority: str | Priority = Priority.NORMAL,
+        max_retries: int = 0,
+        max_system_retries: int | None = None,
+        walltime: float | None = None,
+        held: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Submit ``function(*args, **kwargs)``; see :meth:`AsyncClient.submit`."""
+        return self._run(
+            self._async.submit(
+                endpoint,
+                function,
+                *args,
+                priority=priority,
+                max_retries=max_retries,
+                max_system_retries=max_system_retries,
+                walltime=walltime,
+                held=held,
+                **kwargs,
+            )
+        )
+
+    def submit_batch(self, endpoint: str, calls: Iterable[Call], **options: Any) -> list[str]:
+        """Submit many ``(function, args, kwargs)`` calls; see :meth:`AsyncClient.submit_batch`."""
+        return self._run(self._async.submit_batch(endpoint, calls, **options))
+
+    def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for a task's value or error; see :meth:`AsyncClient.get_result`."""
+        return self._run(self._async.get_result(task_id, timeout))
+
+    def get_task(self, task_id: str, *, history: bool = True) -> Task:
+        """Read one task (with its transition history by default)."""
+        return self._run(self._async.get_task(task_id, history=history))
+
+    def get_tasks(self, task_ids: Iterable[str], *, history: bool = False) -> list[Task]:
+        """Read tasks by id, in the order given."""
+        return self._run(self._async.get_tasks(task_ids, history=history))
+
+    def list_tasks(
+        self,
+        *,
+        states: Iterable[TaskState | str] | None = None,
+        endpoint: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """List up to ``limit`` tasks, newest first, filtered by state and endpoint."""
+        return self._run(self._async.list_tasks(states=states, endpoint=endpoint, limit=limit))
+
+    def cancel(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Cancel pending tasks (a running task's worker is ended)."""
+        return self._run(self._async.cancel(task_ids))
+
+    def hold(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Hold queued tasks: they are not dispatched until released."""
+        return self._run(self._async.hold(task_ids))
+
+    def release(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Release held tasks to the state they were held from."""
+        return self._run(self._async.release(task_ids))
+
+    def retry(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Queue ERRORED tasks again with attempt+1."""
+        return self._run(self._async.retry(task_ids))
+
+    def give_up(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
+        """Mark ERRORED tasks FAILED for good."""
+        return self._run(self._async.give_up(task_ids))
+
+    def resubmit(self, task_ids: Iterable[str]) -> list[str]:
+        """Create new tasks from FAILED or CANCELLED ones; return the new ids in order."""
+        return self._run(self._async.resubmit(task_ids))
+
+    def list_endpoints(self) -> list[EndpointInfo]:
+        """List endpoints with their agents and queue lengths."""
+        return self._run(self._async.list_endpoints())
+
+    def stats(self) -> Stats:
+        """Task counts by state, endpoints and agents online, transitions so far."""
+        return self._run(self._async.stats())

@@ -1,0 +1,549 @@
+"""The endpoint agent: one Connect stream to the server, feeding a local worker pool.
+
+The stream protocol is docs/ARCHITECTURE.md "The agent stream". Per task the agent
+reports, in order: WAITING_FOR_NODES (received and queued here), WAITING_FOR_LAUNCH
+(handed to a worker), RUNNING (the worker started it), then one terminal report,
+SUCCEEDED or ERRORED. A task refused before it reaches a worker (function not allowed
+or unknown) goes from WAITING_FOR_NODES straight to ERRORED; a function or arguments
+that cannot be unpickled go from WAITING_FOR_LAUNCH straight to ERRORED.
+
+Every change is appended to an outbox and one sender coroutine drains it: whatever was
+produced while the sender slept (at least one loop iteration, more under load while a
+write is in flight) goes up as one StatusBatch. Nothing waits on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import importlib.metadata
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from heartline._errors import HeartlineError, rpc_error_from_grpc
+from heartline.endpoint._config import AgentConfig, Identity
+from heartline.endpoint._workers import Job, Outcome, WorkerPool
+from heartline.v1 import endpoint_service_pb2 as pb
+from heartline.v1 import endpoint_service_pb2_grpc as pb_grpc
+from heartline.v1 import task_pb2
+
+logger = logging.getLogger("heartline.endpoint")
+
+_NODES = task_pb2.TASK_STATE_WAITING_FOR_NODES
+_LAUNCH = task_pb2.TASK_STATE_WAITING_FOR_LAUNCH
+_RUNNING = task_pb2.TASK_STATE_RUNNING
+_SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+_ERRORED = task_pb2.TASK_STATE_ERRORED
+
+# Keep each upstream message well under a server's default 4 MiB receive limit; a
+# single update bigger than this still goes alone.
+_MAX_BATCH_BYTES = 3 * 1024 * 1024
+_DEFAULT_HEARTBEAT = 10.0
+# Error text a task produced is cut to this many characters; a runaway message must
+# not push the stream over the server's message limit.
+_MAX_ERROR_TEXT = 64 * 1024
+_REGISTER_TIMEOUT = 30.0
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+# Errors that waiting will not fix: the agent stops and says why.
+_FATAL_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+class AgentState(enum.Enum):
+    """Where an agent is in its life."""
+
+    NEW = "new"
+    CONNECTING = "connecting"  # no stream yet, or between streams (backing off)
+    CONNECTED = "connected"  # welcome received; dispatches flow
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class _Held:
+    """A task the agent holds: the attempt it runs and the last state reported."""
+
+    attempt: int
+    state: int
+
+
+class _StreamLost(Exception):
+    """The stream ended; the agent reconnects."""
+
+
+class _Reregister(Exception):
+    """The server does not know our endpoint id; register again without backing off."""
+
+
+class Agent:
+    """An endpoint agent: registers, holds the Connect stream, runs tasks on workers.
+
+    Args:
+        config: How to run.
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self._agent_id = str(uuid.uuid4())
+        self._state = AgentState.NEW
+        self._pool = WorkerPool(config.workers, self)
+        self._identity: Identity | None = None
+        # Pickled functions by id, for the agent's lifetime: a Dispatch carries the
+        # function only the first time a connection sees its id.
+        self._functions: dict[str, bytes] = {}
+        self._held: dict[str, _Held] = {}
+        self._unacked: dict[tuple[str, int], pb.StatusUpdate] = {}
+        self._outbox: list[pb.StatusUpdate] = []
+        self._heartbeat_due = False
+        self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._fatal: HeartlineError | None = None
+        self._failures = 0
+        # The server's payload limit from the last welcome; 0 means none was given.
+        self._max_payload = 0
+
+    @property
+    def agent_id(self) -> str:
+        """This agent process's id (a fresh uuid4)."""
+        return self._agent_id
+
+    @property
+    def endpoint_id(self) -> str | None:
+        """The endpoint's id once registered."""
+        return self._identity.endpoint_id if self._identity else None
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._config
+
+    @property
+    def state(self) -> AgentState:
+        return self._state
+
+    async def run(self, *, ready: asyncio.Event | None = None) -> None:
+        """Serve until :meth:`stop` or cancellation.
+
+        Args:
+            ready: Set each time the server welcomes the agent.
+
+        Raises:
+            HeartlineError: The server refused the agent's credentials.
+        """
+        if self._state is not AgentState.NEW:
+            raise RuntimeError(f"an agent runs once; this one is {self._state.value}")
+        self._state = AgentState.CONNECTING
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._pool.run())
+                link = tg.create_task(self._link(ready))
+                await self._stop_requested.wait()
+                self._state = AgentState.STOPPING
+                link.cancel()
+                self._pool.close()
+        finally:
+            self._state = AgentState.STOPPED
+            self._pool.close()
+            self._stopped.set()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def stop(self) -> None:
+        """Stop taking work, kill the workers and close the stream; wait until done."""
+        if self._state is AgentState.NEW:
+            self._state = AgentState.STOPPED
+            self._stopped.set()
+        self._stop_requested.set()
+        await self._stopped.wait()
+
+    # -- the link: registration, stream, reconnects -----------------------------------
+
+    async def _link(self, ready: asyncio.Event | None) -> None:
+        while True:
+            try:
+                await self._session(ready)
+                reason = "the server closed the stream"
+            except _Reregister:
+                continue
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _FATAL_CODES:
+                    self._fatal = rpc_error_from_grpc(err)
+                    logger.error("event=refused server=%s error=%s", self._config.server, self._fatal)
+                    self._stop_requested.set()
+                    return
+                reason = f"{err.code().name}: {err.details()}"
+            except _StreamLost as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the agent
+                logger.exception("event=stream-error server=%s", self._config.server)
+                reason = repr(exc)
+            was_connected = self._state is AgentState.CONNECTED
+            self._state = AgentState.CONNECTING
+            cap = min(self._config.reconnect_max, self._config.reconnect_min * 2**self._failures)
+            delay = random.uniform(0, cap)  # full jitter
+            self._failures = min(self._failures + 1, 60)
+            if was_connected or self._failures == 1:
+                logger.warning(
+                    "event=disconnected server=%s reason=%r retry_in=%.2fs held=%d unacked=%d",
+                    self._config.server, reason, delay, len(self._held), len(self._unacked),
+                )
+            else:
+                logger.debug("event=reconnect-failed reason=%r retry_in=%.2fs", reason, delay)
+            await asyncio.sleep(delay)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        token = self._config.token
+        return (("authorization", f"Bearer {token}"),) if token else None
+
+    async def _register(self, stub: pb_grpc.EndpointServiceStub) -> tuple[Identity, bool]:
+        """The endpoint's identity, and whether it was registered just now."""
+        if self._identity is not None:
+            return self._identity, False
+        cfg = self._config
+        path = cfg.endpoint_dir / "endpoint.json"
+        known = Identity.load(path)
+        if known is not None and known.name == cfg.name and known.server == cfg.server:
+            self._identity = known
+            return known, False
+        reply = await stub.RegisterEndpoint(
+            pb.RegisterEndpointRequest(name=cfg.name),
+            metadata=self._metadata(),
+            timeout=_REGISTER_TIMEOUT,
+        )
+        self._identity = Identity(reply.endpoint_id, reply.name or cfg.name, cfg.server)
+        self._identity.save(path)
+        logger.info("event=registered endpoint_id=%s name=%s", reply.endpoint_id, cfg.name)
+        return self._identity, True
+
+    def _forget_identity(self) -> None:
+        self._identity = None
+        (self._config.endpoint_dir / "endpoint.json").unlink(missing_ok=True)
+
+    async def _session(self, ready: asyncio.Event | None) -> None:
+        """One connection: hello, welcome, then stream until it breaks."""
+        async with grpc.aio.insecure_channel(self._config.server, options=_CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.EndpointServiceStub(channel)
+            identity, fresh = await self._register(stub)
+            call = stub.Connect(metadata=self._metadata())
+            try:
+                # Snapshot without awaiting: every change after this point is in the
+                # outbox, every one before it is in the hello or the resent reports.
+                hello = self._hello(identity)
+                resend = list(self._unacked.values())
+                self._outbox.clear()
+                try:
+                    await call.write(pb.ConnectRequest(hello=hello))
+                    for chunk in _chunks(resend):
+                        await call.write(pb.ConnectRequest(status=pb.StatusBatch(updates=chunk)))
+                    first = await call.read()
+                except grpc.aio.AioRpcError as err:
+                    if err.code() is not grpc.StatusCode.NOT_FOUND:
+                        raise
+                    # The server forgot the endpoint (e.g. a new store): register again.
+                    logger.warning("event=endpoint-unknown endpoint_id=%s", identity.endpoint_id)
+                    self._forget_identity()
+                    if fresh:
+                        raise
+                    raise _Reregister from err
+                if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
+                    raise _StreamLost("the server did not answer the hello with a welcome")
+                interval = first.welcome.heartbeat_interval_seconds
+                if not interval > 0:
+                    interval = _DEFAULT_HEARTBEAT
+                self._max_payload = max(0, first.welcome.max_payload_bytes)
+                self._state = AgentState.CONNECTED
+                self._failures = 0
+                logger.info(
+                    "event=connected endpoint_id=%s agent_id=%s server=%s heartbeat=%gs held=%d resent=%d",
+                    identity.endpoint_id, self._agent_id, self._config.server, interval,
+                    len(hello.held_tasks), len(resend),
+                )
+                if ready is not None:
+                    ready.set()
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._send_loop(call))
+                        tg.create_task(self._heartbeat_loop(interval))
+                        await self._receive_loop(call)
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from None
+            finally:
+                call.cancel()
+
+    def _hello(self, identity: Identity) -> pb.Hello:
+        return pb.Hello(
+            endpoint_id=identity.endpoint_id,
+            agent_id=self._agent_id,
+            version=_VERSION,
+            capacity=self._config.workers,
+            prefetch=self._config.effective_prefetch,
+            held_tasks=[
+                pb.HeldTask(task_id=task_id, attempt=held.attempt, state=held.state)
+                for task_id, held in self._held.items()
+            ],
+            hostname=socket.gethostname(),
+        )
+
+    async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        # The only writer of the stream once the hello is out (grpc allows one write
+        # in flight); while a write is in flight the outbox fills and goes up next.
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._outbox:
+                updates, self._outbox = self._outbox, []
+                self._heartbeat_due = False
+                for chunk in _chunks(updates):
+                    await call.write(pb.ConnectRequest(status=pb.StatusBatch(updates=chunk)))
+            elif self._heartbeat_due:
+                self._heartbeat_due = False
+                await call.write(pb.ConnectRequest(heartbeat=pb.Heartbeat()))
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._heartbeat_due = True
+            self._wake.set()
+
+    async def _receive_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                raise _StreamLost("the server closed the stream")
+            kind = message.WhichOneof("message")
+            if kind == "dispatch":
+                self._on_dispatch(message.dispatch.dispatches)
+            elif kind == "cancel":
+                self._on_cancel(message.cancel.task_ids)
+            elif kind == "ack":
+                for ack in message.ack.acks:
+                    self._unacked.pop((ack.task_id, ack.attempt), None)
+            else:
+                logger.debug("event=ignored-message kind=%s", kind)
+
+    # -- downstream -------------------------------------------------------------------
+
+    def _on_dispatch(self, dispatches: Sequence[pb.Dispatch]) -> None:
+        allowed = self._config.allowed_functions
+        for d in dispatches:
+            if d.function:
+                self._functions[d.function_id] = d.function
+            held = self._held.get(d.task_id)
+            if held is not None:
+                if held.attempt >= d.attempt:
+                    continue  # already ours (e.g. dispatched again after a reconnect)
+                # A newer attempt supersedes the one running here.
+                self._pool.cancel(d.task_id)
+                del self._held[d.task_id]
+            if (d.task_id, d.attempt) in self._unacked:
+                continue  # already finished; the report is on its way
+            self._held[d.task_id] = _Held(d.attempt, _NODES)
+            self._report(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_NODES))
+            function = self._functions.get(d.function_id)
+            if allowed is not None and d.function_id not in allowed:
+                self._refuse(
+                    d, "PermissionError",
+                    f"function {d.function_id} is not allowed on endpoint "
+                    f"{self._config.name!r}; the task was not run",
+                )
+            elif function is None:
+                self._refuse(
+                    d, "LookupError",
+                    f"function {d.function_id} was never sent to this agent; the task was not run",
+                )
+            elif self._state is not AgentState.STOPPING:
+                self._pool.submit(
+                    Job(d.task_id, d.attempt, d.function_id, function, d.args, d.walltime_seconds)
+                )
+
+    def _refuse(self, d: pb.Dispatch, type_name: str, message: str) -> None:
+        logger.info("event=task-refused task_id=%s reason=%r", d.task_id, message)
+        error = task_pb2.RemoteError(type_name=type_name, message=message)
+        self._finish(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_ERRORED, error=error))
+
+    def _on_cancel(self, task_ids: Sequence[str]) -> None:
+        for task_id in task_ids:
+            if self._held.pop(task_id, None) is not None:
+                self._pool.cancel(task_id)
+
+    # -- the pool's listener ------------------------------------------------------------
+
+    def task_launched(self, job: Job) -> None:
+        self._advance(job, _LAUNCH)
+
+    def task_started(self, job: Job) -> None:
+        self._advance(job, _RUNNING)
+
+    def task_finished(self, job: Job, outcome: Outcome) -> None:
+        held = self._held.get(job.task_id)
+        if held is None or held.attempt != job.attempt:
+            return
+        size = len(outcome.result)
+        if outcome.failure is None and (not self._max_payload or size <= self._max_payload):
+            update = pb.StatusUpdate(
+                task_id=job.task_id, attempt=job.attempt, state=_SUCCEEDED, result=outcome.result
+            )
+        elif outcome.failure is None:
+            # The server would refuse the message; say why instead of sending it.
+            error = task_pb2.RemoteError(
+                type_name="heartline.ResultTooLarge",
+                message=f"the result is {size} bytes, over the payload limit of "
+                f"{self._max_payload} bytes",
+                failure_kind=task_pb2.FAILURE_KIND_SERIALIZATION,
+            )
+            update = pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error)
+        else:
+            f = outcome.failure
+            error = task_pb2.RemoteError(
+                type_name=f.type_name[:_MAX_ERROR_TEXT],
+                message=_clip(f.message),
+                traceback=_clip(f.traceback),
+                failure_kind=int(f.kind),
+            )
+            update = pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error)
+        self._finish(update)
+
+    # -- upstream -----------------------------------------------------------------------
+
+    def _advance(self, job: Job, state: int) -> None:
+        held = self._held.get(job.task_id)
+        if held is None or held.attempt != job.attempt:
+            return
+        held.state = state
+        self._report(pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=state))
+
+    def _finish(self, update: pb.StatusUpdate) -> None:
+        self._held.pop(update.task_id, None)
+        # Kept, and resent on every reconnect, until the server acks it.
+        self._unacked[(update.task_id, update.attempt)] = update
+        self._report(update)
+
+    def _report(self, update: pb.StatusUpdate) -> None:
+        self._outbox.append(update)
+        self._wake.set()
+
+
+def _chunks(updates: list[pb.StatusUpdate]) -> list[list[pb.StatusUpdate]]:
+    """Split updates into messages of at most about _MAX_BATCH_BYTES each."""
+    chunks: list[list[pb.StatusUpdate]] = []
+    current: list[pb.StatusUpdate] = []
+    size = 0
+    for update in updates:
+        weight = 64 + len(update.result) + len(update.error.traceback) + len(update.error.message)
+        if current and size + weight > _MAX_BATCH_BYTES:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(update)
+        size += weight
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _clip(text: str) -> str:
+    if len(text) <= _MAX_ERROR_TEXT:
+        return text
+    half = _MAX_ERROR_TEXT // 2
+    return f"{text[:half]}\n... [{len(text) - 2 * half} characters cut] ...\n{text[-half:]}"
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The exception that ended a session's task group (not the cancellations it caused)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("heartline")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+_VERSION = _version()
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run an agent in the foreground until SIGINT or SIGTERM (for the CLI).
+
+    Prints one line to stderr once connected; logs go through :mod:`logging` (level
+    from ``$HEARTLINE_LOG_LEVEL``, default WARNING, unless logging is already set up).
+
+    Returns:
+        The process exit code: 0 after a clean stop, 1 if the server refused the agent.
+    """
+    _configure_logging()
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # uvloop is optional where it does not build (Windows)
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve_foreground(config))
+
+
+async def _serve_foreground(config: AgentConfig) -> int:
+    agent = Agent(config)
+    ready = asyncio.Event()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def stop_on_signal() -> None:
+        await stop.wait()
+        await agent.stop()
+
+    async def announce() -> None:
+        await ready.wait()
+        print(
+            f"heartline endpoint {config.name!r} (id {agent.endpoint_id}) connected to "
+            f"{config.server} with {config.workers} workers",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            helpers = [tg.create_task(stop_on_signal()), tg.create_task(announce())]
+            try:
+                await agent.run(ready=ready)
+                code = 0
+            except HeartlineError as exc:
+                print(f"heartline endpoint {config.name!r}: {exc}", file=sys.stderr, flush=True)
+                code = 1
+            finally:
+                for helper in helpers:
+                    helper.cancel()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return code
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    level = os.environ.get("HEARTLINE_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )

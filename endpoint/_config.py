@@ -1,0 +1,125 @@
+"""Agent configuration and the endpoint identity kept on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+# An endpoint name becomes a folder name, so it must be a safe path component.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _default_server() -> str:
+    return os.environ.get("HEARTLINE_ADDRESS") or DEFAULT_ADDRESS
+
+
+def _default_home() -> Path:
+    home = os.environ.get("HEARTLINE_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".heartline"
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def _default_token() -> str | None:
+    return os.environ.get("HEARTLINE_TOKEN") or None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How an endpoint agent runs. Defaults that read the environment do so when the
+    config is created, not at import."""
+
+    name: str
+    """The endpoint's name; several agents started with one name serve one endpoint."""
+
+    server: str = field(default_factory=_default_server)
+    """``HOST:PORT`` of the heartline server; default ``$HEARTLINE_ADDRESS`` or
+    ``127.0.0.1:50051``."""
+
+    workers: int = field(default_factory=_default_workers)
+    """Worker processes, each running one task at a time; default ``os.cpu_count()``."""
+
+    prefetch: int | None = None
+    """Tasks the server may send beyond free workers; None means 4 x ``workers``
+    (like Celery's prefetch multiplier)."""
+
+    home: Path = field(default_factory=_default_home)
+    """State folder; default ``$HEARTLINE_HOME`` or ``~/.heartline``. The endpoint's
+    identity lives in ``<home>/endpoints/<name>/endpoint.json``."""
+
+    token: str | None = field(default_factory=_default_token)
+    """Bearer token sent as ``authorization: Bearer <token>``; default
+    ``$HEARTLINE_TOKEN`` or none."""
+
+    reconnect_min: float = 0.1
+    """Smallest reconnect backoff in seconds."""
+
+    reconnect_max: float = 10.0
+    """Largest reconnect backoff in seconds (full jitter below it)."""
+
+    allowed_functions: frozenset[str] | None = None
+    """Function ids this endpoint runs; None allows all. A task whose function is not
+    allowed is reported ERRORED and never run."""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(
+                f"invalid endpoint name {self.name!r}: use letters, digits, '.', '_' or '-'"
+            )
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ValueError(f"prefetch must not be negative, not {self.prefetch}")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ValueError(
+                "reconnect_min must be positive and at most reconnect_max, not "
+                f"{self.reconnect_min} and {self.reconnect_max}"
+            )
+        object.__setattr__(self, "home", Path(self.home).expanduser())
+        if self.allowed_functions is not None:
+            object.__setattr__(self, "allowed_functions", frozenset(self.allowed_functions))
+
+    @property
+    def effective_prefetch(self) -> int:
+        """The prefetch sent in the hello."""
+        return 4 * self.workers if self.prefetch is None else self.prefetch
+
+    @property
+    def endpoint_dir(self) -> Path:
+        """This endpoint's folder under ``home``."""
+        return self.home / "endpoints" / self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An endpoint's registration, as kept in ``endpoint.json``."""
+
+    endpoint_id: str
+    name: str
+    server: str
+
+    @classmethod
+    def load(cls, path: Path) -> Identity | None:
+        """Read an identity file; None if it is missing or unreadable."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(str(data["endpoint_id"]), str(data["name"]), str(data["server"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, path: Path) -> None:
+        """Write the identity atomically (a crash leaves the old file or the new one)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(
+            json.dumps({"endpoint_id": self.endpoint_id, "name": self.name, "server": self.server})
+            + "\n"
+        )
+        os.replace(tmp, path)

@@ -1,0 +1,140 @@
+"""The worker process: runs one task at a time for the agent.
+
+Run as ``python -m heartline.endpoint._worker``. It speaks the worker protocol of
+docs/ARCHITECTURE.md over its stdin/stdout: frames of a 4-byte big-endian length and a
+pickled tuple.
+
+- worker -> agent ``("ready", pid)`` once, after imports.
+- agent -> worker ``("run", task_id, attempt, function_id, function_bytes | None, args)``
+- worker -> agent ``("start", task_id, attempt)`` just before the call
+- worker -> agent ``("done", task_id, attempt, True, result_bytes)`` or
+  ``("done", task_id, attempt, False, (type_name, message, traceback, failure_kind))``
+
+The worker exits when its stdin closes (the agent is gone).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from heartline._serialize import describe_exception, dumps_result
+
+_HEADER = struct.Struct(">I")
+# Wire values of heartline.v1.FailureKind; kept as ints so this module stays light.
+_RAISED = 0
+_SERIALIZATION = 4
+
+
+class _Channel:
+    """Frames over two private file descriptors."""
+
+    def __init__(self, reader: BinaryIO, writer_fd: int) -> None:
+        self._reader = reader
+        self._writer_fd = writer_fd
+
+    def receive(self) -> tuple[Any, ...] | None:
+        header = self._reader.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack(header)
+        body = self._reader.read(size)
+        if len(body) < size:
+            return None
+        return pickle.loads(body)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(_HEADER.pack(len(body)) + body)
+        while view:
+            view = view[os.write(self._writer_fd, view) :]
+
+
+def _take_stdio() -> _Channel:
+    """Move the frame channel to private fds so user code cannot touch it.
+
+    fd 1 becomes a copy of fd 2, so a ``print()`` in a task lands on stderr instead
+    of corrupting a frame; fd 0 becomes /dev/null, so ``input()`` sees end of file
+    instead of eating the next frame.
+    """
+    frames_in = os.dup(0)
+    frames_out = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return _Channel(os.fdopen(frames_in, "rb", buffering=1 << 16), frames_out)
+
+
+def _failure(exc: BaseException, kind: int, message: str | None = None) -> tuple[str, str, str, int]:
+    type_name, text, tb = describe_exception(exc)
+    return type_name, message if message is not None else text, tb, kind
+
+
+def _run(
+    channel: _Channel,
+    functions: dict[str, Callable[..., Any]],
+    task_id: str,
+    attempt: int,
+    function_id: str,
+    function_bytes: bytes | None,
+    args_bytes: bytes,
+) -> None:
+    try:
+        fn = functions.get(function_id)
+        if fn is None:
+            if function_bytes is None:
+                raise LookupError(f"function {function_id} was never sent to this worker")
+            fn = pickle.loads(function_bytes)
+            functions[function_id] = fn
+    except Exception as exc:
+        message = f"cannot deserialize the function {function_id}: {type(exc).__name__}: {exc}"
+        channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
+        return
+    try:
+        args, kwargs = pickle.loads(args_bytes)
+    except Exception as exc:
+        message = f"cannot deserialize the arguments: {type(exc).__name__}: {exc}"
+        channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
+        return
+
+    channel.send(("start", task_id, attempt))
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from a task is the task's error
+        # Drop this module's frame: the user wants their traceback, not ours.
+        if exc.__traceback__ is not None:
+            exc.__traceback__ = exc.__traceback__.tb_next
+        channel.send(("done", task_id, attempt, False, _failure(exc, _RAISED)))
+        return
+    try:
+        result = dumps_result(value)
+    except Exception as exc:
+        channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION)))
+        return
+    channel.send(("done", task_id, attempt, True, result))
+
+
+def main() -> None:
+    """Serve tasks until the agent closes stdin."""
+    # Ctrl-C in a terminal, or a supervisor's SIGTERM to the process group, is meant
+    # for the agent, which then ends its workers (SIGKILL). A worker that died first
+    # would be reported and replaced during the agent's shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = _take_stdio()
+    functions: dict[str, Callable[..., Any]] = {}
+    channel.send(("ready", os.getpid()))
+    while (message := channel.receive()) is not None:
+        if message[0] == "run":
+            _run(channel, functions, *message[1:])
+
+
+if __name__ == "__main__":
+    main()

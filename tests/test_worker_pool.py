@@ -1,0 +1,265 @@
+"""The worker pool with real worker processes (heartline.endpoint._workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from heartline._serialize import dumps_args, dumps_function, function_id
+from heartline.endpoint._workers import FailureKind, Job, Outcome, WorkerPool
+
+WAIT = 30.0  # bound on any single wait; a healthy pool answers in milliseconds
+
+
+class Recorder:
+    """A PoolListener that keeps every event and lets a test await an outcome."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self._outcomes: dict[str, asyncio.Future[Outcome]] = {}
+        self._started: dict[str, asyncio.Future[None]] = {}
+
+    def _future(self, table: dict[str, asyncio.Future[Any]], task_id: str) -> asyncio.Future[Any]:
+        if task_id not in table:
+            table[task_id] = asyncio.get_running_loop().create_future()
+        return table[task_id]
+
+    def task_launched(self, job: Job) -> None:
+        self.events.append(("launched", job.task_id))
+
+    def task_started(self, job: Job) -> None:
+        self.events.append(("started", job.task_id))
+        self._future(self._started, job.task_id).set_result(None)
+
+    def task_finished(self, job: Job, outcome: Outcome) -> None:
+        self.events.append(("finished", job.task_id))
+        self._future(self._outcomes, job.task_id).set_result(outcome)
+
+    async def outcome(self, task_id: str) -> Outcome:
+        async with asyncio.timeout(WAIT):
+            return await self._future(self._outcomes, task_id)
+
+    async def started(self, task_id: str) -> None:
+        async with asyncio.timeout(WAIT):
+            await self._future(self._started, task_id)
+
+    def of(self, task_id: str) -> list[str]:
+        return [kind for kind, tid in self.events if tid == task_id]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[tuple[WorkerPool, Recorder]]:
+    recorder = Recorder()
+    worker_pool = WorkerPool(2, recorder)
+    runner = asyncio.create_task(worker_pool.run())
+    yield worker_pool, recorder
+    worker_pool.close()
+    async with asyncio.timeout(WAIT):
+        await runner
+
+
+_counter = iter(range(1_000_000))
+
+
+def job(fn: Callable[..., Any], *args: Any, walltime: float = 0.0, **kwargs: Any) -> Job:
+    payload = dumps_function(fn)
+    return Job(
+        task_id=f"t{next(_counter)}",
+        attempt=1,
+        function_id=function_id(payload),
+        function=payload,
+        args=dumps_args(args, kwargs),
+        walltime=walltime,
+    )
+
+
+async def run(pool: WorkerPool, recorder: Recorder, j: Job) -> Outcome:
+    pool.submit(j)
+    return await recorder.outcome(j.task_id)
+
+
+def value(outcome: Outcome) -> Any:
+    assert outcome.failure is None, outcome.failure
+    return pickle.loads(outcome.result)
+
+
+# Functions are defined here and pickled by value (cloudpickle registers this test
+# module for that), so the worker does not need to import the tests.
+cloudpickle.register_pickle_by_value(__import__(__name__))
+
+
+def fails(message: str) -> None:
+    raise KeyError(message)
+
+
+def exits(code: int) -> None:
+    os._exit(code)
+
+
+def sleeps(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+def chatty(n: int) -> int:
+    # Raw bytes to fd 1 as well: the nastiest thing a task can do to the channel.
+    print("hello from the task " * n)
+    os.write(1, b"\x00\x00\x00\x10garbage-not-a-frame")
+    return n * 2
+
+
+def returns_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+async def test_runs_a_function_and_reports_in_order(pool: tuple[WorkerPool, Recorder]) -> None:
+    p, rec = pool
+    j = job(pow, 2, 10)
+    assert value(await run(p, rec, j)) == 1024
+    assert rec.of(j.task_id) == ["launched", "started", "finished"]
+
+
+async def test_many_tasks_reuse_the_function_cache(pool: tuple[WorkerPool, Recorder]) -> None:
+    p, rec = pool
+    jobs = [job(divmod, i, 7) for i in range(200)]
+    for j in jobs:
+        p.submit(j)
+    results = [value(await rec.outcome(j.task_id)) for j in jobs]
+    assert results == [divmod(i, 7) for i in range(200)]
+    assert p.queued == 0
+
+
+async def test_raised_exception_keeps_type_message_traceback(
+    pool: tuple[WorkerPool, Recorder],
+) -> None:
+    p, rec = pool
+    outcome = await run(p, rec, job(fails, "no such key"))
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.RAISED
+    assert outcome.failure.type_name == "KeyError"
+    assert "no such key" in outcome.failure.message
+    assert "in fails" in outcome.failure.traceback
+    assert "_worker.py" not in outcome.failure.traceback
+    # The worker survived: the pool still serves.
+    assert value(await run(p, rec, job(pow, 3, 3))) == 27
+
+
+async def test_worker_death_is_reported_and_replaced(pool: tuple[WorkerPool, Recorder]) -> None:
+    p, rec = pool
+    outcome = await run(p, rec, job(exits, 3))
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.WORKER_DIED
+    assert "exit code 3" in outcome.failure.message
+    # More tasks than workers: every slot, including the replaced one, serves.
+    jobs = [job(pow, 2, i) for i in range(6)]
+    for j in jobs:
+        p.submit(j)
+    assert [value(await rec.outcome(j.task_id)) for j in jobs] == [2**i for i in range(6)]
+
+
+async def test_walltime_kills_and_reports(pool: tuple[WorkerPool, Recorder]) -> None:
+    p, rec = pool
+    j = job(sleeps, 60, walltime=0.5)
+    started = time.monotonic()
+    outcome = await run(p, rec, j)
+    assert time.monotonic() - started < 30
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.WALLTIME
+    assert "walltime of 0.5 s" in outcome.failure.message
+    assert value(await run(p, rec, job(sleeps, 0))) == "woke"
+
+
+async def test_cancel_running_task_kills_worker_and_next_task_runs() -> None:
+    rec = Recorder()
+    p = WorkerPool(1, rec)  # one worker: the next task can only run on the replacement
+    runner = asyncio.create_task(p.run())
+    try:
+        slow = job(sleeps, 60)
+        p.submit(slow)
+        await rec.started(slow.task_id)
+        assert p.cancel(slow.task_id) is True
+        assert value(await run(p, rec, job(pow, 5, 2))) == 25
+        # Nothing more is reported for the cancelled task.
+        assert rec.of(slow.task_id) == ["launched", "started"]
+        assert p.cancel(slow.task_id) is False
+    finally:
+        p.close()
+        async with asyncio.timeout(WAIT):
+            await runner
+
+
+async def test_cancel_queued_task_drops_it() -> None:
+    rec = Recorder()
+    p = WorkerPool(1, rec)
+    runner = asyncio.create_task(p.run())
+    try:
+        blocker = job(sleeps, 0.3)
+        queued = job(pow, 2, 2)
+        after = job(pow, 2, 3)
+        p.submit(blocker)
+        p.submit(queued)
+        p.submit(after)
+        assert p.cancel(queued.task_id) is True
+        assert value(await rec.outcome(after.task_id)) == 8
+        assert rec.of(queued.task_id) == []
+        assert value(await rec.outcome(blocker.task_id)) == "woke"
+    finally:
+        p.close()
+        async with asyncio.timeout(WAIT):
+            await runner
+
+
+async def test_print_does_not_corrupt_frames(
+    pool: tuple[WorkerPool, Recorder], capfd: pytest.CaptureFixture[str]
+) -> None:
+    p, rec = pool
+    assert value(await run(p, rec, job(chatty, 100))) == 200
+    assert value(await run(p, rec, job(chatty, 1))) == 2
+    assert "hello from the task" in capfd.readouterr().err
+
+
+async def test_unpicklable_result_is_a_serialization_error(
+    pool: tuple[WorkerPool, Recorder],
+) -> None:
+    p, rec = pool
+    outcome = await run(p, rec, job(returns_lock))
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.SERIALIZATION
+    assert "cannot serialize the result" in outcome.failure.message
+    assert value(await run(p, rec, job(pow, 2, 5))) == 32
+
+
+async def test_unloadable_function_is_a_serialization_error(
+    pool: tuple[WorkerPool, Recorder],
+) -> None:
+    p, rec = pool
+    bad = Job("bad-fn", 1, "f" * 64, b"not a pickle", dumps_args((), {}))
+    outcome = await run(p, rec, bad)
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.SERIALIZATION
+    assert "cannot deserialize the function" in outcome.failure.message
+    # Never started: no "started" event, and the worker lives on.
+    assert rec.of("bad-fn") == ["launched", "finished"]
+    bad_args = job(pow, 1, 1)
+    bad_args.args = b"\x80\x05garbage"
+    outcome = await run(p, rec, bad_args)
+    assert outcome.failure is not None
+    assert "cannot deserialize the arguments" in outcome.failure.message
+    assert value(await run(p, rec, job(pow, 2, 6))) == 64
+
+
+async def test_duplicate_submit_is_refused(pool: tuple[WorkerPool, Recorder]) -> None:
+    p, rec = pool
+    j = job(sleeps, 0.2)
+    p.submit(j)
+    with pytest.raises(ValueError, match="already in the worker pool"):
+        p.submit(j)
+    assert value(await rec.outcome(j.task_id)) == "woke"
