@@ -48,6 +48,26 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -61,6 +81,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 async def _measure(address: str, n: int, batch: int, rtt_count: int) -> dict[str, float]:
     from heartline import AsyncClient
 
+    cpu0 = time.process_time()
     async with AsyncClient(address) as client:
         # Warm up: function registration, the watch stream, worker imports.
         warm = await client.submit_batch("local", [(noop, (i,), {}) for i in range(200)])
@@ -85,6 +106,7 @@ async def _measure(address: str, n: int, batch: int, rtt_count: int) -> dict[str
             await client.get_result(tid, timeout=60)
             rtts.append(time.perf_counter() - t0)
     return {
+        "client_cpu_s": round(time.process_time() - cpu0, 2),
         "tasks_per_s": round(n / elapsed, 1),
         "submit_s": round(submitted - start, 3),
         "total_s": round(elapsed, 3),
@@ -119,7 +141,13 @@ def main() -> int:
                 agent_args += ["--prefetch", str(opts.prefetch)]
             agent = _start(agent_args, env, home / "agent.log")
             _wait_for(lambda: "connected" in (home / "agent.log").read_text(), 30, "agent")
+            workers = _children(agent.pid)
+            before = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
             figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt))
+            after = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
+            spent = [round(b - a, 2) for a, b in zip(before, after)]
+            # CPU seconds over the whole measurement (throughput and round-trip runs).
+            figures["cpu_s"] = {"server": spent[0], "agent": spent[1], "workers": round(sum(spent[2:]), 2)}
         finally:
             if agent is not None:
                 _stop(agent)

@@ -31,6 +31,7 @@ import grpc
 
 from heartline._errors import HeartlineError, rpc_error_from_grpc
 from heartline.endpoint._config import AgentConfig, Identity
+from heartline.endpoint._outbox import Outbox
 from heartline.endpoint._workers import Job, Outcome, WorkerPool
 from heartline.v1 import endpoint_service_pb2 as pb
 from heartline.v1 import endpoint_service_pb2_grpc as pb_grpc
@@ -47,6 +48,14 @@ _ERRORED = task_pb2.TASK_STATE_ERRORED
 # Keep each upstream message well under a server's default 4 MiB receive limit; a
 # single update bigger than this still goes alone.
 _MAX_BATCH_BYTES = 3 * 1024 * 1024
+# Each stream message costs far more CPU (in grpc, on both ends) than the reports it
+# carries, so reports are batched without costing latency when idle:
+# - a terminal report is sent at once, except that under load messages go out at most
+#   once per _MIN_INTERVAL, each carrying everything that piled up meanwhile;
+# - a progress report (queued, launched, running) waits up to _LAZY_DELAY for a message
+#   to ride along with (a short task's whole story goes up in one message).
+_MIN_INTERVAL = 0.001
+_LAZY_DELAY = 0.01
 _DEFAULT_HEARTBEAT = 10.0
 # Error text a task produced is cut to this many characters; a runaway message must
 # not push the stream over the server's message limit.
@@ -104,9 +113,12 @@ class Agent:
         self._functions: dict[str, bytes] = {}
         self._held: dict[str, _Held] = {}
         self._unacked: dict[tuple[str, int], pb.StatusUpdate] = {}
+        # The same reports on disk, so a result outlives this process (see _outbox.py).
+        self._disk = Outbox(config.endpoint_dir, self._agent_id)
         self._outbox: list[pb.StatusUpdate] = []
         self._heartbeat_due = False
         self._wake = asyncio.Event()
+        self._lazy: asyncio.TimerHandle | None = None
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._fatal: HeartlineError | None = None
@@ -144,6 +156,7 @@ class Agent:
         if self._state is not AgentState.NEW:
             raise RuntimeError(f"an agent runs once; this one is {self._state.value}")
         self._state = AgentState.CONNECTING
+        self._unacked.update(self._disk.open())
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pool.run())
@@ -155,6 +168,7 @@ class Agent:
         finally:
             self._state = AgentState.STOPPED
             self._pool.close()
+            self._disk.close(keep=bool(self._unacked))
             self._stopped.set()
         if self._fatal is not None:
             raise self._fatal
@@ -291,6 +305,12 @@ class Agent:
             held_tasks=[
                 pb.HeldTask(task_id=task_id, attempt=held.attempt, state=held.state)
                 for task_id, held in self._held.items()
+            ]
+            # A finished attempt whose report was never acked is still ours: the server
+            # takes it back as running, then the resent report settles it.
+            + [
+                pb.HeldTask(task_id=task_id, attempt=attempt, state=_RUNNING)
+                for task_id, attempt in self._unacked
             ],
             hostname=socket.gethostname(),
         )
@@ -298,11 +318,21 @@ class Agent:
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         # The only writer of the stream once the hello is out (grpc allows one write
         # in flight); while a write is in flight the outbox fills and goes up next.
+        loop = asyncio.get_running_loop()
+        last_write = 0.0
         while True:
             await self._wake.wait()
+            gap = last_write + _MIN_INTERVAL - loop.time()
+            if gap > 0:
+                await asyncio.sleep(gap)
             self._wake.clear()
+            if self._lazy is not None:
+                self._lazy.cancel()
+                self._lazy = None
+            last_write = loop.time()
             if self._outbox:
                 updates, self._outbox = self._outbox, []
+                self._disk.add(u for u in updates if u.state in (_SUCCEEDED, _ERRORED))
                 self._heartbeat_due = False
                 for chunk in _chunks(updates):
                     await call.write(pb.ConnectRequest(status=pb.StatusBatch(updates=chunk)))
@@ -327,8 +357,10 @@ class Agent:
             elif kind == "cancel":
                 self._on_cancel(message.cancel.task_ids)
             elif kind == "ack":
-                for ack in message.ack.acks:
-                    self._unacked.pop((ack.task_id, ack.attempt), None)
+                keys = [(ack.task_id, ack.attempt) for ack in message.ack.acks]
+                for key in keys:
+                    self._unacked.pop(key, None)
+                self._disk.ack(keys, empty=not self._unacked)
             else:
                 logger.debug("event=ignored-message kind=%s", kind)
 
@@ -349,7 +381,7 @@ class Agent:
             if (d.task_id, d.attempt) in self._unacked:
                 continue  # already finished; the report is on its way
             self._held[d.task_id] = _Held(d.attempt, _NODES)
-            self._report(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_NODES))
+            self._report(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_NODES), urgent=False)
             function = self._functions.get(d.function_id)
             if allowed is not None and d.function_id not in allowed:
                 self._refuse(
@@ -421,7 +453,7 @@ class Agent:
         if held is None or held.attempt != job.attempt:
             return
         held.state = state
-        self._report(pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=state))
+        self._report(pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=state), urgent=False)
 
     def _finish(self, update: pb.StatusUpdate) -> None:
         self._held.pop(update.task_id, None)
@@ -429,8 +461,15 @@ class Agent:
         self._unacked[(update.task_id, update.attempt)] = update
         self._report(update)
 
-    def _report(self, update: pb.StatusUpdate) -> None:
+    def _report(self, update: pb.StatusUpdate, *, urgent: bool = True) -> None:
         self._outbox.append(update)
+        if urgent:
+            self._wake.set()
+        elif self._lazy is None:
+            self._lazy = asyncio.get_running_loop().call_later(_LAZY_DELAY, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        self._lazy = None
         self._wake.set()
 
 

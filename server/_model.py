@@ -69,7 +69,31 @@ class TaskRecord:
 
     def snapshot(self) -> TaskRow:
         """A frozen copy of the stored columns, safe to hand to the writer thread."""
-        return TaskRow(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TaskRow)})
+        # Spelled out: this runs for every changed task of every step.
+        return TaskRow(
+            self.task_id,
+            self.endpoint_id,
+            self.function_id,
+            self.args,
+            self.owner,
+            self.state,
+            self.submit_time,
+            self.attempt,
+            self.priority,
+            self.max_retries,
+            self.max_system_retries,
+            self.walltime,
+            self.start_time,
+            self.settle_time,
+            self.held_from,
+            self.result,
+            self.error,
+            self.raised_count,
+            self.system_failures,
+            self.resubmitted_from,
+            self.group_id,
+            self.payload_purged,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,7 +174,11 @@ class Scheduler:
         self.queues: dict[str, _Queue] = {}
         self.lost: set[str] = set()
         """Tasks whose agent was lost mid-attempt: their next dispatch is a new attempt."""
+        self.orphans: set[str] = set()
+        """After a restart: tasks that were on an agent, waiting (unqueued) to be reclaimed."""
+        self.orphans_until = 0.0
         self.transitions_total = 0
+        self._dispatched_to: set[str] = set()
         self._now = 0.0
         self._step = _Step()
 
@@ -183,16 +187,23 @@ class Scheduler:
     def handle(self, *events: Event) -> list[Instruction]:
         """Apply events in order and return the instructions they lead to.
 
+        A command (TasksCommanded) is handled in a step of its own: its refusal must
+        leave everything unchanged, which only a step of its own can promise.
+
         Raises:
             UnknownTasks, InvalidTransition: a command names tasks it cannot apply to;
                 nothing was changed.
+            ValueError: a command was combined with other events; nothing was changed.
         """
+        if len(events) > 1 and any(isinstance(e, TasksCommanded) for e in events):
+            raise ValueError("a command must be handled alone, in a step of its own")
         self._step = _Step()
         for event in events:
             self._now = event.time
             self._handlers[type(event)](self, event)
         for endpoint_id in sorted(self._step.endpoints):
             self._dispatch(endpoint_id)
+        self._dispatched_to = set(self._step.dispatches)
         instructions = self._finish_step()
         if self.config.validate:
             self.validate()
@@ -201,19 +212,24 @@ class Scheduler:
     def restore(self, rows: Iterable[TaskRow], time: float) -> list[Instruction]:
         """Load unsettled tasks from the store after a restart.
 
-        Tasks that were on an agent go back to WAITING_FOR_EP: their agent, if it still
-        holds them, reclaims them when it says hello (see _reclaim).
+        Tasks that were on an agent go back to WAITING_FOR_EP but stay out of the queue
+        for one heartbeat timeout: their agent, if it still holds them, reclaims them
+        when it says hello again (see _reclaim); the rest are queued on the first Tick
+        after that, so a task is not run twice just because its agent reconnected late.
         """
         self._step = _Step()
         self._now = time
+        self.orphans_until = time + self.config.heartbeat_timeout
         for row in rows:
             task = row.to_record()
             self.tasks[task.task_id] = task
             if task.state in ON_AGENT_STATES:
                 self._transition(task, S.WAITING_FOR_EP, "server-restarted", time)
-                self.lost.add(task.task_id)
+                self._queue(task.endpoint_id).discard(task.task_id)
+                self.orphans.add(task.task_id)
             elif task.state == S.WAITING_FOR_EP:
                 self._queue(task.endpoint_id).push(task)
+
         instructions = self._finish_step()
         if self.config.validate:
             self.validate()
@@ -226,6 +242,8 @@ class Scheduler:
             return ""
         if task.state == S.HELD:
             return "held: release it to run"
+        if task.task_id in self.orphans:
+            return "waiting for its agent to reconnect after a server restart"
         if task.state == S.WAITING_FOR_EP:
             agents = [a for a in self.agents.values() if a.endpoint_id == task.endpoint_id]
             if not agents:
@@ -315,6 +333,7 @@ class Scheduler:
         """An agent that comes back still holds this task: it goes back to where it was."""
         self._queue(task.endpoint_id).discard(task.task_id)
         self.lost.discard(task.task_id)
+        self.orphans.discard(task.task_id)
         task.agent_id = agent.agent_id
         agent.in_flight.add(task.task_id)
         self._transition(task, state, "agent-reconnected", now)
@@ -352,6 +371,16 @@ class Scheduler:
     def _apply_report(self, agent: AgentState, report: StatusReport, now: float) -> None:
         task = self.tasks.get(report.task_id)
         terminal = report.state in (S.SUCCEEDED, S.ERRORED)
+        if (
+            task is not None
+            and task.state == S.WAITING_FOR_EP
+            and (task.task_id in self.lost or task.task_id in self.orphans)
+            and task.attempt == report.attempt
+            and task.endpoint_id == agent.endpoint_id
+        ):
+            # The attempt we gave up on is alive after all (its agent came back and
+            # reports it): take it back instead of running the task a second time.
+            self._reclaim(task, agent, S.RUNNING if terminal else report.state, now)
         current = (
             task is not None
             and task.agent_id == agent.agent_id
@@ -437,6 +466,14 @@ class Scheduler:
             self._transition(task, finish, event.command, event.time)
 
     def _on_tick(self, event: Tick) -> None:
+        if self.orphans and event.time >= self.orphans_until:
+            # Nobody reclaimed them in time: their agents are gone; run them again.
+            for task_id in sorted(self.orphans):
+                task = self.tasks[task_id]
+                self.lost.add(task_id)
+                self._queue(task.endpoint_id).push(task)
+                self._step.endpoints.add(task.endpoint_id)
+            self.orphans.clear()
         deadline = event.time - self.config.heartbeat_timeout
         for agent in [a for a in self.agents.values() if a.last_seen < deadline]:
             log.warning("agent %s silent since %.1fs: lost", agent.agent_id, agent.last_seen)
@@ -515,9 +552,12 @@ class Scheduler:
         if action is None:
             raise InvalidTransition([(task.task_id, start, f"moved to {finish.value} by {cause}")])
         # Leave the start state.
+        if finish not in (S.WAITING_FOR_EP, S.HELD):
+            # A held lost task stays lost: its next dispatch is still a new attempt.
+            self.lost.discard(task.task_id)
         if start == S.WAITING_FOR_EP:
             self._queue(task.endpoint_id).discard(task.task_id)
-            self.lost.discard(task.task_id)
+            self.orphans.discard(task.task_id)
         elif start in ON_AGENT_STATES and finish not in ON_AGENT_STATES:
             agent = self.agents.get(task.agent_id or "")
             if agent is not None:
@@ -599,7 +639,8 @@ class Scheduler:
         for task_id, task in self.tasks.items():
             assert task.state not in _EVICTED_STATES, f"{task_id} settled but still held"
             queued = task_id in self._queue(task.endpoint_id).live
-            assert queued == (task.state == S.WAITING_FOR_EP), f"{task_id} queue mismatch"
+            expected = task.state == S.WAITING_FOR_EP and task_id not in self.orphans
+            assert queued == expected, f"{task_id} queue mismatch"
             if task.state in ON_AGENT_STATES:
                 agent = self.agents.get(task.agent_id or "")
                 assert agent is not None, f"{task_id} {task.state} without an agent"
@@ -610,12 +651,18 @@ class Scheduler:
                 assert task.held_from in (S.WAITING_FOR_EP, S.WAITING_FOR_DEPS)
             assert task.attempt >= 1
         for agent in self.agents.values():
-            assert agent.credit >= 0, f"agent {agent.agent_id} over its credit"
+            # Reclaims may leave an agent over its credit (it came back holding more than
+            # it has slots, e.g. finished results not yet acked); dispatch never does.
+            assert agent.credit >= 0 or agent.agent_id not in self._dispatched_to, (
+                f"agent {agent.agent_id} was dispatched to beyond its credit"
+            )
             for task_id in agent.in_flight:
                 task = self.tasks.get(task_id)
                 assert task is not None and task.agent_id == agent.agent_id
         for task_id in self.lost:
-            assert self.tasks[task_id].state == S.WAITING_FOR_EP, f"lost {task_id} not queued"
+            assert self.tasks[task_id].state in (S.WAITING_FOR_EP, S.HELD), f"lost {task_id}"
+        for task_id in self.orphans:
+            assert self.tasks[task_id].state == S.WAITING_FOR_EP, f"orphan {task_id} moved on"
 
 
 # -------------------------------------------------------------- the transition table
@@ -692,6 +739,8 @@ _TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[TaskRecord, float], No
     **{(s, S.SUCCEEDED): _succeed for s in _ON_AGENT},
     **{(s, S.ERRORED): _settle for s in _ON_AGENT},
     **{(s, S.WAITING_FOR_EP): _requeue for s in _ON_AGENT},
+    # a task whose agents were lost more often than max_system_retries allows
+    (S.WAITING_FOR_EP, S.ERRORED): _settle,
     # cancel: any pending state
     **{(s, S.CANCELLED): _settle for s in PENDING_STATES},
     # after an error
