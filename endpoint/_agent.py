@@ -360,7 +360,7 @@ class Agent:
                 keys = [(ack.task_id, ack.attempt) for ack in message.ack.acks]
                 for key in keys:
                     self._unacked.pop(key, None)
-                self._disk.ack(keys, empty=not self._unacked)
+                self._disk.ack(keys, self._unacked)
             else:
                 logger.debug("event=ignored-message kind=%s", kind)
 

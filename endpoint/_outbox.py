@@ -19,7 +19,7 @@ import fcntl
 import logging
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from heartline.v1 import endpoint_service_pb2 as pb
@@ -27,6 +27,9 @@ from heartline.v1 import endpoint_service_pb2 as pb
 logger = logging.getLogger("heartline.endpoint")
 
 _HEADER = struct.Struct(">cI")
+# Past this size the log is rewritten with just the live reports, so an agent that is
+# never idle (always some report unacked) still keeps a small file.
+_COMPACT_AT = 16 * 1024 * 1024
 Key = tuple[str, int]
 
 
@@ -37,7 +40,7 @@ class Outbox:
         self._folder = folder
         self._path = folder / f"outbox-{agent_id}.log"
         self._file = None  # type: ignore[var-annotated]
-        self._live = 0
+        self._size = 0
 
     def open(self) -> dict[Key, pb.StatusUpdate]:
         """Create this agent's log (locked for its lifetime) and adopt orphaned ones.
@@ -59,6 +62,7 @@ class Outbox:
                     continue  # a live agent of this endpoint owns it
                 adopted.update(_replay(fh.read()))
             other.unlink(missing_ok=True)
+        self._file.truncate(0)  # a fresh agent id: nothing of ours is in it yet
         if adopted:
             logger.warning("event=outbox-adopted reports=%d", len(adopted))
             self.add(adopted.values())
@@ -70,24 +74,32 @@ class Outbox:
         for update in updates:
             payload = update.SerializeToString()
             chunks.append(_HEADER.pack(b"A", len(payload)) + payload)
-        if chunks and self._file is not None:
-            self._file.write(b"".join(chunks))
-            self._live += len(chunks)
+        self._write(chunks)
 
-    def ack(self, keys: Iterable[Key], *, empty: bool) -> None:
-        """Record acks; once nothing is left unacked (``empty``), start the log afresh."""
+    def ack(self, keys: Iterable[Key], live: Mapping[Key, pb.StatusUpdate]) -> None:
+        """Record acks; ``live`` is what is still unacked after them.
+
+        With nothing live the log starts afresh; past _COMPACT_AT it is rewritten with
+        just the live reports.
+        """
         if self._file is None:
             return
-        if empty:
+        if not live or self._size > _COMPACT_AT:
             self._file.truncate(0)
-            self._live = 0
+            self._size = 0
+            self.add(live.values())
             return
         chunks = []
         for task_id, attempt in keys:
             payload = f"{task_id}\0{attempt}".encode()
             chunks.append(_HEADER.pack(b"K", len(payload)) + payload)
-        if chunks:
-            self._file.write(b"".join(chunks))
+        self._write(chunks)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if chunks and self._file is not None:
+            data = b"".join(chunks)
+            self._file.write(data)
+            self._size += len(data)
 
     def close(self, *, keep: bool) -> None:
         """Close the log; remove it unless it still holds unacked reports (``keep``)."""

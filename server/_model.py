@@ -63,6 +63,9 @@ class TaskRecord:
     resubmitted_from: str = ""
     group_id: str = ""
     payload_purged: bool = False
+    interrupted: bool = False
+    """Its last attempt went with a lost agent (or a server restart) and may still run
+    there: the next dispatch is a new attempt, unless the agent reclaims it first."""
     # Not stored: runtime placement.
     session_id: str = field(default="", compare=False)
     agent_id: str | None = field(default=None, compare=False)
@@ -93,6 +96,7 @@ class TaskRecord:
             self.resubmitted_from,
             self.group_id,
             self.payload_purged,
+            self.interrupted,
         )
 
 
@@ -122,6 +126,7 @@ class TaskRow:
     resubmitted_from: str
     group_id: str
     payload_purged: bool
+    interrupted: bool = False
 
     def to_record(self) -> TaskRecord:
         return TaskRecord(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TaskRow)})

@@ -172,8 +172,6 @@ class Scheduler:
         self.tasks: dict[str, TaskRecord] = {}
         self.agents: dict[str, AgentState] = {}
         self.queues: dict[str, _Queue] = {}
-        self.lost: set[str] = set()
-        """Tasks whose agent was lost mid-attempt: their next dispatch is a new attempt."""
         self.orphans: set[str] = set()
         """After a restart: tasks that were on an agent, waiting (unqueued) to be reclaimed."""
         self.orphans_until = 0.0
@@ -224,8 +222,12 @@ class Scheduler:
             task = row.to_record()
             self.tasks[task.task_id] = task
             if task.state in ON_AGENT_STATES:
+                task.interrupted = True
                 self._transition(task, S.WAITING_FOR_EP, "server-restarted", time)
                 self._queue(task.endpoint_id).discard(task.task_id)
+                self.orphans.add(task.task_id)
+            elif task.state == S.WAITING_FOR_EP and task.interrupted:
+                # Its agent was lost before the restart and may still hold it.
                 self.orphans.add(task.task_id)
             elif task.state == S.WAITING_FOR_EP:
                 self._queue(task.endpoint_id).push(task)
@@ -332,7 +334,7 @@ class Scheduler:
     def _reclaim(self, task: TaskRecord, agent: AgentState, state: TaskState, now: float) -> None:
         """An agent that comes back still holds this task: it goes back to where it was."""
         self._queue(task.endpoint_id).discard(task.task_id)
-        self.lost.discard(task.task_id)
+        task.interrupted = False
         self.orphans.discard(task.task_id)
         task.agent_id = agent.agent_id
         agent.in_flight.add(task.task_id)
@@ -348,7 +350,7 @@ class Scheduler:
         for task_id in sorted(agent.in_flight):
             task = self.tasks[task_id]
             task.agent_id = None
-            self.lost.add(task_id)
+            task.interrupted = True
             self._transition(task, S.WAITING_FOR_EP, cause, now)
         agent.in_flight.clear()
         self._step.endpoints.add(agent.endpoint_id)
@@ -372,15 +374,16 @@ class Scheduler:
         task = self.tasks.get(report.task_id)
         terminal = report.state in (S.SUCCEEDED, S.ERRORED)
         if (
-            task is not None
+            terminal
+            and task is not None
             and task.state == S.WAITING_FOR_EP
-            and (task.task_id in self.lost or task.task_id in self.orphans)
+            and task.interrupted
             and task.attempt == report.attempt
             and task.endpoint_id == agent.endpoint_id
         ):
-            # The attempt we gave up on is alive after all (its agent came back and
-            # reports it): take it back instead of running the task a second time.
-            self._reclaim(task, agent, S.RUNNING if terminal else report.state, now)
+            # The attempt we gave up on finished after all (its agent came back with the
+            # result): take it back instead of running the task a second time.
+            self._reclaim(task, agent, S.RUNNING, now)
         current = (
             task is not None
             and task.agent_id == agent.agent_id
@@ -470,7 +473,6 @@ class Scheduler:
             # Nobody reclaimed them in time: their agents are gone; run them again.
             for task_id in sorted(self.orphans):
                 task = self.tasks[task_id]
-                self.lost.add(task_id)
                 self._queue(task.endpoint_id).push(task)
                 self._step.endpoints.add(task.endpoint_id)
             self.orphans.clear()
@@ -509,9 +511,7 @@ class Scheduler:
             if task_id is None:
                 break
             task = self.tasks[task_id]
-            next_attempt = task_id in self.lost
-            self.lost.discard(task_id)
-            if next_attempt:
+            if task.interrupted:
                 # Its last attempt went with a lost agent: that counts as a system failure.
                 task.system_failures += 1
                 if task.system_failures > task.max_system_retries:
@@ -525,6 +525,7 @@ class Scheduler:
                     self._transition(task, S.ERRORED, "endpoint-lost", now, error=error)
                     continue
                 task.attempt += 1
+                task.interrupted = False
             task.agent_id = agent.agent_id
             agent.in_flight.add(task_id)
             self._transition(task, S.DISPATCHED, "dispatch", now)
@@ -552,9 +553,10 @@ class Scheduler:
         if action is None:
             raise InvalidTransition([(task.task_id, start, f"moved to {finish.value} by {cause}")])
         # Leave the start state.
-        if finish not in (S.WAITING_FOR_EP, S.HELD):
-            # A held lost task stays lost: its next dispatch is still a new attempt.
-            self.lost.discard(task.task_id)
+        if finish not in (S.WAITING_FOR_EP, S.HELD, S.DISPATCHED):
+            # Held or queued, an interrupted task stays so: its next dispatch is a new
+            # attempt (and _dispatch clears the mark when it makes one).
+            task.interrupted = False
         if start == S.WAITING_FOR_EP:
             self._queue(task.endpoint_id).discard(task.task_id)
             self.orphans.discard(task.task_id)
@@ -659,8 +661,9 @@ class Scheduler:
             for task_id in agent.in_flight:
                 task = self.tasks.get(task_id)
                 assert task is not None and task.agent_id == agent.agent_id
-        for task_id in self.lost:
-            assert self.tasks[task_id].state in (S.WAITING_FOR_EP, S.HELD), f"lost {task_id}"
+        for task_id, task in self.tasks.items():
+            if task.interrupted:
+                assert task.state in (S.WAITING_FOR_EP, S.HELD), f"interrupted {task_id}"
         for task_id in self.orphans:
             assert self.tasks[task_id].state == S.WAITING_FOR_EP, f"orphan {task_id} moved on"
 

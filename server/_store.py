@@ -41,7 +41,7 @@ __all__ = ["SqliteStore", "Store", "StoreClosedError"]
 
 _log = logging.getLogger("heartline.server.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MAX_GROUP = 4096
 """Most queue items applied in one transaction: bounds the latency of a group under load."""
 _MAX_VARS = 500
@@ -165,7 +165,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     system_failures INTEGER NOT NULL,
     resubmitted_from TEXT NOT NULL,
     group_id TEXT NOT NULL,
-    payload_purged INTEGER NOT NULL
+    payload_purged INTEGER NOT NULL,
+    interrupted INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
 CREATE INDEX IF NOT EXISTS tasks_endpoint ON tasks (endpoint_id);
@@ -205,9 +206,9 @@ _TASK_COLUMNS = (
     "task_id, endpoint_id, function_id, owner, state, submit_time, attempt, priority,"
     " max_retries, max_system_retries, walltime, start_time, settle_time, held_from, result,"
     " error_type, error_message, error_traceback, error_kind, raised_count, system_failures,"
-    " resubmitted_from, group_id, payload_purged"
+    " resubmitted_from, group_id, payload_purged, interrupted"
 )
-_INSERT_TASK = f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 24)})"
+_INSERT_TASK = f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 25)})"
 _INSERT_ARGS = "INSERT INTO task_args (task_id, args) VALUES (?, ?)"
 # Selects list the columns in TaskRow's order, so _task_row reads them by position.
 _ARGS = "(SELECT args FROM task_args a WHERE a.task_id = tasks.task_id)"
@@ -224,7 +225,8 @@ _SELECT_TASKS_LIGHT = (
 _UPDATE_TASK = (
     "UPDATE tasks SET state = ?, attempt = ?, start_time = ?, settle_time = ?, held_from = ?,"
     " result = ?, error_type = ?, error_message = ?, error_traceback = ?, error_kind = ?,"
-    " raised_count = ?, system_failures = ?, payload_purged = ? WHERE task_id = ?"
+    " raised_count = ?, system_failures = ?, payload_purged = ?, interrupted = ?"
+    " WHERE task_id = ?"
 )
 _INSERT_TRANSITION = (
     "INSERT INTO transitions (task_id, from_state, to_state, cause, time, attempt)"
@@ -246,7 +248,7 @@ def _task_params(r: TaskRow) -> tuple[Any, ...]:
         r.submit_time, r.attempt, r.priority, r.max_retries, r.max_system_retries, r.walltime,
         r.start_time, r.settle_time, None if r.held_from is None else r.held_from._value_,
         r.result, *_error_params(r.error), r.raised_count, r.system_failures,
-        r.resubmitted_from, r.group_id, r.payload_purged,
+        r.resubmitted_from, r.group_id, r.payload_purged, r.interrupted,
     )  # fmt: skip
 
 
@@ -254,7 +256,7 @@ def _update_params(r: TaskRow) -> tuple[Any, ...]:
     return (
         r.state._value_, r.attempt, r.start_time, r.settle_time,
         None if r.held_from is None else r.held_from._value_, r.result, *_error_params(r.error),
-        r.raised_count, r.system_failures, r.payload_purged, r.task_id,
+        r.raised_count, r.system_failures, r.payload_purged, r.interrupted, r.task_id,
     )  # fmt: skip
 
 
@@ -271,7 +273,7 @@ def _task_row(c: tuple[Any, ...]) -> TaskRow:
         settle_time=c[13], held_from=None if c[14] is None else _STATE_OF[c[14]], result=c[15],
         error=None if c[16] is None else ErrorInfo(c[16], c[17], c[18], c[19]),
         raised_count=c[20], system_failures=c[21], resubmitted_from=c[22], group_id=c[23],
-        payload_purged=bool(c[24]),
+        payload_purged=bool(c[24]), interrupted=bool(c[25]),
     )  # fmt: skip
 
 
