@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 
 from heartline._errors import HeartlineError, rpc_error_from_grpc
+from heartline._pacer import Pacer
 from heartline.endpoint._config import AgentConfig, Identity
 from heartline.endpoint._outbox import Outbox
 from heartline.endpoint._workers import Job, Outcome, WorkerPool
@@ -48,14 +49,6 @@ _ERRORED = task_pb2.TASK_STATE_ERRORED
 # Keep each upstream message well under a server's default 4 MiB receive limit; a
 # single update bigger than this still goes alone.
 _MAX_BATCH_BYTES = 3 * 1024 * 1024
-# Each stream message costs far more CPU (in grpc, on both ends) than the reports it
-# carries, so reports are batched without costing latency when idle:
-# - a terminal report is sent at once, except that under load messages go out at most
-#   once per _MIN_INTERVAL, each carrying everything that piled up meanwhile;
-# - a progress report (queued, launched, running) waits up to _LAZY_DELAY for a message
-#   to ride along with (a short task's whole story goes up in one message).
-_MIN_INTERVAL = 0.001
-_LAZY_DELAY = 0.01
 _DEFAULT_HEARTBEAT = 10.0
 # Error text a task produced is cut to this many characters; a runaway message must
 # not push the stream over the server's message limit.
@@ -117,8 +110,9 @@ class Agent:
         self._disk = Outbox(config.endpoint_dir, self._agent_id)
         self._outbox: list[pb.StatusUpdate] = []
         self._heartbeat_due = False
-        self._wake = asyncio.Event()
-        self._lazy: asyncio.TimerHandle | None = None
+        # Terminal reports are urgent; progress reports (queued, launched, running) are
+        # lazy, so a short task's whole story goes up in one message (see _pacer.py).
+        self._pacer = Pacer()
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._fatal: HeartlineError | None = None
@@ -318,18 +312,8 @@ class Agent:
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         # The only writer of the stream once the hello is out (grpc allows one write
         # in flight); while a write is in flight the outbox fills and goes up next.
-        loop = asyncio.get_running_loop()
-        last_write = 0.0
         while True:
-            await self._wake.wait()
-            gap = last_write + _MIN_INTERVAL - loop.time()
-            if gap > 0:
-                await asyncio.sleep(gap)
-            self._wake.clear()
-            if self._lazy is not None:
-                self._lazy.cancel()
-                self._lazy = None
-            last_write = loop.time()
+            await self._pacer.wait()
             if self._outbox:
                 updates, self._outbox = self._outbox, []
                 self._disk.add(u for u in updates if u.state in (_SUCCEEDED, _ERRORED))
@@ -344,7 +328,7 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             self._heartbeat_due = True
-            self._wake.set()
+            self._pacer.urgent()
 
     async def _receive_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:
@@ -464,13 +448,9 @@ class Agent:
     def _report(self, update: pb.StatusUpdate, *, urgent: bool = True) -> None:
         self._outbox.append(update)
         if urgent:
-            self._wake.set()
-        elif self._lazy is None:
-            self._lazy = asyncio.get_running_loop().call_later(_LAZY_DELAY, self._lazy_due)
-
-    def _lazy_due(self) -> None:
-        self._lazy = None
-        self._wake.set()
+            self._pacer.urgent()
+        else:
+            self._pacer.lazy()
 
 
 def _chunks(updates: list[pb.StatusUpdate]) -> list[list[pb.StatusUpdate]]:

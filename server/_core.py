@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from heartline._pacer import Pacer
 from heartline._states import PENDING_STATES
 from heartline.server._config import ServerConfig
 from heartline.server._convert import change_to_proto
@@ -34,12 +35,6 @@ from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
 
 log = logging.getLogger("heartline.server")
-
-# Stream messages cost far more CPU than the items they carry (see endpoint/_agent.py):
-# dispatches and cancels go at once when idle and at most once per _MIN_INTERVAL under
-# load; acks only free the agent's memory, so they wait up to _ACK_DELAY to pile up.
-_MIN_INTERVAL = 0.001
-_ACK_DELAY = 0.01
 
 
 class FunctionCache:
@@ -69,38 +64,29 @@ class AgentConnection:
         self.endpoint_id = endpoint_id
         self._functions = functions
         self._outbox: list[tuple[str, tuple]] = []
-        self._wake = asyncio.Event()
+        # Dispatches and cancels are urgent; acks only free the agent's memory, so they
+        # are lazy (see heartline/_pacer.py).
+        self._pacer = Pacer()
         self._sent_functions: set[str] = set()
-        self._lazy: asyncio.TimerHandle | None = None
         self.close_reason: str | None = None
 
     def push(self, kind: str, items: tuple) -> None:
         self._outbox.append((kind, items))
-        if kind != "ack":
-            self._wake.set()
-        elif self._lazy is None:
-            self._lazy = asyncio.get_running_loop().call_later(_ACK_DELAY, self._wake.set)
+        if kind == "ack":
+            self._pacer.lazy()
+        else:
+            self._pacer.urgent()
 
     def close(self, reason: str) -> None:
         self.close_reason = reason
-        self._wake.set()
+        self._pacer.urgent()
 
     async def run_writer(self, write) -> None:  # noqa: ANN001 - grpc context.write
         """Send everything pushed, coalescing consecutive items of one kind per message."""
-        loop = asyncio.get_running_loop()
-        last_write = 0.0
         while True:
-            await self._wake.wait()
-            gap = last_write + _MIN_INTERVAL - loop.time()
-            if gap > 0:
-                await asyncio.sleep(gap)
-            self._wake.clear()
-            if self._lazy is not None:
-                self._lazy.cancel()
-                self._lazy = None
+            await self._pacer.wait()
             if self.close_reason is not None:
                 return
-            last_write = loop.time()
             outbox, self._outbox = self._outbox, []
             for message in await self._messages(outbox):
                 await write(message)
