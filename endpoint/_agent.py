@@ -31,6 +31,7 @@ import grpc
 
 from heartline._errors import HeartlineError, rpc_error_from_grpc
 from heartline._pacer import Pacer
+from heartline._watchdog import watch_loop
 from heartline.endpoint._config import AgentConfig, Identity
 from heartline.endpoint._outbox import Outbox
 from heartline.endpoint._workers import Job, Outcome, WorkerPool
@@ -155,9 +156,11 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pool.run())
                 link = tg.create_task(self._link(ready))
+                watchdog = tg.create_task(watch_loop())
                 await self._stop_requested.wait()
                 self._state = AgentState.STOPPING
                 link.cancel()
+                watchdog.cancel()
                 self._pool.close()
         finally:
             self._state = AgentState.STOPPED

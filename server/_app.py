@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from heartline._watchdog import watch_loop
 from heartline.server._config import ServerConfig
 from heartline.server._core import ServerCore
 from heartline.server._endpoint_service import EndpointServicer
@@ -97,9 +98,14 @@ class Server:
         for name in ("", *names[:2]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._grpc = server
-        self._timers = asyncio.create_task(self.core.run_timers())
+        self._timers = asyncio.create_task(self._run_timers())
         log.info("listening on %s", self.address)
         return self.port
+
+    async def _run_timers(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.core.run_timers())
+            tg.create_task(watch_loop())
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving (waiting up to ``grace`` seconds for calls), flush the store."""

@@ -14,6 +14,12 @@ from tests.helpers import Proc, assert_eventually, heartline_cmd, start_process
 HEARTBEAT = 0.2  # seconds; the tests' servers run with short heartbeats
 
 
+def assert_loop_never_blocked(proc: Proc) -> None:
+    """Fail if the process's event-loop watchdog saw a blocking call."""
+    stalls = [line for line in proc.output if "event=loop-blocked" in line]
+    assert not stalls, f"the event loop was blocked: {stalls}"
+
+
 @dataclass
 class ServerProc:
     proc: Proc
@@ -61,6 +67,7 @@ def server(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
         yield srv
     finally:
         srv.proc.stop()
+    assert_loop_never_blocked(srv.proc)
 
 
 def endpoint_online(address: str, name: str, agents: int = 1) -> bool:
@@ -100,6 +107,8 @@ def start_agent(server: ServerProc, home: Path) -> Iterator[Callable[..., Proc]]
     finally:
         for proc in started:
             proc.stop()
+    for proc in started:
+        assert_loop_never_blocked(proc)
 
 
 @pytest.fixture
