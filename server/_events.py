@@ -7,6 +7,7 @@ events it is fed, and its only output is the instructions it returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from heartline._states import TaskState
 from heartline.server._model import ErrorInfo, TaskRow, WriteBatch
@@ -157,9 +158,8 @@ class SendAcks:
     acks: tuple[tuple[str, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class TaskChanged:
-    """One transition as watchers see it."""
+class TaskChanged(NamedTuple):
+    """One transition as watchers see it (a NamedTuple: one is built per transition)."""
 
     task_id: str
     session_id: str

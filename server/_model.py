@@ -6,8 +6,8 @@ it). Everything that crosses to the store's writer thread is a frozen snapshot.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from heartline._states import TaskState
 
@@ -100,9 +100,12 @@ class TaskRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRow:
-    """The stored columns of a task (a frozen snapshot of a TaskRecord)."""
+class TaskRow(NamedTuple):
+    """The stored columns of a task (a frozen snapshot of a TaskRecord).
+
+    A NamedTuple, not a frozen dataclass: one is built for every changed task of every
+    step, and a frozen dataclass pays an ``object.__setattr__`` per field.
+    """
 
     task_id: str
     endpoint_id: str
@@ -129,11 +132,10 @@ class TaskRow:
     interrupted: bool = False
 
     def to_record(self) -> TaskRecord:
-        return TaskRecord(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TaskRow)})
+        return TaskRecord(**self._asdict())
 
 
-@dataclass(frozen=True, slots=True)
-class TransitionRow:
+class TransitionRow(NamedTuple):
     """One recorded transition: (task, start, finish, cause, time) plus the attempt."""
 
     task_id: str

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -35,7 +34,7 @@ def task(task_id: str, **changes: object) -> TaskRow:
         held_from=None, result=None, error=None, raised_count=0, system_failures=0,
         resubmitted_from="", group_id="", payload_purged=False,
     )  # fmt: skip
-    return dataclasses.replace(row, **changes)  # type: ignore[arg-type]
+    return row._replace(**changes)
 
 
 def submitted(*rows: TaskRow) -> WriteBatch:
@@ -127,7 +126,7 @@ async def test_update_changes_only_lifecycle_columns(store: SqliteStore) -> None
     )  # fmt: skip
     await store.write(WriteBatch(task_updates=(changed,)))
     (row, _) = (await store.get_tasks(["t1"]))["t1"]
-    assert row == dataclasses.replace(changed, args=b"args:t1", function_id="fn-1")
+    assert row == changed._replace(args=b"args:t1", function_id="fn-1")
 
 
 async def test_updates_of_one_task_in_a_group_are_coalesced(store: SqliteStore) -> None:
