@@ -322,10 +322,10 @@ class Agent:
                 self._disk.add(u for u in updates if u.state in (_SUCCEEDED, _ERRORED))
                 self._heartbeat_due = False
                 for chunk in _chunks(updates):
-                    await call.write(pb.ConnectRequest(status=pb.StatusBatch(updates=chunk)))
+                    await _write(call, pb.ConnectRequest(status=pb.StatusBatch(updates=chunk)))
             elif self._heartbeat_due:
                 self._heartbeat_due = False
-                await call.write(pb.ConnectRequest(heartbeat=pb.Heartbeat()))
+                await _write(call, pb.ConnectRequest(heartbeat=pb.Heartbeat()))
 
     async def _heartbeat_loop(self, interval: float) -> None:
         while True:
@@ -454,6 +454,15 @@ class Agent:
             self._pacer.urgent()
         else:
             self._pacer.lazy()
+
+
+async def _write(call: grpc.aio.StreamStreamCall, message: pb.ConnectRequest) -> None:
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError as exc:
+        # grpc's way of saying the server already ended the call: an ordinary
+        # disconnect (e.g. it declared us lost), not a bug.
+        raise _StreamLost("the server ended the stream") from exc
 
 
 def _chunks(updates: list[pb.StatusUpdate]) -> list[list[pb.StatusUpdate]]:

@@ -117,7 +117,8 @@ class Identity:
     def save(self, path: Path) -> None:
         """Write the identity atomically (a crash leaves the old file or the new one)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
+        # A name of our own: several agents of one endpoint may save at the same time.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(
             json.dumps({"endpoint_id": self.endpoint_id, "name": self.name, "server": self.server})
             + "\n"

@@ -130,10 +130,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = _take_stdio()
     functions: dict[str, Callable[..., Any]] = {}
-    channel.send(("ready", os.getpid()))
-    while (message := channel.receive()) is not None:
-        if message[0] == "run":
-            _run(channel, functions, *message[1:])
+    try:
+        channel.send(("ready", os.getpid()))
+        while (message := channel.receive()) is not None:
+            if message[0] == "run":
+                _run(channel, functions, *message[1:])
+    except BrokenPipeError:
+        # The agent is gone (killed): nobody is left to tell; leave quietly.
+        os._exit(0)
 
 
 if __name__ == "__main__":
