@@ -96,16 +96,21 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
         click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
         click.echo("endpoint 'local' starting; submit with Executor(endpoint=\"local\"). Ctrl-C stops both.")
 
-    try:
-        code = run_server(config, ready)
-    finally:
+    def stop_agent() -> None:
+        # The agent goes first, so it does not see its server vanish.
         for proc in agent:
-            proc.send_signal(signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    try:
+        code = run_server(config, ready, stop_agent)
+    finally:
+        stop_agent()
     sys.exit(code)
 
 

@@ -123,8 +123,12 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig, ready=None) -> None:  # noqa: ANN001
-    """Run a server until SIGINT or SIGTERM; ``ready(address)`` is called once it listens."""
+async def serve(config: ServerConfig, ready=None, before_stop=None) -> None:  # noqa: ANN001
+    """Run a server until SIGINT or SIGTERM.
+
+    ``ready(address)`` is called once it listens; ``before_stop()`` (blocking, run in a
+    thread) once a signal came, before the server stops.
+    """
     server = Server(config)
     await server.start()
     if ready is not None:
@@ -135,11 +139,13 @@ async def serve(config: ServerConfig, ready=None) -> None:  # noqa: ANN001
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        if before_stop is not None:
+            await asyncio.to_thread(before_stop)
     finally:
         await server.stop(grace=2.0)
 
 
-def run_server(config: ServerConfig, ready=None) -> int:  # noqa: ANN001
+def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:  # noqa: ANN001
     """Blocking entry of ``heartline server``: uvloop, signals, exit code."""
     try:
         import uvloop
@@ -148,7 +154,7 @@ def run_server(config: ServerConfig, ready=None) -> int:  # noqa: ANN001
     except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
         runner = asyncio.run
     try:
-        runner(serve(config, ready))
+        runner(serve(config, ready, before_stop))
     except ConfigError as err:
         print(f"heartline server: {err}", file=sys.stderr)
         return 2
