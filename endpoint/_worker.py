@@ -24,11 +24,11 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from heartline._serialize import describe_exception, dumps_result
+from heartline._states import FailureCode
 
 _HEADER = struct.Struct(">I")
-# Wire values of heartline.v1.FailureKind; kept as ints so this module stays light.
-_RAISED = 0
-_SERIALIZATION = 4
+_RAISED = int(FailureCode.RAISED)
+_SERIALIZATION = int(FailureCode.SERIALIZATION)
 
 
 class _Channel:

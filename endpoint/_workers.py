@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from heartline._states import FailureCode
+
 logger = logging.getLogger("heartline.endpoint.workers")
 
 _HEADER = struct.Struct(">I")
@@ -35,13 +37,8 @@ _RESPAWN_MIN = 0.1
 _RESPAWN_MAX = 5.0
 
 
-class FailureKind(enum.IntEnum):
-    """Why an attempt ended without the function returning; values of the wire enum."""
-
-    RAISED = 0
-    WORKER_DIED = 1
-    WALLTIME = 2
-    SERIALIZATION = 4
+# Why an attempt ended without the function returning (shared with the server).
+FailureKind = FailureCode
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,20 @@ class TaskState(str, enum.Enum):
         return _TO_PROTO[self]
 
 
+class FailureCode(enum.IntEnum):
+    """Why an attempt ended without the function returning: the wire enum's values.
+
+    The one definition the server and the agent share (the client's public
+    ``heartline.client.FailureKind`` names the same values as strings).
+    """
+
+    RAISED = 0  # not a system failure: the function raised (FAILURE_KIND_UNSPECIFIED)
+    WORKER_DIED = task_pb2.FAILURE_KIND_WORKER_DIED
+    WALLTIME = task_pb2.FAILURE_KIND_WALLTIME
+    ENDPOINT_LOST = task_pb2.FAILURE_KIND_ENDPOINT_LOST
+    SERIALIZATION = task_pb2.FAILURE_KIND_SERIALIZATION
+
+
 PENDING_STATES = frozenset(
     {
         TaskState.WAITING_FOR_DEPS,

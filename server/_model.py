@@ -9,18 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from heartline._states import TaskState
+from heartline._states import FailureCode, TaskState
 
 PRIORITY_HIGH = 1
 PRIORITY_NORMAL = 2
 PRIORITY_LOW = 3
 
-# FailureKind values of the wire enum (heartline.v1.FailureKind).
-FAILURE_NONE = 0
-FAILURE_WORKER_DIED = 1
-FAILURE_WALLTIME = 2
-FAILURE_ENDPOINT_LOST = 3
-FAILURE_SERIALIZATION = 4
+# Short names for the shared FailureCode values.
+FAILURE_NONE = FailureCode.RAISED
+FAILURE_WORKER_DIED = FailureCode.WORKER_DIED
+FAILURE_WALLTIME = FailureCode.WALLTIME
+FAILURE_ENDPOINT_LOST = FailureCode.ENDPOINT_LOST
+FAILURE_SERIALIZATION = FailureCode.SERIALIZATION
 
 
 @dataclass(frozen=True, slots=True)
