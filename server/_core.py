@@ -303,7 +303,9 @@ class ServerCore:
         while True:
             await asyncio.sleep(interval)
             now = time.time()
-            self.feed(Tick(now))
+            # Queued behind agent messages already read, so a heartbeat that arrived in
+            # time is counted before the tick judges its agent.
+            self.feed_soon(Tick(now))
             if now - last_purge > 3600:
                 last_purge = now
                 purged = await self.store.purge_results(now - self.config.result_retention)
