@@ -1,7 +1,7 @@
 """Chaos: a mixed workload on a real server and real agents while agents and the server are
 SIGKILLed (and agents SIGSTOPped) and restarted at random points.
 
-Seeded: the seed is printed at the start and named in every failure; set
+Seeded (a fixed default seed): the seed is printed at the start and named in every failure; set
 ``HEARTLINE_CHAOS_SEED`` to replay a run's choices (the processes' timing still varies).
 At the end every task in the store must be settled exactly once, every transition of its
 history must be a pair of the scheduler's table, and its attempts must never go down.
@@ -208,6 +208,9 @@ def check_history(task: heartline.Task) -> None:
     assert h[-1].attempt == task.attempt, where
 
 
+DEFAULT_SEED = 20261123
+
+
 def run_chaos(chaos: Chaos, seed: int) -> None:
     rng = chaos.rng
     started = time.monotonic()
@@ -297,7 +300,9 @@ def run_chaos(chaos: Chaos, seed: int) -> None:
 def test_chaos_settles_every_task_exactly_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seed = int(os.environ.get("HEARTLINE_CHAOS_SEED") or random.SystemRandom().randrange(2**31))
+    # A fixed seed by default, so CI runs the same plan every time; set
+    # HEARTLINE_CHAOS_SEED to explore others.
+    seed = int(os.environ.get("HEARTLINE_CHAOS_SEED") or DEFAULT_SEED)
     print(f"chaos seed {seed} (replay with HEARTLINE_CHAOS_SEED={seed})")
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         monkeypatch.delenv(var, raising=False)
