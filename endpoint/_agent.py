@@ -319,7 +319,6 @@ class Agent:
             await self._pacer.wait()
             if self._outbox:
                 updates, self._outbox = self._outbox, []
-                self._disk.add(u for u in updates if u.state in (_SUCCEEDED, _ERRORED))
                 self._heartbeat_due = False
                 for chunk in _chunks(updates):
                     await _write(call, pb.ConnectRequest(status=pb.StatusBatch(updates=chunk)))
@@ -444,8 +443,11 @@ class Agent:
 
     def _finish(self, update: pb.StatusUpdate) -> None:
         self._held.pop(update.task_id, None)
-        # Kept, and resent on every reconnect, until the server acks it.
+        # Kept, on disk too, and resent on every reconnect, until the server acks it:
+        # written here, not when sent, so a result that finishes while the server is
+        # away outlives this process as well.
         self._unacked[(update.task_id, update.attempt)] = update
+        self._disk.add((update,))
         self._report(update)
 
     def _report(self, update: pb.StatusUpdate, *, urgent: bool = True) -> None:

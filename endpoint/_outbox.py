@@ -41,6 +41,7 @@ class Outbox:
         self._path = folder / f"outbox-{agent_id}.log"
         self._file = None  # type: ignore[var-annotated]
         self._size = 0
+        self._compact_at = _COMPACT_AT
 
     def open(self) -> dict[Key, pb.StatusUpdate]:
         """Create this agent's log (locked for its lifetime) and adopt orphaned ones.
@@ -55,7 +56,11 @@ class Outbox:
         for other in sorted(self._folder.glob("outbox-*.log")):
             if other == self._path:
                 continue
-            with open(other, "rb") as fh:
+            try:
+                fh = open(other, "rb")  # noqa: SIM115 - closed by the with below
+            except FileNotFoundError:
+                continue  # another new agent adopted it first
+            with fh:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -84,10 +89,13 @@ class Outbox:
         """
         if self._file is None:
             return
-        if not live or self._size > _COMPACT_AT:
+        if not live or self._size > self._compact_at:
             self._file.truncate(0)
             self._size = 0
             self.add(live.values())
+            # If the live reports alone are big, compact again only once the log has
+            # doubled, not on every ack.
+            self._compact_at = max(_COMPACT_AT, 2 * self._size)
             return
         chunks = []
         for task_id, attempt in keys:

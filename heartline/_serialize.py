@@ -61,8 +61,15 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str]:
     cls = type(exc)
     module = cls.__module__
     name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
-    tb = "".join(traceback.format_exception(exc))
-    return name, str(exc), tb
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
+        message = f"<unprintable {cls.__qualname__} object>"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except Exception:  # noqa: BLE001 - same, for the traceback's last line
+        tb = "".join(traceback.format_tb(exc.__traceback__)) + f"{name}: {message}\n"
+    return name, message, tb
 
 
 def _name(fn: Any) -> str:

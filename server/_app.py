@@ -103,9 +103,14 @@ class Server:
         return self.port
 
     async def _run_timers(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.core.run_timers())
-            tg.create_task(watch_loop())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.core.run_timers())
+                tg.create_task(watch_loop())
+        except Exception:
+            # Without timers no lost agent is noticed: stop rather than serve half-blind.
+            log.critical("event=timers-failed", exc_info=True)
+            self.core.failed.set()
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving (waiting up to ``grace`` seconds for calls), flush the store."""
@@ -122,12 +127,18 @@ class Server:
     async def wait_closed(self) -> None:
         await self._stopped.wait()
 
+    @property
+    def failed(self) -> asyncio.Event:
+        """Set when the server must stop (a store write failed; see ServerCore.failed)."""
+        return self.core.failed
 
-async def serve(config: ServerConfig, ready=None, before_stop=None) -> None:  # noqa: ANN001
+
+async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:  # noqa: ANN001
     """Run a server until SIGINT or SIGTERM.
 
     ``ready(address)`` is called once it listens; ``before_stop()`` (blocking, run in a
-    thread) once a signal came, before the server stops.
+    thread) once a signal came, before the server stops. Returns False if the server
+    stopped because it failed (see ServerCore.failed).
     """
     server = Server(config)
     await server.start()
@@ -137,12 +148,16 @@ async def serve(config: ServerConfig, ready=None, before_stop=None) -> None:  # 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.failed.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if before_stop is not None:
             await asyncio.to_thread(before_stop)
     finally:
+        for wait in waits:
+            wait.cancel()
         await server.stop(grace=2.0)
+    return not server.failed.is_set()
 
 
 def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:  # noqa: ANN001
@@ -154,8 +169,8 @@ def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:  # no
     except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
         runner = asyncio.run
     try:
-        runner(serve(config, ready, before_stop))
+        ok = runner(serve(config, ready, before_stop))
     except ConfigError as err:
         print(f"heartline server: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if ok else 1

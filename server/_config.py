@@ -13,7 +13,7 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 def heartline_home() -> Path:
     """``$HEARTLINE_HOME``, or ``~/.heartline``."""
-    return Path(os.environ.get("HEARTLINE_HOME") or Path.home() / ".heartline")
+    return Path(os.environ.get("HEARTLINE_HOME") or Path.home() / ".heartline").expanduser()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 
 from heartline._pacer import Pacer
@@ -30,7 +31,7 @@ from heartline.server._events import (
 )
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._scheduler import Scheduler, SchedulerConfig
-from heartline.server._store import Store
+from heartline.server._store import Store, StoreClosedError
 from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
 
@@ -62,6 +63,7 @@ class AgentConnection:
     def __init__(self, agent_id: str, endpoint_id: str, functions: FunctionCache) -> None:
         self.agent_id = agent_id
         self.endpoint_id = endpoint_id
+        self.stream_id = uuid.uuid4().hex
         self._functions = functions
         self._outbox: list[tuple[str, tuple]] = []
         # Dispatches and cancels are urgent; acks only free the agent's memory, so they
@@ -213,6 +215,12 @@ class ServerCore:
         self.endpoints: dict[str, EndpointRow] = {}
         self.start_time = time.time()
         self._later: list[Event] = []
+        # The newest store write: writes commit in order, so once it has committed every
+        # earlier one has too (a barrier for steps that write nothing themselves).
+        self._last_write: asyncio.Future[None] | None = None
+        self.failed = asyncio.Event()
+        """Set when a store write failed: memory is ahead of the store, so the server
+        must stop; a restart rebuilds everything from the store (fail-stop)."""
 
     async def open(self) -> None:
         """Load endpoints and unsettled tasks from the store; resume where it stopped."""
@@ -250,33 +258,61 @@ class ServerCore:
         after_commit: list[Instruction] = []
         for ins in instructions:
             if isinstance(ins, Persist):
-                persisted = self.store.write(ins.batch)
+                persisted = self._write(ins.batch)
             elif isinstance(ins, SendDispatches):
                 self._push(ins.agent_id, "dispatch", ins.items)
             elif isinstance(ins, SendCancels):
                 self._push(ins.agent_id, "cancel", ins.task_ids)
             elif isinstance(ins, CloseAgent):
-                conn = self.connections.pop(ins.agent_id, None)
-                if conn is not None:
+                conn = self.connections.get(ins.agent_id)
+                # Only the stream the scheduler judged: a newer one of the same agent
+                # may already have replaced it.
+                if conn is not None and conn.stream_id == ins.stream_id:
+                    del self.connections[ins.agent_id]
                     conn.close(ins.reason)
             else:
                 after_commit.append(ins)
         if after_commit:
-            if persisted is None:
+            # Acks and announcements wait for this step's commit, or, if it wrote
+            # nothing, for the newest write before it (e.g. the one that settled the
+            # task a duplicate report is about).
+            barrier = persisted or self._last_write
+            if barrier is None or barrier.done() and not barrier.exception():
                 self._after_commit(after_commit)
             else:
-                persisted.add_done_callback(lambda f: self._committed(f, after_commit))
+                barrier.add_done_callback(lambda f: self._committed(f, after_commit))
         return persisted
 
+    def _write(self, batch: WriteBatch) -> asyncio.Future[None]:
+        try:
+            future = self.store.write(batch)
+        except StoreClosedError as exc:
+            # Shutting down: a late event's write has nowhere to go, and needs nowhere
+            # (a restart rebuilds from the store either way). Not a failure.
+            log.debug("event=write-after-close")
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody else may look
+            return future
+        future.add_done_callback(self._check_write)
+        self._last_write = future
+        return future
+
+    def _check_write(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is None:
+            return
+        if not self.failed.is_set():
+            log.critical(
+                "event=store-write-failed error=%r: stopping; a restart recovers from the store",
+                future.exception(),
+            )
+            self.failed.set()
+
     def _committed(self, future: asyncio.Future[None], instructions: list[Instruction]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            # Nothing is acked or announced that is not durable; agents resend reports.
-            log.error("store write failed: %s", exc)
-            return
-        self._after_commit(instructions)
+        # On failure nothing is acked or announced that is not durable (_check_write
+        # stops the server; agents resend their reports to the next one).
+        if not future.cancelled() and future.exception() is None:
+            self._after_commit(instructions)
 
     def _after_commit(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
@@ -291,10 +327,14 @@ class ServerCore:
             conn.push(kind, items)
 
     async def register_function(self, payload: bytes, function_id: str, owner: str) -> None:
-        self.functions.remember(function_id, payload)
-        await self.store.write(
+        await self._write(
             WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),))
         )
+        self.functions.remember(function_id, payload)
+
+    async def register_endpoint(self, row: EndpointRow) -> None:
+        await self._write(WriteBatch(endpoints=(row,)))
+        self.endpoints[row.endpoint_id] = row
 
     async def run_timers(self) -> None:
         """Heartbeat checks and retention, until cancelled."""
@@ -308,6 +348,10 @@ class ServerCore:
             self.feed_soon(Tick(now))
             if now - last_purge > 3600:
                 last_purge = now
-                purged = await self.store.purge_results(now - self.config.result_retention)
-                if purged:
-                    log.info("purged payloads of %d settled tasks", purged)
+                try:
+                    purged = await self.store.purge_results(now - self.config.result_retention)
+                except Exception as exc:  # noqa: BLE001 - retried next hour; timers go on
+                    log.error("event=purge-failed error=%r", exc)
+                else:
+                    if purged:
+                        log.info("event=purged tasks=%d", purged)

@@ -20,7 +20,7 @@ from heartline.server._events import (
     HeldTask,
     StatusReport,
 )
-from heartline.server._model import EndpointRow, WriteBatch
+from heartline.server._model import EndpointRow
 from heartline.server._task_service import ANONYMOUS
 from heartline.v1 import endpoint_service_pb2 as pb, endpoint_service_pb2_grpc
 
@@ -48,8 +48,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
             if row.name == request.name and row.owner == owner:
                 return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
         row = EndpointRow(str(uuid.uuid4()), request.name, owner, time.time())
-        self.core.endpoints[row.endpoint_id] = row
-        await self.core.store.write(WriteBatch(endpoints=(row,)))
+        await self.core.register_endpoint(row)
         log.info("endpoint registered name=%s id=%s", row.name, row.endpoint_id)
         return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
 
@@ -101,6 +100,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 time.time(),
                 hello.hostname,
                 hello.version,
+                conn.stream_id,
             )
         )
         log.info(
@@ -123,7 +123,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
             await asyncio.gather(reader, writer, return_exceptions=True)
             if self.core.connections.get(agent_id) is conn:
                 del self.core.connections[agent_id]
-                self.core.feed_soon(AgentLost(agent_id, time.time(), "stream-closed"))
+                self.core.feed_soon(AgentLost(agent_id, time.time(), "stream-closed", conn.stream_id))
                 log.info("agent disconnected agent=%s", agent_id)
 
     async def _read(self, conn: AgentConnection, context) -> None:  # noqa: ANN001

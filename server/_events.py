@@ -58,6 +58,8 @@ class AgentConnected:
     time: float
     hostname: str = ""
     version: str = ""
+    stream_id: str = ""
+    """Which of the agent's streams this is (a reconnect opens a new one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,9 @@ class AgentLost:
     agent_id: str
     time: float
     cause: str = "endpoint-lost"
+    stream_id: str = ""
+    """The stream that closed; a loss of an older stream than the agent's current one
+    is ignored. Empty: whatever stream the agent has."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +189,8 @@ class CloseAgent:
 
     agent_id: str
     reason: str
+    stream_id: str = ""
+    """Close only this stream: a newer one of the same agent is left alone."""
 
 
 Instruction = Persist | SendDispatches | SendCancels | SendAcks | NotifyWatchers | CloseAgent

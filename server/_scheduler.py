@@ -106,8 +106,8 @@ class AgentState:
     connected_time: float
     hostname: str = ""
     version: str = ""
+    stream_id: str = ""
     in_flight: set[str] = field(default_factory=set)
-    sent_functions: set[str] = field(default_factory=set)
 
     @property
     def credit(self) -> int:
@@ -134,6 +134,11 @@ class _Queue:
 
     def discard(self, task_id: str) -> None:
         self.live.pop(task_id, None)
+        if len(self.heap) > 2 * len(self.live) + 1024:
+            # Mostly dead entries (cancels, holds on an endpoint nobody serves): rebuild,
+            # so the heap does not grow without bound.
+            self.heap = [e for e in self.heap if self.live.get(e[3]) == e[2]]
+            heapq.heapify(self.heap)
 
     def pop(self) -> str | None:
         heap, live = self.heap, self.live
@@ -310,6 +315,7 @@ class Scheduler:
             connected_time=event.time,
             hostname=event.hostname,
             version=event.version,
+            stream_id=event.stream_id,
         )
         self.agents[agent.agent_id] = agent
         stale: list[str] = []
@@ -342,7 +348,7 @@ class Scheduler:
 
     def _on_agent_lost(self, event: AgentLost) -> None:
         agent = self.agents.get(event.agent_id)
-        if agent is not None:
+        if agent is not None and event.stream_id in ("", agent.stream_id):
             self._lose_agent(agent, event.time, event.cause)
 
     def _lose_agent(self, agent: AgentState, now: float, cause: str) -> None:
@@ -480,7 +486,9 @@ class Scheduler:
         for agent in [a for a in self.agents.values() if a.last_seen < deadline]:
             log.warning("agent %s silent since %.1fs: lost", agent.agent_id, agent.last_seen)
             self._lose_agent(agent, event.time, "heartbeat-timeout")
-            self._step.closes.append(CloseAgent(agent.agent_id, "no heartbeat within the timeout"))
+            self._step.closes.append(
+                CloseAgent(agent.agent_id, "no heartbeat within the timeout", agent.stream_id)
+            )
         expiry = event.time - self.config.errored_retention
         for task in [t for t in self.tasks.values() if t.state == S.ERRORED]:
             if task.settle_time is not None and task.settle_time < expiry:

@@ -311,7 +311,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     @refusing
     async def ResubmitTasks(self, request, context):  # noqa: N802, ANN001
-        ids = check_ids(request.task_ids)
+        requested = check_ids(request.task_ids)
+        ids = list(dict.fromkeys(requested))  # one new task per old one, named once
         rows = await self.core.store.get_tasks(ids)
         missing = [tid for tid in ids if tid not in rows]
         if missing:
@@ -361,7 +362,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             )
         for future in futures:
             await self._durable(future)
-        return pb.ResubmitTasksResponse(task_ids=[new_ids[tid] for tid in ids])
+        return pb.ResubmitTasksResponse(task_ids=[new_ids[tid] for tid in requested])
 
     @refusing
     async def ListEndpoints(self, request, context):  # noqa: N802, ANN001

@@ -86,3 +86,28 @@ def test_a_big_log_is_compacted_to_the_live_reports(tmp_path: Path, monkeypatch)
     after = Outbox(tmp_path, "after")
     assert after.open() == {("keep", 1): keep}
     after.close(keep=False)
+
+
+def test_big_live_reports_are_not_rewritten_on_every_ack(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(_outbox, "_COMPACT_AT", 1_000)
+    box = Outbox(tmp_path, "big")
+    box.open()
+    live = {(f"keep{i}", 1): report(f"keep{i}", result=b"k" * 500) for i in range(10)}
+    box.add(live.values())  # 5 KB live, over the 1 KB threshold on its own
+    rewrites = 0
+    real_truncate = box._file.truncate
+
+    def counting_truncate(size: int) -> int:
+        nonlocal rewrites
+        rewrites += 1
+        return real_truncate(size)
+
+    box._file.truncate = counting_truncate  # type: ignore[method-assign]
+    for i in range(50):
+        box.add([report(f"t{i}")])
+        box.ack([(f"t{i}", 1)], live)
+    assert rewrites <= 3  # not 50: compaction waits for the log to double
+    box.close(keep=True)
+    after = Outbox(tmp_path, "after-big")
+    assert after.open() == live
+    after.close(keep=False)

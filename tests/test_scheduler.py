@@ -1252,3 +1252,15 @@ def test_lost_task_is_still_a_new_attempt_after_a_server_restart(sched: Schedule
     # ...then runs it elsewhere as a new attempt.
     out = restarted.handle(Tick(3.0 + restarted.config.heartbeat_timeout))
     assert [i for i in out if isinstance(i, SendDispatches)] == [SendDispatches("B", (item("t1", 2),))]
+
+
+def test_the_queue_does_not_keep_dead_entries_without_bound(sched: Scheduler) -> None:
+    # Submit and cancel many tasks on an endpoint nobody serves: lazy deletion must not
+    # leave the heap growing.
+    for i in range(30):
+        tids = [f"t{i}-{j}" for j in range(200)]
+        sched.handle(submit(*tids, time=float(i)))
+        sched.handle(cmd("cancel", *tids, time=float(i)))
+    queue = sched.queues[EP]
+    assert len(queue) == 0
+    assert len(queue.heap) <= 1024 + 200
