@@ -4,12 +4,22 @@ Results come from the server, never by polling: before its first submit a client
 ``WatchTasks`` stream for its session (settled updates only, results included) and waits
 for the server's first message, which confirms the subscription. Every settled update
 resolves an ``asyncio.Future`` in ``_waiters``. If the stream breaks it is reopened with
-backoff, naming every task still unresolved, so the server sends their current states.
+backoff, naming the tasks still unresolved, so the server sends their current states. No
+WatchTasks request names more than ``MAX_IDS`` tasks (the server's limit): the reopened
+session watch names the first ``MAX_IDS`` and named watches of at most ``MAX_IDS`` each
+cover the rest; a refused request fails only the waits of the tasks it named.
+
+Settled outcomes nobody has asked for yet are kept in settle order, at most
+``MAX_KEPT_SETTLED`` of them and about ``MAX_KEPT_BYTES``; the oldest are dropped first.
+Dropping one only forgets a done future: whoever already awaits it holds it. A later
+``get_result`` of a dropped (or foreign) task watches it by name; such named watches started
+in one loop iteration share one stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import random
 from collections.abc import Iterable, Sequence
@@ -22,6 +32,9 @@ from heartline._states import TaskState
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 from ._base import (
+    MAX_IDS,
+    MAX_KEPT_BYTES,
+    MAX_KEPT_SETTLED,
     Call,
     ClientBase,
     PreparedBatch,
@@ -53,6 +66,18 @@ class ClientState(enum.Enum):
     """Closed; every call raises."""
 
 
+class _NamedGroup:
+    """One named watch shared by the get_result calls that started it in one loop iteration."""
+
+    __slots__ = ("ids", "users", "task", "ended")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.users = 0
+        self.task: asyncio.Task[Any] | None = None
+        self.ended = False
+
+
 def _backoff(attempt: int) -> float:
     """Jittered exponential backoff: 50 ms doubling, capped at 5 s."""
     return min(0.05 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
@@ -76,6 +101,12 @@ class AsyncClient(ClientBase):
         self._stub: Any = None
         # Settled updates by task id; resolved from watch streams.
         self._waiters: dict[str, asyncio.Future[task_pb2.TaskUpdate]] = {}
+        # Ids of the done futures in _waiters, in settle order, with their sizes: what is
+        # kept for tasks nobody has asked about yet (bounded; see _evict).
+        self._kept: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._kept_bytes = 0
+        # Task id -> how many running named watches name it (the session watch skips those).
+        self._covered: dict[str, int] = {}
         # Settles that arrived before their SubmitTasks answer (kept only while one is out).
         self._early: dict[str, task_pb2.TaskUpdate] = {}
         self._submits_in_flight = 0
@@ -84,7 +115,8 @@ class AsyncClient(ClientBase):
         self._watch_live = False
         self._watch_epoch = 0
         self._registering: dict[str, asyncio.Future[None]] = {}
-        self._named: dict[str, list[Any]] = {}  # task id -> [watch task, users]
+        self._named: dict[str, _NamedGroup] = {}  # task id -> its get_result named watch
+        self._filling: _NamedGroup | None = None  # the named group this loop iteration fills
         self._tasks: set[asyncio.Task[Any]] = set()
         self._submit_limit: asyncio.Semaphore | None = None
 
@@ -255,17 +287,22 @@ class AsyncClient(ClientBase):
     def _track(self, ids: Sequence[str], epoch: int) -> None:
         """Make a waiter for each new task id; catch settles the session watch may have missed."""
         loop = asyncio.get_running_loop()
+        early_settles = False
         for tid in ids:
             fut = self._waiters.get(tid)
             if fut is None:
                 fut = self._waiters[tid] = loop.create_future()
-            early = self._early.pop(tid, None)
+            early = self._early.pop(tid, None) if self._early else None
             if early is not None and not fut.done():
                 fut.set_result(early)
+                self._keep(tid, early.ByteSize())
+                early_settles = True
+        if early_settles:
+            self._evict()
         if epoch != self._watch_epoch or not self._watch_live:
             # The session stream broke while these were being submitted: a settle could
             # have fallen in the gap, and the reopened stream did not name these ids.
-            self._spawn(self._watch_named(list(ids)))
+            self._spawn_named(list(ids))
 
     # -- watching ------------------------------------------------------------------
 
@@ -279,21 +316,69 @@ class AsyncClient(ClientBase):
 
     def _resolve(self, response: task_service_pb2.WatchTasksResponse) -> None:
         waiters = self._waiters
+        kept = self._kept
+        added = 0
         for update in response.updates:
             if update.pending:
                 continue
-            fut = waiters.get(update.task_id)
+            tid = update.task_id
+            fut = waiters.get(tid)
             if fut is not None:
                 if not fut.done():
                     fut.set_result(update)
+                    size = update.ByteSize()
+                    kept[tid] = size
+                    added += size
             elif self._submits_in_flight:
-                self._early[update.task_id] = update
+                self._early[tid] = update
+        self._kept_bytes += added
+        if len(kept) > MAX_KEPT_SETTLED or self._kept_bytes > MAX_KEPT_BYTES:
+            self._evict()
+
+    # -- what is kept of settled tasks -----------------------------------------------
+
+    def _keep(self, task_id: str, size: int) -> None:
+        """Note a future of _waiters that just became done (call _evict after)."""
+        self._kept[task_id] = size
+        self._kept_bytes += size
+
+    def _evict(self) -> None:
+        """Drop the oldest kept outcomes beyond the count and byte limits.
+
+        Only done futures are dropped, and only from ``_waiters``: a get_result or an
+        Executor future already waiting on one holds it (its callbacks have run or are
+        scheduled), so nobody waiting loses anything; a later get_result watches by name.
+        """
+        kept, waiters = self._kept, self._waiters
+        while kept and (len(kept) > MAX_KEPT_SETTLED or self._kept_bytes > MAX_KEPT_BYTES):
+            tid, size = kept.popitem(last=False)
+            self._kept_bytes -= size
+            fut = waiters.get(tid)
+            if fut is not None and fut.done():
+                del waiters[tid]
+
+    def _consume(self, task_id: str, fut: asyncio.Future[Any]) -> None:
+        """Forget the outcome of ``task_id`` once it was handed to the user."""
+        if self._waiters.get(task_id) is fut:
+            del self._waiters[task_id]
+            size = self._kept.pop(task_id, None)
+            if size is not None:
+                self._kept_bytes -= size
+
+    # -- the session watch ---------------------------------------------------------
 
     def _unresolved(self) -> list[str]:
-        return [tid for tid, fut in self._waiters.items() if not fut.done()]
+        """Ids still waited on that no running named watch covers."""
+        covered = self._covered
+        return [t for t, f in self._waiters.items() if not f.done() and t not in covered]
 
     async def _subscribe(self) -> None:
-        """Make sure the session watch is live; raise if the server refuses or is down."""
+        """Make sure the session watch is live; raise if the server refuses or is down.
+
+        The session watch names (at most MAX_IDS of) the unresolved tasks, so the server
+        sends their current states; named watches of at most MAX_IDS ids cover the rest.
+        A fatal refusal fails the waits of the tasks the request named, and only those.
+        """
         if self._watch_live:
             return
         assert self._watch_lock is not None
@@ -301,13 +386,18 @@ class AsyncClient(ClientBase):
             if self._watch_live:
                 return
             stub = self._open()
+            unresolved = self._unresolved()
+            named, rest = unresolved[:MAX_IDS], unresolved[MAX_IDS:]
             call = stub.WatchTasks(
-                self._watch_request(self._unresolved(), session=True), metadata=self._metadata
+                self._watch_request(named, session=True), metadata=self._metadata
             )
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
-                raise rpc_error_from_grpc(err) from err
+                error = rpc_error_from_grpc(err)
+                if err.code() in _FATAL_WATCH_CODES and named:
+                    self._fail_waiters(error, self._waiting(named))
+                raise error from err
             except BaseException:
                 call.cancel()
                 raise
@@ -320,6 +410,9 @@ class AsyncClient(ClientBase):
             self._watch_epoch += 1
             self._watch_live = True
             self._spawn(self._read_session(call))
+            if rest:
+                # Registered after the session watch: a settle is caught by one or the other.
+                self._spawn_named(rest)
 
     async def _read_session(self, call: Any) -> None:
         try:
@@ -341,35 +434,74 @@ class AsyncClient(ClientBase):
         attempt = 0
         while self._state is ClientState.OPENED and not self._watch_live:
             if not self._unresolved():
-                return  # nothing waits; the next submit reopens it
+                return  # nothing waits on it; the next submit reopens it
             await asyncio.sleep(_backoff(attempt))
             attempt += 1
             try:
                 await self._subscribe()
-            except RPCError as err:
-                if err.code in _FATAL_WATCH_CODES:
-                    self._fail_waiters(err, self._waiters)
+            except RPCError:
+                # A fatal refusal has failed the waits of the ids it named (only those);
+                # the next round names the tasks still waiting.
+                pass
             except HeartlineError:
                 return
+
+    # -- named watches -------------------------------------------------------------
+
+    def _waiting(self, task_ids: Iterable[str]) -> dict[str, asyncio.Future[Any]]:
+        waiters = self._waiters
+        return {t: f for t in task_ids if (f := waiters.get(t)) is not None and not f.done()}
+
+    def _cover(self, task_ids: list[str], step: int) -> None:
+        covered = self._covered
+        for tid in task_ids:
+            n = covered.get(tid, 0) + step
+            if n > 0:
+                covered[tid] = n
+            else:
+                covered.pop(tid, None)
+
+    def _spawn_named(self, task_ids: list[str]) -> list[asyncio.Task[Any]]:
+        """Watch the ids by name until settled, at most MAX_IDS per stream."""
+        tasks = []
+        for i in range(0, len(task_ids), MAX_IDS):
+            chunk = task_ids[i : i + MAX_IDS]
+            self._cover(chunk, 1)
+            task = self._spawn(self._watch_named(chunk))
+            task.add_done_callback(lambda _t, chunk=chunk: self._cover(chunk, -1))
+            tasks.append(task)
+        return tasks
 
     async def _watch_named(self, task_ids: list[str]) -> None:
         """Watch named tasks until each has settled (reopening on breaks)."""
         attempt = 0
         stub = self._open()
         while True:
-            waiting = {t: f for t in task_ids if (f := self._waiters.get(t)) and not f.done()}
-            ids = list(waiting)
-            if not ids:
+            waiting = self._waiting(task_ids)
+            if not waiting:
                 return
-            call = stub.WatchTasks(self._watch_request(ids, session=False), metadata=self._metadata)
+            left = set(waiting)
+            call = stub.WatchTasks(
+                self._watch_request(list(waiting), session=False), metadata=self._metadata
+            )
             try:
+                credit = 0
                 while True:
                     response = await call.read()
                     if response is grpc.aio.EOF:
                         break
                     attempt = 0
                     self._resolve(response)
-                    if all(self._waiters[t].done() for t in ids if t in self._waiters):
+                    for update in response.updates:
+                        if not update.pending:
+                            left.discard(update.task_id)
+                    # Now and then (amortized O(1) per update) drop ids settled or given up
+                    # elsewhere; the ones this stream hears of are dropped above.
+                    credit += len(response.updates) + 1
+                    if left and credit >= len(left):
+                        credit = 0
+                        left = set(self._waiting(left))
+                    if not left:
                         return
             except grpc.aio.AioRpcError as err:
                 if err.code() in _FATAL_WATCH_CODES:
@@ -380,41 +512,73 @@ class AsyncClient(ClientBase):
             await asyncio.sleep(_backoff(attempt))
             attempt += 1
 
-    @staticmethod
-    def _fail_waiters(error: BaseException, waiters: dict[str, asyncio.Future[Any]]) -> None:
-        for fut in waiters.values():
+    def _named_group(self, task_id: str) -> _NamedGroup:
+        """The named watch ``task_id`` joins: the one being filled in this loop iteration."""
+        group = self._filling
+        if group is None or len(group.ids) >= MAX_IDS:
+            group = self._filling = _NamedGroup()
+            asyncio.get_running_loop().call_soon(self._start_group, group)
+        group.ids.append(task_id)
+        self._named[task_id] = group
+        return group
+
+    def _start_group(self, group: _NamedGroup) -> None:
+        if self._filling is group:
+            self._filling = None
+        # Not "is OPENED": a fresh client opens its channel lazily, in _watch_named.
+        if group.ended or self._state is ClientState.CLOSED:
+            return
+        group.task = self._spawn_named(group.ids)[0]
+
+    def _end_group(self, group: _NamedGroup) -> None:
+        """Nobody waits on the group any more: stop its watch and forget its open waits."""
+        group.ended = True
+        if self._filling is group:
+            self._filling = None
+        if group.task is not None:
+            group.task.cancel()
+        for tid in group.ids:
+            if self._named.get(tid) is group:
+                del self._named[tid]
+                fut = self._waiters.get(tid)
+                if fut is not None and not fut.done():
+                    del self._waiters[tid]
+
+    def _fail_waiters(self, error: BaseException, waiters: dict[str, asyncio.Future[Any]]) -> None:
+        for tid, fut in waiters.items():
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # retrieved here: nobody may be waiting on it
+                if self._waiters.get(tid) is fut:
+                    self._keep(tid, 0)
+        self._evict()
 
     async def _wait_settled(self, task_id: str, timeout: float | None) -> task_pb2.TaskUpdate:
         fut = self._waiters.get(task_id)
         if fut is not None and fut.done():
-            self._waiters.pop(task_id, None)
+            self._consume(task_id, fut)
             return fut.result()
-        named = self._named.get(task_id)
         if fut is None:
-            # Not submitted here (or already consumed): watch it by name; the server
-            # sends its current state first.
+            # Not submitted here, already consumed, or its outcome was dropped: watch it by
+            # name; the server sends its current state (with the result) first.
             self._ids_request([task_id])
             fut = self._waiters[task_id] = asyncio.get_running_loop().create_future()
-            named = self._named[task_id] = [self._spawn(self._watch_named([task_id])), 0]
-        if named is not None:
-            named[1] += 1
+            group: _NamedGroup | None = self._named_group(task_id)
+        else:
+            group = self._named.get(task_id)
+        if group is not None:
+            group.users += 1
         try:
             done, _ = await asyncio.wait((fut,), timeout=timeout)
             if not done:
                 raise TimeoutError(f"task {task_id} did not settle within {timeout} s")
-            self._waiters.pop(task_id, None)
+            self._consume(task_id, fut)
             return fut.result()
         finally:
-            if named is not None:
-                named[1] -= 1
-                if named[1] == 0:
-                    self._named.pop(task_id, None)
-                    named[0].cancel()
-                    if not fut.done() and self._waiters.get(task_id) is fut:
-                        del self._waiters[task_id]
+            if group is not None:
+                group.users -= 1
+                if group.users == 0:
+                    self._end_group(group)
 
     async def get_result(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for a task to settle; return its value or raise its error.
@@ -486,7 +650,7 @@ class AsyncClient(ClientBase):
         for tid in ids:
             fut = self._waiters.get(tid)
             if fut is not None and fut.done():
-                del self._waiters[tid]  # the stored outcome is stale now
+                self._consume(tid, fut)  # the stored outcome is stale now
         return updates
 
     async def give_up(self, task_ids: Iterable[str]) -> list[TaskUpdate]:

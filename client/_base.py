@@ -30,6 +30,15 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 """A SubmitTasks request is cut before it passes this size (the server's limit is 10 MiB)."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """gRPC send/receive limit of the client's channel."""
+MAX_IDS = 10_000
+"""At most this many task ids go in one WatchTasks request. Must not exceed the server's
+limit: ``MAX_IDS`` in ``heartline/server/_task_service.py`` (enforced by ``check_ids``, which
+refuses a longer list with INVALID_ARGUMENT)."""
+MAX_KEPT_SETTLED = 10_000
+"""Settled outcomes nobody has asked for yet that a client keeps (oldest dropped first);
+``get_result`` of a dropped one asks the server again through a named watch."""
+MAX_KEPT_BYTES = 256 * 1024 * 1024
+"""And at most about this many bytes of them (serialized updates, results included)."""
 
 # Bytes a TaskSpec adds to a SubmitTasksRequest beyond its args: the function id
 # (64 hex), small fields and the field/length framing. Overestimated on purpose.

@@ -238,19 +238,21 @@ class Executor(concurrent.futures.Executor):
 
     def _bind(self, fut: TaskFuture, task_id: str) -> None:
         fut.task_id = task_id
-        waiter = self._async._waiters.get(task_id)
-        if waiter is None:  # already consumed elsewhere; should not happen
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(HeartlineError(f"lost track of task {task_id}"))
-            return
+        waiter: asyncio.Future[Any] | None = self._async._waiters.get(task_id)
+        if waiter is None:
+            # Settled at once and already dropped again (a batch of results over the
+            # client's kept-bytes limit): ask the server for it by name.
+            waiter = self._async._spawn(self._async._wait_settled(task_id, None))
         if fut.cancelled():
             self._cancel_on_loop(fut)
         waiter.add_done_callback(lambda w: self._settled(fut, task_id, w))
 
     def _settled(self, fut: TaskFuture, task_id: str, waiter: asyncio.Future[Any]) -> None:
-        if self._async._waiters.get(task_id) is waiter:
-            del self._async._waiters[task_id]
+        self._async._consume(task_id, waiter)
         if not fut.set_running_or_notify_cancel():
+            return
+        if waiter.cancelled():  # the fallback watch was ended by close()
+            fut.set_exception(HeartlineError("the client was closed"))
             return
         try:
             fut.set_result(outcome_of_update(waiter.result()))
