@@ -277,7 +277,9 @@ class ServerCore:
             # nothing, for the newest write before it (e.g. the one that settled the
             # task a duplicate report is about).
             barrier = persisted or self._last_write
-            if barrier is None or barrier.done() and not barrier.exception():
+            if barrier is None or (
+                barrier.done() and not barrier.cancelled() and barrier.exception() is None
+            ):
                 self._after_commit(after_commit)
             else:
                 barrier.add_done_callback(lambda f: self._committed(f, after_commit))
@@ -327,13 +329,13 @@ class ServerCore:
             conn.push(kind, items)
 
     async def register_function(self, payload: bytes, function_id: str, owner: str) -> None:
-        await self._write(
-            WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),))
+        await asyncio.shield(
+            self._write(WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),)))
         )
         self.functions.remember(function_id, payload)
 
     async def register_endpoint(self, row: EndpointRow) -> None:
-        await self._write(WriteBatch(endpoints=(row,)))
+        await asyncio.shield(self._write(WriteBatch(endpoints=(row,))))
         self.endpoints[row.endpoint_id] = row
 
     async def run_timers(self) -> None:

@@ -145,8 +145,10 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def _durable(self, future: asyncio.Future[None] | None) -> None:
         if future is not None:
             try:
-                await future
-            except Exception as exc:  # the store could not commit: say so, keep serving
+                # Shielded: a client that gives up must not cancel the store's future,
+                # whose callbacks carry the step's acks and watcher pushes.
+                await asyncio.shield(future)
+            except Exception as exc:  # the store could not commit; the server stops (fail-stop)
                 raise Abort(grpc.StatusCode.UNAVAILABLE, f"the store could not commit: {exc}") from exc
 
     async def _command(self, command: str, task_ids: Sequence[str]) -> list[task_pb2.TaskUpdate]:

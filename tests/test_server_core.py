@@ -34,3 +34,56 @@ async def test_a_clean_stop_is_not_a_failure(tmp_path: Path) -> None:
     await server.start()
     await server.stop(grace=0)
     assert not server.failed.is_set()
+
+
+async def test_a_client_giving_up_on_a_command_does_not_drop_its_announcement(
+    tmp_path: Path,
+) -> None:
+    # The cancel's RPC times out while its commit waits; the commit still happens and
+    # watchers must still hear of it (the store future is shielded from the RPC).
+    import asyncio
+    import threading
+
+    import grpc
+
+    from heartline import TaskState
+    from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
+
+    server = Server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "h.db", validate=True))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = endpoint_service_pb2_grpc.EndpointServiceStub(channel)
+            await stub.RegisterEndpoint(endpoint_service_pb2.RegisterEndpointRequest(name="nobody"))
+        async with AsyncClient(server.address) as client, AsyncClient(server.address) as watcher:
+            tid = await client.submit("nobody", pow, 2, 3, held=True)
+            waiting = asyncio.ensure_future(watcher.get_result(tid, timeout=30))
+            # The watch must be live before the writer blocks, so the cancel can reach
+            # it only as a push, not through the watch's first read of current state.
+            async with asyncio.timeout(10):
+                while tid not in server.core.watchers._by_task:
+                    await asyncio.sleep(0.01)
+            await server.store.get_tasks([tid])  # reads are FIFO: the watch's read is done
+
+            started, release = threading.Event(), threading.Event()
+
+            def block(conn: sqlite3.Connection, arg: None) -> None:
+                started.set()
+                release.wait(30)
+
+            blocker = server.store._submit(block, None)  # type: ignore[attr-defined]
+            assert await asyncio.to_thread(started.wait, 30)
+            try:
+                cancel = asyncio.ensure_future(client.cancel([tid]))
+                with pytest.raises((HeartlineError, asyncio.TimeoutError)):
+                    await asyncio.wait_for(asyncio.shield(cancel), 0.3)
+                cancel.cancel()  # the client gives up on the call
+                await asyncio.gather(cancel, return_exceptions=True)
+            finally:
+                release.set()
+                await blocker
+            with pytest.raises(HeartlineError, match="cancelled"):
+                await waiting
+            assert (await watcher.get_task(tid)).state is TaskState.CANCELLED
+    finally:
+        await server.stop(grace=0)
