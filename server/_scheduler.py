@@ -103,7 +103,6 @@ class AgentState:
     capacity: int
     prefetch: int
     last_seen: float
-    connected_time: float
     hostname: str = ""
     version: str = ""
     stream_id: str = ""
@@ -312,7 +311,6 @@ class Scheduler:
             capacity=max(0, event.capacity),
             prefetch=max(0, event.prefetch),
             last_seen=event.time,
-            connected_time=event.time,
             hostname=event.hostname,
             version=event.version,
             stream_id=event.stream_id,

@@ -27,7 +27,7 @@ from heartline.client._base import MAX_IDS
 from heartline.v1 import task_pb2
 from tests.conftest import HEARTBEAT, ServerProc, assert_loop_never_blocked
 from tests.helpers import Proc, assert_eventually, heartline_cmd, start_process
-from tests.test_client_unit import FakeServer, FakeTaskService
+from tests.test_client_unit import FakeServer, FakeTaskService, fake_auto  # noqa: F401 - a fixture
 
 # The functions below run on the agent's workers; ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -176,14 +176,6 @@ class RefusingTaskService(FakeTaskService):
 @pytest.fixture
 def fake() -> Iterator[FakeServer]:
     server = FakeServer(RefusingTaskService())
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def fake_auto() -> Iterator[FakeServer]:
-    server = FakeServer(FakeTaskService(auto_run=True))
     server.start()
     yield server
     server.close()

@@ -13,7 +13,6 @@ the task rows, as a server restarted on its store does.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -59,6 +58,7 @@ from heartline.server._scheduler import (
     SchedulerConfig,
     UnknownTasks,
 )
+from tests.test_scheduler import state_of
 
 S = TaskState
 ENDPOINTS = ("ep-a", "ep-b")
@@ -74,17 +74,6 @@ priorities = st.sampled_from((PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW))
 # Mostly one endpoint, so that agents, queues and commands meet often.
 endpoints = st.sampled_from(ENDPOINTS[:1] * 3 + ENDPOINTS[1:])
 delays = st.floats(min_value=0.0, max_value=4.0, allow_nan=False)
-
-
-def state_of(s: Scheduler) -> tuple[Any, ...]:
-    """Everything the scheduler holds, deep-copied, for a before/after comparison."""
-    return (
-        {tid: (dataclasses.asdict(t), t.agent_id, t.session_id) for tid, t in s.tasks.items()},
-        {aid: dataclasses.asdict(a) for aid, a in s.agents.items()},
-        {ep: dict(q.live) for ep, q in s.queues.items() if q.live},
-        set(s.orphans),
-        s.transitions_total,
-    )
 
 
 class SchedulerMachine(RuleBasedStateMachine):
