@@ -57,7 +57,8 @@ class TaskRecord:
     result: bytes | None = None
     error: ErrorInfo | None = None
     raised_count: int = 0
-    """Attempts whose function raised (counted against max_retries)."""
+    """Attempts that failed by the task's own doing, raised or past its walltime
+    (counted against max_retries)."""
     system_failures: int = 0
     """Attempts ended by a system failure (counted against max_system_retries)."""
     resubmitted_from: str = ""

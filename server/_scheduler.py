@@ -429,13 +429,16 @@ class Scheduler:
 
     def _fail_attempt(self, task: TaskRecord, error: ErrorInfo, now: float) -> None:
         kind = error.failure_kind
-        if kind == FAILURE_NONE:
+        if kind in (FAILURE_NONE, FAILURE_WALLTIME):
+            # The task's own doing (SPEC section 3): run as is, it would raise or time out
+            # again, so only the task's max_retries may run it again.
             task.raised_count += 1
+            what = "walltime-exceeded" if kind == FAILURE_WALLTIME else f"raised {error.type_name}"
             if task.raised_count <= task.max_retries:
-                cause = f"raised {error.type_name}; retry {task.raised_count} of {task.max_retries}"
+                cause = f"{what}; retry {task.raised_count} of {task.max_retries}"
                 self._transition(task, S.WAITING_FOR_EP, cause, now, error=error, next_attempt=True)
             else:
-                self._transition(task, S.ERRORED, f"raised {error.type_name}", now, error=error)
+                self._transition(task, S.ERRORED, what, now, error=error)
             return
         cause = _FAILURE_CAUSE.get(kind, "system-failure")
         if kind == FAILURE_SERIALIZATION:

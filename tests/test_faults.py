@@ -447,27 +447,40 @@ def test_a_worker_that_dies_is_requeued_then_errored_and_the_agent_keeps_serving
     assert hc.get_result(hc.submit("local", brief, 5), timeout=TIMEOUT) == 15
 
 
-def test_a_task_past_its_walltime_is_requeued_then_errored_and_the_agent_keeps_serving(
+def test_a_task_past_its_walltime_is_errored_at_attempt_1_and_the_agent_keeps_serving(
     server: ServerProc, start_agent: Callable[..., Proc], hc: Client, tmp_path: Path
 ) -> None:
+    """SPEC section 3: a walltime is the task's failure, counted against max_retries
+    (default 0), not a system failure retried max_system_retries times."""
     agent = start_agent("local", 2, "--prefetch", "0")
     t0 = time.monotonic()
-    tid = hc.submit(
-        "local", linger_unless, str(tmp_path / "never"), 5.0, walltime=0.5, max_system_retries=1
-    )
+    tid = hc.submit("local", linger_unless, str(tmp_path / "never"), 5.0, walltime=0.5)
     with pytest.raises(heartline.TaskFailedError, match="walltime") as info:
         hc.get_result(tid, timeout=TIMEOUT)
     assert time.monotonic() - t0 < 5, "the walltime did not cut the 5 s sleep short"
     assert not isinstance(info.value, heartline.RemoteError)
     task = hc.get_task(tid)
-    assert task.state is TaskState.ERRORED and task.attempt == 2, story(task)
+    assert task.state is TaskState.ERRORED and task.attempt == 1, story(task)
     assert task.error is not None and task.error.failure_kind is FailureKind.WALLTIME
     assert task.error.type_name == "heartline.WalltimeExceeded"
     assert "walltime" in task.error.message, task.error.message
-    assert "gave up after 2 system failures" in task.error.message, task.error.message
-    causes = [(h.to_state, h.attempt) for h in task.history if h.cause == "walltime-exceeded"]
-    assert causes == [(TaskState.WAITING_FOR_EP, 2), (TaskState.ERRORED, 2)], story(task)
+    causes = [(h.to_state, h.attempt) for h in task.history if h.cause.startswith("walltime")]
+    assert causes == [(TaskState.ERRORED, 1)], story(task)
     assert_settled_once(task)
+
+    # With max_retries=1 it runs twice, then errs.
+    tid = hc.submit(
+        "local", linger_unless, str(tmp_path / "never"), 5.0, walltime=0.3, max_retries=1
+    )
+    with pytest.raises(heartline.TaskFailedError, match="walltime"):
+        hc.get_result(tid, timeout=TIMEOUT)
+    task = hc.get_task(tid)
+    assert task.state is TaskState.ERRORED and task.attempt == 2, story(task)
+    causes = [(h.to_state, h.cause) for h in task.history if h.cause.startswith("walltime")]
+    assert causes == [
+        (TaskState.WAITING_FOR_EP, "walltime-exceeded; retry 1 of 1"),
+        (TaskState.ERRORED, "walltime-exceeded"),
+    ], story(task)
 
     assert agent.popen.poll() is None, tail(agent)
     assert hc.get_result(hc.submit("local", brief, 7), timeout=TIMEOUT) == 21

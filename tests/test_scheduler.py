@@ -568,22 +568,49 @@ def test_error_report_without_an_error_is_errored_with_a_placeholder(sched: Sche
     assert sched.tasks["t1"].error == ErrorInfo("heartline.UnknownError", "the agent reported no error")
 
 
+def test_walltime_counts_against_max_retries_not_max_system_retries(sched: Scheduler) -> None:
+    """SPEC section 3: a task past its walltime failed by its own doing, like a raise."""
+    sched.handle(submit(spec("t1", max_retries=1, max_system_retries=3)), connect("A"))
+    walltime = system_error(FAILURE_WALLTIME, "task t1 ran past its walltime of 1 s")
+
+    out1 = sched.handle(report("A", sr("t1", S.ERRORED, 1, error=walltime), time=1.0))
+    assert out1[0].batch.transitions == (  # type: ignore[union-attr]
+        tr("t1", S.DISPATCHED, S.WAITING_FOR_EP, "walltime-exceeded; retry 1 of 1", 1.0, attempt=2),
+        tr("t1", S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 1.0, attempt=2),
+    )
+    out2 = sched.handle(report("A", sr("t1", S.ERRORED, 2, error=walltime), time=2.0))
+
+    assert out2[0].batch.transitions == (  # type: ignore[union-attr]
+        tr("t1", S.DISPATCHED, S.ERRORED, "walltime-exceeded", 2.0, attempt=2),
+    )
+    task = sched.tasks["t1"]
+    assert (task.state, task.raised_count, task.system_failures) == (S.ERRORED, 2, 0)
+    assert task.error == walltime
+
+
+def test_walltime_with_the_default_max_retries_errors_at_attempt_1(sched: Scheduler) -> None:
+    sched.handle(submit(spec("t1")), connect("A"))
+
+    sched.handle(report("A", sr("t1", S.ERRORED, 1, error=system_error(FAILURE_WALLTIME)), time=1.0))
+
+    assert (sched.tasks["t1"].state, sched.tasks["t1"].attempt) == (S.ERRORED, 1)
+
+
 # --------------------------------------------------------------- system failures
 
 
 def test_system_failures_requeue_until_max_system_retries_then_error_with_the_reason(sched: Scheduler) -> None:
     sched.handle(submit(spec("t1", max_system_retries=2, max_retries=5)), connect("A"))
     died = system_error(FAILURE_WORKER_DIED)
-    walltime = system_error(FAILURE_WALLTIME, "walltime of 1s exceeded")
 
     out1 = sched.handle(report("A", sr("t1", S.ERRORED, 1, error=died), time=1.0))
     assert out1[0].batch.transitions == (  # type: ignore[union-attr]
         tr("t1", S.DISPATCHED, S.WAITING_FOR_EP, "worker-died", 1.0, attempt=2),
         tr("t1", S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 1.0, attempt=2),
     )
-    out2 = sched.handle(report("A", sr("t1", S.ERRORED, 2, error=walltime), time=2.0))
+    out2 = sched.handle(report("A", sr("t1", S.ERRORED, 2, error=died), time=2.0))
     assert out2[0].batch.transitions == (  # type: ignore[union-attr]
-        tr("t1", S.DISPATCHED, S.WAITING_FOR_EP, "walltime-exceeded", 2.0, attempt=3),
+        tr("t1", S.DISPATCHED, S.WAITING_FOR_EP, "worker-died", 2.0, attempt=3),
         tr("t1", S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 2.0, attempt=3),
     )
 
