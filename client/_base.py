@@ -8,13 +8,13 @@ Nothing here awaits or touches a socket; :mod:`._async` is the only I/O layer an
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from heartline import _defaults
 from heartline._errors import InvalidArgumentError
 from heartline._serialize import dumps_args, dumps_function, function_id
 from heartline._states import TaskState
@@ -22,18 +22,14 @@ from heartline.v1 import task_pb2, task_service_pb2
 
 from ._types import Priority, TaskError, settled_outcome
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-
 MAX_BATCH_TASKS = 1000
 """At most this many tasks go in one SubmitTasks request."""
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 """A SubmitTasks request is cut before it passes this size (the server's limit is 10 MiB)."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """gRPC send/receive limit of the client's channel."""
-MAX_IDS = 10_000
-"""At most this many task ids go in one WatchTasks request. Must not exceed the server's
-limit: ``MAX_IDS`` in ``heartline/server/_task_service.py`` (enforced by ``check_ids``, which
-refuses a longer list with INVALID_ARGUMENT)."""
+MAX_IDS = _defaults.MAX_IDS
+"""At most this many task ids go in one WatchTasks request: the server's limit."""
 MAX_KEPT_SETTLED = 10_000
 """Settled outcomes nobody has asked for yet that a client keeps (oldest dropped first);
 ``get_result`` of a dropped one asks the server again through a named watch."""
@@ -50,15 +46,12 @@ Call = tuple[Callable[..., Any], Sequence[Any], Mapping[str, Any]]
 
 def resolve_address(address: str | None) -> str:
     """The server address: the argument, else ``$HEARTLINE_ADDRESS``, else the default."""
-    return address or os.environ.get("HEARTLINE_ADDRESS") or DEFAULT_ADDRESS
+    return _defaults.address(address)
 
 
 def resolve_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """Call metadata carrying the bearer token (argument, else ``$HEARTLINE_TOKEN``)."""
-    token = token or os.environ.get("HEARTLINE_TOKEN")
-    if not token:
-        return None
-    return (("authorization", f"Bearer {token}"),)
+    return _defaults.bearer_metadata(_defaults.token(token))
 
 
 def channel_options() -> list[tuple[str, Any]]:

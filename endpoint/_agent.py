@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from heartline import _defaults
 from heartline._errors import HeartlineError, rpc_error_from_grpc
 from heartline._pacer import Pacer
 from heartline._watchdog import watch_loop
@@ -50,7 +51,6 @@ _ERRORED = task_pb2.TASK_STATE_ERRORED
 # Keep each upstream message well under a server's default 4 MiB receive limit; a
 # single update bigger than this still goes alone.
 _MAX_BATCH_BYTES = 3 * 1024 * 1024
-_DEFAULT_HEARTBEAT = 10.0
 # Error text a task produced is cut to this many characters; a runaway message must
 # not push the stream over the server's message limit.
 _MAX_ERROR_TEXT = 64 * 1024
@@ -214,8 +214,7 @@ class Agent:
             await asyncio.sleep(delay)
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
-        token = self._config.token
-        return (("authorization", f"Bearer {token}"),) if token else None
+        return _defaults.bearer_metadata(self._config.token)
 
     async def _register(self, stub: pb_grpc.EndpointServiceStub) -> tuple[Identity, bool]:
         """The endpoint's identity, and whether it was registered just now."""
@@ -271,7 +270,7 @@ class Agent:
                     raise _StreamLost("the server did not answer the hello with a welcome")
                 interval = first.welcome.heartbeat_interval_seconds
                 if not interval > 0:
-                    interval = _DEFAULT_HEARTBEAT
+                    interval = _defaults.HEARTBEAT_INTERVAL
                 self._max_payload = max(0, first.welcome.max_payload_bytes)
                 self._state = AgentState.CONNECTED
                 self._failures = 0

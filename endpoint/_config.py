@@ -8,27 +8,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+from heartline import _defaults
 
 # An endpoint name becomes a folder name, so it must be a safe path component.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def _default_server() -> str:
-    return os.environ.get("HEARTLINE_ADDRESS") or DEFAULT_ADDRESS
-
-
-def _default_home() -> Path:
-    home = os.environ.get("HEARTLINE_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".heartline"
-
-
 def _default_workers() -> int:
     return os.cpu_count() or 1
-
-
-def _default_token() -> str | None:
-    return os.environ.get("HEARTLINE_TOKEN") or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +26,7 @@ class AgentConfig:
     name: str
     """The endpoint's name; several agents started with one name serve one endpoint."""
 
-    server: str = field(default_factory=_default_server)
+    server: str = field(default_factory=_defaults.address)
     """``HOST:PORT`` of the heartline server; default ``$HEARTLINE_ADDRESS`` or
     ``127.0.0.1:50051``."""
 
@@ -50,11 +37,11 @@ class AgentConfig:
     """Tasks the server may send beyond free workers; None means 4 x ``workers``
     (like Celery's prefetch multiplier)."""
 
-    home: Path = field(default_factory=_default_home)
+    home: Path = field(default_factory=_defaults.home)
     """State folder; default ``$HEARTLINE_HOME`` or ``~/.heartline``. The endpoint's
     identity lives in ``<home>/endpoints/<name>/endpoint.json``."""
 
-    token: str | None = field(default_factory=_default_token)
+    token: str | None = field(default_factory=_defaults.token)
     """Bearer token sent as ``authorization: Bearer <token>``; default
     ``$HEARTLINE_TOKEN`` or none."""
 

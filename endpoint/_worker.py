@@ -18,15 +18,13 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import struct
 import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from heartline._serialize import describe_exception, dumps_result
 from heartline._states import FailureCode
-
-_HEADER = struct.Struct(">I")
+from heartline.endpoint._frames import HEADER, decode, encode
 _RAISED = int(FailureCode.RAISED)
 _SERIALIZATION = int(FailureCode.SERIALIZATION)
 
@@ -39,18 +37,18 @@ class _Channel:
         self._writer_fd = writer_fd
 
     def receive(self) -> tuple[Any, ...] | None:
-        header = self._reader.read(_HEADER.size)
-        if len(header) < _HEADER.size:
+        header = self._reader.read(HEADER.size)
+        if len(header) < HEADER.size:
             return None
-        (size,) = _HEADER.unpack(header)
+        (size,) = HEADER.unpack(header)
         body = self._reader.read(size)
         if len(body) < size:
             return None
-        return pickle.loads(body)
+        return decode(body)
 
     def send(self, message: tuple[Any, ...]) -> None:
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        view = memoryview(_HEADER.pack(len(body)) + body)
+        body = encode(message)
+        view = memoryview(HEADER.pack(len(body)) + body)
         while view:
             view = view[os.write(self._writer_fd, view) :]
 

@@ -17,18 +17,16 @@ import asyncio
 import collections
 import enum
 import logging
-import pickle
 import signal
-import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from heartline._states import FailureCode
+from heartline.endpoint._frames import HEADER, ProtocolError, decode, encode
 
 logger = logging.getLogger("heartline.endpoint.workers")
 
-_HEADER = struct.Struct(">I")
 # Frames below this size are written with one syscall; bigger ones skip the copy.
 _SMALL_FRAME = 1 << 16
 _READY_TIMEOUT = 120.0
@@ -224,17 +222,14 @@ class WorkerPool:
                 job.walltime, self._walltime_expired, worker, job
             )
         self._listener.task_launched(job)
-        body = pickle.dumps(
-            ("run", job.task_id, job.attempt, job.function_id, function, job.args),
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+        body = encode(("run", job.task_id, job.attempt, job.function_id, function, job.args))
         # A dead worker's pipe may already be closing; its supervisor then sees end of
         # file and reports the job as a worker death, so there is nothing to do here.
         if not stdin.is_closing():
             if len(body) < _SMALL_FRAME:
-                stdin.write(_HEADER.pack(len(body)) + body)
+                stdin.write(HEADER.pack(len(body)) + body)
             else:
-                stdin.write(_HEADER.pack(len(body)))
+                stdin.write(HEADER.pack(len(body)))
                 stdin.write(body)
 
     def _walltime_expired(self, worker: _Worker, job: Job) -> None:
@@ -290,8 +285,8 @@ class WorkerPool:
             async with asyncio.timeout(_READY_TIMEOUT):
                 message = await _read_frame(stdout)
             if message[0] != "ready":
-                raise _ProtocolError(f"expected a ready frame, got {message[0]!r}")
-        except (asyncio.IncompleteReadError, TimeoutError, _ProtocolError) as exc:
+                raise ProtocolError(f"expected a ready frame, got {message[0]!r}")
+        except (asyncio.IncompleteReadError, TimeoutError, ProtocolError) as exc:
             if self._state is PoolState.CLOSED:
                 return True
             logger.warning("event=worker-start-failed pid=%s error=%r", worker.pid, exc)
@@ -309,7 +304,7 @@ class WorkerPool:
                 self._handle(worker, await _read_frame(stdout))
         except asyncio.IncompleteReadError:
             pass
-        except _ProtocolError as exc:
+        except ProtocolError as exc:
             logger.warning("event=worker-protocol-error pid=%s error=%r", worker.pid, exc)
         await self._worker_died(worker)
         return True
@@ -339,7 +334,7 @@ class WorkerPool:
             self._listener.task_finished(job, outcome)
             self._pump()
         else:
-            raise _ProtocolError(f"unknown frame {kind!r}")
+            raise ProtocolError(f"unknown frame {kind!r}")
 
     async def _worker_died(self, worker: _Worker) -> None:
         """The worker's stdout closed: report its job, if it still had one."""
@@ -382,17 +377,6 @@ class WorkerPool:
         return f"exit code {code}"
 
 
-class _ProtocolError(Exception):
-    """A worker sent something that is not a frame of the protocol."""
-
-
 async def _read_frame(stream: asyncio.StreamReader) -> tuple[Any, ...]:
-    (size,) = _HEADER.unpack(await stream.readexactly(_HEADER.size))
-    body = await stream.readexactly(size)
-    try:
-        message = pickle.loads(body)
-    except Exception as exc:
-        raise _ProtocolError(f"undecodable frame: {exc!r}") from exc
-    if not isinstance(message, tuple) or not message:
-        raise _ProtocolError(f"frame is not a tuple: {type(message).__name__}")
-    return message
+    (size,) = HEADER.unpack(await stream.readexactly(HEADER.size))
+    return decode(await stream.readexactly(size))

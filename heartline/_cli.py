@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -11,9 +10,8 @@ from pathlib import Path
 
 import click
 
+from heartline import _defaults
 from heartline._cli_ops import register_operator_commands
-
-_DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 def _setup_logging(verbose: int) -> None:
@@ -45,10 +43,10 @@ def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_n
 
 
 _server_options = [
-    click.option("--listen", default=_DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on."),
+    click.option("--listen", default=_defaults.DEFAULT_ADDRESS, show_default=True, help="HOST:PORT to serve on."),
     click.option("--db", type=click.Path(dir_okay=False), help="SQLite store [default: $HEARTLINE_HOME/heartline.db]."),
-    click.option("--heartbeat-interval", type=float, default=5.0, show_default=True, help="Seconds between agent heartbeats."),
-    click.option("--heartbeat-timeout", type=float, default=None, help="Seconds of silence before an agent is lost [default: 3 x interval]."),
+    click.option("--heartbeat-interval", type=float, default=_defaults.HEARTBEAT_INTERVAL, show_default=True, help="Seconds between agent heartbeats."),
+    click.option("--heartbeat-timeout", type=float, default=None, help=f"Seconds of silence before an agent is lost [default: {_defaults.HEARTBEAT_TIMEOUT_FACTOR} x interval]."),
     click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback address without authentication."),
     click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug)."),
     click.option("--validate", is_flag=True, hidden=True, help="Check scheduler invariants every step (tests)."),
@@ -121,10 +119,10 @@ def endpoint() -> None:
 
 @endpoint.command("start")
 @click.option("--name", required=True, help="Endpoint name (registered on first start).")
-@click.option("--server", "server_address", default=None, help="Server HOST:PORT [default: $HEARTLINE_ADDRESS or 127.0.0.1:50051].")
+@click.option("--server", "server_address", default=None, help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].")
 @click.option("--workers", type=int, default=None, help="Worker processes [default: CPU count].")
 @click.option("--prefetch", type=int, default=None, help="Tasks queued beyond free workers [default: 4 x workers].")
-@click.option("--token", default=None, envvar="HEARTLINE_TOKEN", help="Bearer token.")
+@click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def endpoint_start(name, server_address, workers, prefetch, token, verbose) -> None:  # noqa: ANN001
     """Start an endpoint agent that runs tasks on this machine."""
@@ -132,9 +130,7 @@ def endpoint_start(name, server_address, workers, prefetch, token, verbose) -> N
 
     _setup_logging(verbose)
     kwargs = {"name": name, "token": token}
-    address = server_address or os.environ.get("HEARTLINE_ADDRESS")
-    if address:
-        kwargs["server"] = address
+    kwargs["server"] = _defaults.address(server_address)
     if workers is not None:
         if workers < 1:
             raise click.BadParameter("must be at least 1", param_hint="--workers")

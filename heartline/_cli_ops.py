@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from heartline import _defaults
 from heartline._errors import HeartlineError, TaskFailedError
 from heartline._states import TaskState
 
@@ -21,10 +22,10 @@ _address = click.option(
     "--server",
     "address",
     default=None,
-    envvar="HEARTLINE_ADDRESS",
-    help="Server HOST:PORT [default: $HEARTLINE_ADDRESS or 127.0.0.1:50051].",
+    envvar=_defaults.ENV_ADDRESS,
+    help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].",
 )
-_token = click.option("--token", default=None, envvar="HEARTLINE_TOKEN", help="Bearer token.")
+_token = click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 
 
 def _console() -> Console:

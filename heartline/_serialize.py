@@ -11,9 +11,6 @@ import cloudpickle
 
 from heartline._errors import SerializationError
 
-# Default limit of one payload (function, arguments or result), SPEC section 6.
-DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
-
 
 def dumps_function(fn: Any) -> bytes:
     """Pickle a callable by value where needed; raise SerializationError if impossible."""

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from heartline import _defaults
 from heartline._states import ON_AGENT_STATES, PENDING_STATES, TaskState
 from heartline.server._events import (
     AgentConnected,
@@ -86,11 +87,11 @@ class UnknownTasks(SchedulerError):
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    heartbeat_timeout: float = 15.0
+    heartbeat_timeout: float = _defaults.heartbeat_timeout(_defaults.HEARTBEAT_INTERVAL)
     """Seconds without any message after which an agent is declared lost."""
     errored_retention: float = 7 * 24 * 3600.0
     """Seconds an ERRORED task waits for a retry before it is FAILED for good."""
-    max_payload: int = 10 * 1024 * 1024
+    max_payload: int = _defaults.MAX_PAYLOAD
     """Largest result accepted from an agent, in bytes."""
     validate: bool = False
     """Check every invariant after each step (on in tests; costs time)."""

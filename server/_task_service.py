@@ -21,8 +21,8 @@ from heartline.server._model import PRIORITY_NORMAL, EndpointRow
 from heartline.server._scheduler import COMMAND_WORDS, InvalidTransition, UnknownTasks
 from heartline.v1 import task_pb2, task_service_pb2 as pb, task_service_pb2_grpc
 
-MAX_IDS = 10_000
-MAX_TASKS_PER_SUBMIT = 10_000
+from heartline._defaults import MAX_IDS, MAX_TASKS_PER_SUBMIT
+
 ANONYMOUS = "anonymous"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

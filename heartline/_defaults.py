@@ -1,0 +1,70 @@
+"""The one home of heartline's defaults and of the settings read from the environment.
+
+Server, agent, client and CLI import these; none of them writes its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_ADDRESS = "HEARTLINE_ADDRESS"
+ENV_TOKEN = "HEARTLINE_TOKEN"
+ENV_HOME = "HEARTLINE_HOME"
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+"""Where the server listens, and where clients, agents and the CLI look for it."""
+
+HEARTBEAT_INTERVAL = 5.0
+"""Seconds between agent heartbeats; the server sends its own value in the welcome."""
+HEARTBEAT_TIMEOUT_FACTOR = 3
+"""Silence of this many heartbeat intervals loses an agent, unless a timeout is given."""
+
+MAX_PAYLOAD = 10 * 1024 * 1024
+"""Largest function, arguments or result payload in bytes (SPEC section 6)."""
+MAX_IDS = 10_000
+"""Most task ids one request may name (GetTasks, WatchTasks, commands)."""
+MAX_TASKS_PER_SUBMIT = 10_000
+"""Most tasks in one SubmitTasks request."""
+
+# Caches of pickled functions (SPEC: bounded memory for long-running processes). The
+# server remembers which functions each agent stream has been sent; the agent keeps at
+# least as much as the server assumes it has (twice the count and the bytes), so a
+# dispatch that leaves the function out always finds it on the agent. The same rule
+# holds between an agent's worker pool and each worker process.
+SERVER_FUNCTION_CACHE = (4096, 256 * 1024 * 1024)
+"""(count, bytes) of the server's in-memory cache of pickled functions (the store has all)."""
+STREAM_SENT_FUNCTIONS = (1024, 64 * 1024 * 1024)
+"""(count, bytes) of functions the server counts on one agent stream to still hold."""
+AGENT_FUNCTION_CACHE = (2 * STREAM_SENT_FUNCTIONS[0], 2 * STREAM_SENT_FUNCTIONS[1])
+"""(count, bytes) of pickled functions an agent keeps."""
+WORKER_SENT_FUNCTIONS = (256, 32 * 1024 * 1024)
+"""(count, bytes) of functions the pool counts on one worker process to still hold."""
+WORKER_FUNCTION_CACHE = (2 * WORKER_SENT_FUNCTIONS[0], 2 * WORKER_SENT_FUNCTIONS[1])
+"""(count, bytes of their payloads) of unpickled functions a worker process keeps."""
+
+
+def address(explicit: str | None = None) -> str:
+    """The server address: ``explicit``, else ``$HEARTLINE_ADDRESS``, else the default."""
+    return explicit or os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+
+
+def token(explicit: str | None = None) -> str | None:
+    """The bearer token: ``explicit``, else ``$HEARTLINE_TOKEN``, else none."""
+    return explicit or os.environ.get(ENV_TOKEN) or None
+
+
+def home() -> Path:
+    """The state folder: ``$HEARTLINE_HOME``, else ``~/.heartline``."""
+    value = os.environ.get(ENV_HOME)
+    return Path(value).expanduser() if value else Path.home() / ".heartline"
+
+
+def bearer_metadata(token_value: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata that carries a bearer token, or None without one."""
+    return (("authorization", f"Bearer {token_value}"),) if token_value else None
+
+
+def heartbeat_timeout(interval: float, timeout: float | None = None) -> float:
+    """The silence after which an agent is lost: ``timeout``, else a multiple of ``interval``."""
+    return timeout or HEARTBEAT_TIMEOUT_FACTOR * interval
