@@ -16,13 +16,14 @@ The worker exits when its stdin closes (the agent is gone).
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from heartline._serialize import describe_exception, dumps_result
+from heartline._defaults import WORKER_FUNCTION_CACHE
+from heartline._lru import LruCache
+from heartline._serialize import SourceMap, describe_exception, dumps_result, loads_with_sources
 from heartline._states import FailureCode
 from heartline.endpoint._frames import HEADER, decode, encode
 _RAISED = int(FailureCode.RAISED)
@@ -70,14 +71,22 @@ def _take_stdio() -> _Channel:
     return _Channel(os.fdopen(frames_in, "rb", buffering=1 << 16), frames_out)
 
 
-def _failure(exc: BaseException, kind: int, message: str | None = None) -> tuple[str, str, str, int]:
-    type_name, text, tb = describe_exception(exc)
+# Unpickled functions by id, with the source lines of their by-value code. The pool
+# counts on this worker to still hold what it sent recently (heartline/_defaults.py):
+# every "run" frame touches its function here, in the order the pool launched them.
+Functions = LruCache[str, tuple[Callable[..., Any], SourceMap]]
+
+
+def _failure(
+    exc: BaseException, kind: int, message: str | None = None, sources: SourceMap | None = None
+) -> tuple[str, str, str, int]:
+    type_name, text, tb = describe_exception(exc, sources)
     return type_name, message if message is not None else text, tb, kind
 
 
 def _run(
     channel: _Channel,
-    functions: dict[str, Callable[..., Any]],
+    functions: Functions,
     task_id: str,
     attempt: int,
     function_id: str,
@@ -85,18 +94,21 @@ def _run(
     args_bytes: bytes,
 ) -> None:
     try:
-        fn = functions.get(function_id)
-        if fn is None:
+        cached = functions.get(function_id)
+        if cached is None:
             if function_bytes is None:
                 raise LookupError(f"function {function_id} was never sent to this worker")
-            fn = pickle.loads(function_bytes)
-            functions[function_id] = fn
+            cached = loads_with_sources(function_bytes)
+            functions.put(function_id, cached, len(function_bytes))
+        fn, sources = cached
     except Exception as exc:
         message = f"cannot deserialize the function {function_id}: {type(exc).__name__}: {exc}"
         channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
         return
     try:
-        args, kwargs = pickle.loads(args_bytes)
+        (args, kwargs), arg_sources = loads_with_sources(args_bytes)
+        if arg_sources:
+            sources = {**sources, **arg_sources}
     except Exception as exc:
         message = f"cannot deserialize the arguments: {type(exc).__name__}: {exc}"
         channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
@@ -109,7 +121,7 @@ def _run(
         # Drop this module's frame: the user wants their traceback, not ours.
         if exc.__traceback__ is not None:
             exc.__traceback__ = exc.__traceback__.tb_next
-        channel.send(("done", task_id, attempt, False, _failure(exc, _RAISED)))
+        channel.send(("done", task_id, attempt, False, _failure(exc, _RAISED, sources=sources)))
         return
     try:
         result = dumps_result(value)
@@ -127,7 +139,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = _take_stdio()
-    functions: dict[str, Callable[..., Any]] = {}
+    functions: Functions = LruCache(*WORKER_FUNCTION_CACHE)
     try:
         channel.send(("ready", os.getpid()))
         while (message := channel.receive()) is not None:

@@ -1,15 +1,82 @@
-"""Serialization of functions, arguments and results (cloudpickle), and content hashes."""
+"""Serialization of functions, arguments and results (cloudpickle), and content hashes.
+
+Remote tracebacks keep their source lines. Code pickled by value (a script's functions,
+closures, lambdas, modules registered with ``cloudpickle.register_pickle_by_value``)
+arrives on the worker without its source file, and cloudpickle 3.1.3 and later also name
+its file ``<dynamic-code>``. So the client ships each such code object's source lines with
+it: a function's payload (and an argument payload that holds code) is the cloudpickle
+stream, followed, when there is by-value code, by a second plain pickle of a
+:data:`SourceMap`. ``pickle.loads`` of a payload still returns the function alone (it stops
+at the first pickle's end); the worker reads both with :func:`loads_with_sources` and
+:func:`describe_exception` puts each frame's file name and line back.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import linecache
 import pickle
 import traceback
+import types
+import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
 
 from heartline._errors import SerializationError
+
+CodeKey = tuple[str, int, int]
+"""What names a code object on both sides: (qualified name, first line, crc32 of its bytecode)."""
+SourceMap = dict[CodeKey, tuple[str, dict[int, str]]]
+"""Code key -> (the file it was written in, {line number: source line})."""
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """A cloudpickle Pickler that notes every code object it pickles (all by value)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.codes: list[types.CodeType] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            self.codes.append(obj)
+            return NotImplemented  # cloudpickle's own reduction, unchanged
+        return super().reducer_override(obj)
+
+
+def code_key(code: types.CodeType) -> CodeKey:
+    return (code.co_qualname, code.co_firstlineno, zlib.crc32(code.co_code))
+
+
+def _source_map(codes: list[types.CodeType]) -> SourceMap:
+    """The source lines of each code object whose file can be read here."""
+    sources: SourceMap = {}
+    for code in codes:
+        lines = linecache.getlines(code.co_filename)
+        if not lines:
+            continue  # typed at a prompt, or the file is gone: nothing to ship
+        last = code.co_firstlineno
+        for _, end, _, _ in code.co_positions():
+            if end is not None and end > last:
+                last = end
+        wanted = range(code.co_firstlineno, min(last, len(lines)) + 1)
+        sources[code_key(code)] = (code.co_filename, {n: lines[n - 1] for n in wanted})
+    return sources
+
+
+def _dumps(obj: Any) -> bytes:
+    """cloudpickle ``obj``, followed by the source map of its by-value code, if any."""
+    buffer = io.BytesIO()
+    pickler = _SourcePickler(buffer)
+    pickler.dump(obj)
+    if pickler.codes:
+        sources = _source_map(pickler.codes)
+        if sources:
+            pickle.dump(sources, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    return buffer.getvalue()
 
 
 def dumps_function(fn: Any) -> bytes:
@@ -17,7 +84,7 @@ def dumps_function(fn: Any) -> bytes:
     if not callable(fn):
         raise SerializationError(f"{fn!r} is not callable")
     try:
-        return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        return _dumps(fn)
     except Exception as exc:
         raise SerializationError(f"cannot serialize function {_name(fn)}: {exc}") from exc
 
@@ -25,9 +92,25 @@ def dumps_function(fn: Any) -> bytes:
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a call's arguments as the tuple ``(args, kwargs)``."""
     try:
-        return cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        return _dumps((tuple(args), dict(kwargs)))
     except Exception as exc:
         raise SerializationError(f"cannot serialize arguments: {exc}") from exc
+
+
+def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
+    """Unpickle a function or argument payload and the source map that may follow it.
+
+    Raises:
+        Exception: whatever unpickling raises (the caller says which payload failed).
+    """
+    stream = io.BytesIO(data)
+    value = pickle.load(stream)
+    sources: SourceMap = {}
+    if stream.tell() < len(data):
+        found = pickle.load(stream)
+        if isinstance(found, dict):
+            sources = found
+    return value, sources
 
 
 def dumps_result(value: Any) -> bytes:
@@ -53,8 +136,14 @@ def function_id(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def describe_exception(exc: BaseException) -> tuple[str, str, str]:
-    """Return (qualified type name, message, traceback text) of an exception."""
+def describe_exception(
+    exc: BaseException, sources: SourceMap | None = None
+) -> tuple[str, str, str]:
+    """Return (qualified type name, message, traceback text) of an exception.
+
+    Frames of code that came by value get their file name and source line from
+    ``sources`` (see the module docstring).
+    """
     cls = type(exc)
     module = cls.__module__
     name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
@@ -63,10 +152,60 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str]:
     except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
         message = f"<unprintable {cls.__qualname__} object>"
     try:
-        tb = "".join(traceback.format_exception(exc))
+        report = traceback.TracebackException.from_exception(exc)
+        if sources:
+            _restore_sources(report, exc, sources, set())
+        tb = "".join(report.format())
     except Exception:  # noqa: BLE001 - same, for the traceback's last line
         tb = "".join(traceback.format_tb(exc.__traceback__)) + f"{name}: {message}\n"
     return name, message, tb
+
+
+def _restore_sources(
+    report: traceback.TracebackException, exc: BaseException, sources: SourceMap, seen: set[int]
+) -> None:
+    """Give the frames of by-value code in ``report`` (and its chain) their source back."""
+    if id(report) in seen:
+        return
+    seen.add(id(report))
+    frames = list(_frames(exc.__traceback__))
+    if len(frames) == len(report.stack):
+        for i, (code, summary) in enumerate(zip(frames, report.stack, strict=True)):
+            known = sources.get(code_key(code))
+            if known is None:
+                continue
+            filename, lines = known
+            line = lines.get(summary.lineno or 0)
+            if line is None:
+                continue
+            report.stack[i] = traceback.FrameSummary(
+                filename,
+                summary.lineno,
+                summary.name,
+                lookup_line=False,
+                line=line.rstrip("\n"),
+                end_lineno=summary.end_lineno,
+                colno=summary.colno,
+                end_colno=summary.end_colno,
+            )
+    for nested, cause in (
+        (report.__cause__, exc.__cause__),
+        (report.__context__, exc.__context__),
+    ):
+        if nested is not None and cause is not None:
+            _restore_sources(nested, cause, sources, seen)
+    for nested, member in zip(
+        getattr(report, "exceptions", None) or (),
+        getattr(exc, "exceptions", None) or (),
+        strict=False,
+    ):
+        _restore_sources(nested, member, sources, seen)
+
+
+def _frames(tb: types.TracebackType | None) -> Iterator[types.CodeType]:
+    while tb is not None:
+        yield tb.tb_frame.f_code
+        tb = tb.tb_next
 
 
 def _name(fn: Any) -> str:
