@@ -510,11 +510,16 @@ def _version() -> str:
 _VERSION = _version()
 
 
-def run_agent(config: AgentConfig) -> int:
+def run_agent(config: AgentConfig, *, stop_with_fd: int | None = None) -> int:
     """Run an agent in the foreground until SIGINT or SIGTERM (for the CLI).
 
     Prints one line to stderr once connected; logs go through :mod:`logging` (level
     from ``$HEARTLINE_LOG_LEVEL``, default WARNING, unless logging is already set up).
+
+    Args:
+        stop_with_fd: The read end of a pipe whose write end the parent holds
+            (``heartline up``): when it closes, because the parent ended in any way,
+            SIGKILL included, the agent stops as on SIGTERM.
 
     Returns:
         The process exit code: 0 after a clean stop, 1 if the server refused the agent.
@@ -528,16 +533,25 @@ def run_agent(config: AgentConfig) -> int:
     except ImportError:  # uvloop is optional where it does not build (Windows)
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve_foreground(config))
+        return runner.run(_serve_foreground(config, stop_with_fd))
 
 
-async def _serve_foreground(config: AgentConfig) -> int:
+async def _serve_foreground(config: AgentConfig, stop_with_fd: int | None = None) -> int:
     agent = Agent(config)
     ready = asyncio.Event()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if stop_with_fd is not None:
+
+        def parent_gone() -> None:
+            # Readable means end of file: nobody ever writes to this pipe.
+            loop.remove_reader(stop_with_fd)
+            logger.warning("event=parent-gone: stopping")
+            stop.set()
+
+        loop.add_reader(stop_with_fd, parent_gone)
 
     async def stop_on_signal() -> None:
         await stop.wait()
@@ -567,6 +581,8 @@ async def _serve_foreground(config: AgentConfig) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if stop_with_fd is not None:
+            loop.remove_reader(stop_with_fd)
     return code
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from heartline import _defaults
 
-# An endpoint name becomes a folder name, so it must be a safe path component.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _default_workers() -> int:
@@ -56,10 +53,8 @@ class AgentConfig:
     allowed is reported ERRORED and never run."""
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(
-                f"invalid endpoint name {self.name!r}: use letters, digits, '.', '_' or '-'"
-            )
+        if not _defaults.ENDPOINT_NAME.match(self.name):
+            raise ValueError(f"invalid endpoint name {self.name!r}: {_defaults.ENDPOINT_NAME_RULE}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
         if self.prefetch is not None and self.prefetch < 0:

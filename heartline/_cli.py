@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -82,15 +84,25 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
     from heartline.server import run_server
 
     _setup_logging(verbose)
-    config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate)
+    config = dataclasses.replace(
+        _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate),
+        endpoints=("local",),  # registered before health says SERVING: a submit is queued at once
+    )
     agent: list[subprocess.Popen] = []
+    # The agent watches the read end of this pipe; the write end closes when this process
+    # ends, however it ends (SIGKILL included), and the agent then stops.
+    lifeline, keep_open = os.pipe()
 
     def ready(address: str) -> None:
-        cmd = [sys.executable, "-m", "heartline", "endpoint", "start", "--name", "local", "--server", address]
+        cmd = [
+            sys.executable, "-m", "heartline", "endpoint", "start", "--name", "local",
+            "--server", address, "--stop-with-fd", str(lifeline),
+        ]  # fmt: skip
         if workers:
             cmd += ["--workers", str(workers)]
         # The agent gets its own process group so a Ctrl-C reaches it only through us.
-        agent.append(subprocess.Popen(cmd, start_new_session=True))
+        agent.append(subprocess.Popen(cmd, start_new_session=True, pass_fds=(lifeline,)))
+        os.close(lifeline)
         click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
         click.echo("endpoint 'local' starting; submit with Executor(endpoint=\"local\"). Ctrl-C stops both.")
 
@@ -109,6 +121,7 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
         code = run_server(config, ready, stop_agent)
     finally:
         stop_agent()
+        os.close(keep_open)
     sys.exit(code)
 
 
@@ -124,7 +137,8 @@ def endpoint() -> None:
 @click.option("--prefetch", type=int, default=None, help="Tasks queued beyond free workers [default: 4 x workers].")
 @click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def endpoint_start(name, server_address, workers, prefetch, token, verbose) -> None:  # noqa: ANN001
+@click.option("--stop-with-fd", type=int, default=None, hidden=True, help="Stop when this pipe closes (heartline up).")
+def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd) -> None:  # noqa: ANN001
     """Start an endpoint agent that runs tasks on this machine."""
     from heartline.endpoint import AgentConfig, run_agent
 
@@ -139,7 +153,7 @@ def endpoint_start(name, server_address, workers, prefetch, token, verbose) -> N
         if prefetch < 0:
             raise click.BadParameter("must be at least 0", param_hint="--prefetch")
         kwargs["prefetch"] = prefetch
-    sys.exit(run_agent(AgentConfig(**kwargs)))
+    sys.exit(run_agent(AgentConfig(**kwargs), stop_with_fd=stop_with_fd))
 
 
 register_operator_commands(main)

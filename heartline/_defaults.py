@@ -6,6 +6,7 @@ Server, agent, client and CLI import these; none of them writes its own copy.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 ENV_ADDRESS = "HEARTLINE_ADDRESS"
@@ -14,6 +15,10 @@ ENV_HOME = "HEARTLINE_HOME"
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 """Where the server listens, and where clients, agents and the CLI look for it."""
+
+ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A valid endpoint name (it also names the agent's folder, so it is a safe path part)."""
+ENDPOINT_NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 HEARTBEAT_INTERVAL = 5.0
 """Seconds between agent heartbeats; the server sends its own value in the welcome."""

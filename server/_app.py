@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from heartline.server._config import ServerConfig
 from heartline.server._core import ServerCore
 from heartline.server._endpoint_service import EndpointServicer
 from heartline.server._store import SqliteStore, Store
-from heartline.server._task_service import TaskServicer
+from heartline.server._task_service import ANONYMOUS, TaskServicer
 from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc, task_service_pb2, task_service_pb2_grpc
 
 log = logging.getLogger("heartline.server")
@@ -63,11 +64,18 @@ class Server:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    async def start(self) -> int:
-        """Open the store, restore unsettled tasks, start serving; return the bound port."""
+    async def start(self, before_serving: Callable[[str], object] | None = None) -> int:
+        """Open the store, restore unsettled tasks, start serving; return the bound port.
+
+        Health says SERVING only at the end, once the endpoints of ``config.endpoints``
+        are registered and ``before_serving(address)`` (if given) has returned: a probe
+        that sees SERVING may submit at once.
+        """
         self.config.effective_db_path.parent.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         await self.core.open()
+        for name in self.config.endpoints:
+            await self.core.ensure_endpoint(name, ANONYMOUS)
         limit = self.config.max_payload + _MESSAGE_HEADROOM
         server = grpc.aio.server(
             options=[
@@ -84,6 +92,8 @@ class Server:
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # The servicer starts out SERVING for "": not before we say so.
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         names = (
             task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
             endpoint_service_pb2.DESCRIPTOR.services_by_name["EndpointService"].full_name,
@@ -95,11 +105,13 @@ class Server:
         if not self.port:
             raise ConfigError(f"cannot listen on {self.config.listen}")
         await server.start()
-        for name in ("", *names[:2]):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._grpc = server
         self._timers = asyncio.create_task(self._run_timers())
         log.info("listening on %s", self.address)
+        if before_serving is not None:
+            before_serving(self.address)
+        for name in ("", *names[:2]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def _run_timers(self) -> None:
@@ -136,14 +148,13 @@ class Server:
 async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:  # noqa: ANN001
     """Run a server until SIGINT or SIGTERM.
 
-    ``ready(address)`` is called once it listens; ``before_stop()`` (blocking, run in a
+    ``ready(address)`` is called once it listens, before health says SERVING (so what it
+    starts, e.g. ``heartline up``'s agent, is under way by then); ``before_stop()`` (blocking, run in a
     thread) once a signal came, before the server stops. Returns False if the server
     stopped because it failed (see ServerCore.failed).
     """
     server = Server(config)
-    await server.start()
-    if ready is not None:
-        ready(server.address)
+    await server.start(before_serving=ready)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

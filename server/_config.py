@@ -24,6 +24,9 @@ class ServerConfig:
     """Seconds an ERRORED task waits for a retry before it becomes FAILED."""
     result_retention: float = 7 * 24 * 3600.0
     """Seconds a settled task keeps its payloads before they are purged."""
+    endpoints: tuple[str, ...] = ()
+    """Endpoint names registered at start, before health says SERVING (``heartline up``:
+    ``("local",)``), so a submit to them is queued even before their agent connects."""
     insecure_no_auth: bool = False
     """Allow listening on a non-loopback address without authentication."""
     validate: bool = False

@@ -338,6 +338,17 @@ class ServerCore:
         await asyncio.shield(self._write(WriteBatch(endpoints=(row,))))
         self.endpoints[row.endpoint_id] = row
 
+    async def ensure_endpoint(self, name: str, owner: str) -> tuple[EndpointRow, bool]:
+        """The owner's endpoint of this name, registered (durably) if it is new; and
+        whether it was."""
+        for row in self.endpoints.values():
+            if row.name == name and row.owner == owner:
+                return row, False
+        row = EndpointRow(str(uuid.uuid4()), name, owner, time.time())
+        await self.register_endpoint(row)
+        log.info("event=endpoint-registered name=%s endpoint_id=%s", row.name, row.endpoint_id)
+        return row, True
+
     async def run_timers(self) -> None:
         """Heartbeat checks and retention, until cancelled."""
         interval = max(0.05, self.config.heartbeat_interval / 2)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 
 import grpc
 
+from heartline._defaults import ENDPOINT_NAME, ENDPOINT_NAME_RULE
 from heartline.server._convert import error_from_proto, state_from_proto
 from heartline.server._core import AgentConnection, ServerCore
 from heartline.server._events import (
@@ -20,12 +19,10 @@ from heartline.server._events import (
     HeldTask,
     StatusReport,
 )
-from heartline.server._model import EndpointRow
 from heartline.server._task_service import ANONYMOUS
 from heartline.v1 import endpoint_service_pb2 as pb, endpoint_service_pb2_grpc
 
 log = logging.getLogger("heartline.server")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_CAPACITY = 100_000
 
 
@@ -38,18 +35,12 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
 
     async def RegisterEndpoint(self, request, context):  # noqa: N802, ANN001
         owner = self._owner(context)
-        if not _NAME.match(request.name):
+        if not ENDPOINT_NAME.match(request.name):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"invalid endpoint name {request.name!r}: use 1-64 letters, digits, '.', '_' "
-                "or '-', starting with a letter or digit",
+                f"invalid endpoint name {request.name[:80]!r}: {ENDPOINT_NAME_RULE}",
             )
-        for row in self.core.endpoints.values():
-            if row.name == request.name and row.owner == owner:
-                return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
-        row = EndpointRow(str(uuid.uuid4()), request.name, owner, time.time())
-        await self.core.register_endpoint(row)
-        log.info("endpoint registered name=%s id=%s", row.name, row.endpoint_id)
+        row, _ = await self.core.ensure_endpoint(request.name, owner)
         return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
 
     async def Connect(self, request_iterator, context):  # noqa: N802, ANN001
