@@ -147,7 +147,7 @@ class AsyncClient(ClientBase):
         try:
             return await getattr(stub, name)(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
-            raise rpc_error_from_grpc(err) from err
+            raise rpc_error_from_grpc(err, self.address) from err
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a background task owned by this client (cancelled on close)."""
@@ -394,7 +394,7 @@ class AsyncClient(ClientBase):
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
-                error = rpc_error_from_grpc(err)
+                error = rpc_error_from_grpc(err, self.address)
                 if err.code() in _FATAL_WATCH_CODES and named:
                     self._fail_waiters(error, self._waiting(named))
                 raise error from err
@@ -505,7 +505,7 @@ class AsyncClient(ClientBase):
                         return
             except grpc.aio.AioRpcError as err:
                 if err.code() in _FATAL_WATCH_CODES:
-                    self._fail_waiters(rpc_error_from_grpc(err), waiting)
+                    self._fail_waiters(rpc_error_from_grpc(err, self.address), waiting)
                     return
             finally:
                 call.cancel()

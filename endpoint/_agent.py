@@ -193,7 +193,7 @@ class Agent:
                     logger.error("event=refused server=%s error=%s", self._config.server, self._fatal)
                     self._stop_requested.set()
                     return
-                reason = f"{err.code().name}: {err.details()}"
+                reason = str(rpc_error_from_grpc(err, self._config.server))
             except _StreamLost as exc:
                 reason = str(exc)
             except Exception as exc:  # noqa: BLE001 - a bug must not end the agent

@@ -10,7 +10,7 @@
     │   ├── UnauthenticatedError      UNAUTHENTICATED
     │   ├── FailedPreconditionError   FAILED_PRECONDITION (e.g. a refused transition)
     │   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED (e.g. a payload over the limit)
-    │   └── UnavailableError          UNAVAILABLE (server not reachable)
+    │   └── UnavailableError          UNAVAILABLE (e.g. no server answers at the address)
     ├── SerializationError            a function, its arguments or a result could not be pickled
     ├── TaskFailedError               a task settled without a result (cancelled, failed, skipped)
     │   └── RemoteError               the task's function raised; keeps the remote type name,
@@ -37,6 +37,8 @@ class RPCError(HeartlineError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = message
+        """gRPC's own text of the status (``message`` may say it in plainer words)."""
         if code is not None:
             self.code = code
 
@@ -132,9 +134,44 @@ _BY_CODE: dict[grpc.StatusCode, type[RPCError]] = {
 }
 
 
-def rpc_error_from_grpc(err: grpc.RpcError) -> RPCError:
-    """Map a grpc error (sync or aio) to the matching :class:`RPCError` subclass."""
+# What gRPC says when nothing answers at an address, and how to say it to a person.
+_UNREACHABLE = (
+    ("connection refused", "connection refused"),
+    ("errors resolving", "the host name does not resolve"),
+    ("dns resolution failed", "the host name does not resolve"),
+    ("failed to connect to all addresses", "cannot connect"),
+    ("connection timed out", "the connection timed out"),
+    ("network is unreachable", "the network is unreachable"),
+)
+
+
+def unreachable_message(address: str, details: str) -> str | None:
+    """A message a newcomer can act on when no server answers at ``address``; None when
+    ``details`` (gRPC's text of an UNAVAILABLE) says something else."""
+    lowered = details.lower()
+    reason = next((why for needle, why in _UNREACHABLE if needle in lowered), None)
+    if reason is None:
+        return None
+    return (
+        f"no heartline server answers at {address} ({reason}). Start one with `heartline up` "
+        "(or `heartline server`), or point at another with --server HOST:PORT or "
+        "HEARTLINE_ADDRESS"
+    )
+
+
+def rpc_error_from_grpc(err: grpc.RpcError, address: str | None = None) -> RPCError:
+    """Map a grpc error (sync or aio) to the matching :class:`RPCError` subclass.
+
+    With the ``address`` called, a server that is not there is said in plain words
+    (gRPC's own text stays in ``.details``).
+    """
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    details = details or ""
+    message = details or code.name
+    if address is not None and code == grpc.StatusCode.UNAVAILABLE:
+        message = unreachable_message(address, details) or message
     cls = _BY_CODE.get(code, RPCError)
-    return cls(details or code.name, code)
+    error = cls(message, code)
+    error.details = details
+    return error
