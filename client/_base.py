@@ -8,6 +8,7 @@ Nothing here awaits or touches a socket; :mod:`._async` is the only I/O layer an
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 import uuid
 import weakref
@@ -148,6 +149,7 @@ class FunctionCache:
 
         Raises:
             SerializationError: ``fn`` is not callable or cannot be pickled.
+            InvalidArgumentError: ``fn`` is a generator or async generator function.
         """
         try:
             hit = self._weak.get(fn)
@@ -158,6 +160,12 @@ class FunctionCache:
             hit = None
         if hit is not None:
             return hit
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            # A generator's values can't be streamed back; refuse before anything is sent.
+            raise InvalidArgumentError(
+                f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a task returns "
+                "one value, so return a list (or submit one task per item) instead"
+            )
         payload = dumps_function(fn)
         entry = (function_id(payload), payload)
         with self._lock:

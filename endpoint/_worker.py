@@ -10,14 +10,18 @@ pickled tuple.
 - worker -> agent ``("done", task_id, attempt, True, result_bytes)`` or
   ``("done", task_id, attempt, False, (type_name, message, traceback, failure_kind))``
 
-The worker exits when its stdin closes (the agent is gone).
+The worker exits when its stdin closes (the agent is gone). A function that returns a
+coroutine (an ``async def``) is run to its end on the worker's one event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import sys
+import types
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -117,10 +121,11 @@ def _run(
     channel.send(("start", task_id, attempt))
     try:
         value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            value = _event_loop().run_until_complete(value)
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a task is the task's error
-        # Drop this module's frame: the user wants their traceback, not ours.
-        if exc.__traceback__ is not None:
-            exc.__traceback__ = exc.__traceback__.tb_next
+        # The user wants their traceback, not ours (nor asyncio's, for a coroutine).
+        exc.__traceback__ = _from_user_code(exc.__traceback__)
         channel.send(("done", task_id, attempt, False, _failure(exc, _RAISED, sources=sources)))
         return
     try:
@@ -129,6 +134,38 @@ def _run(
         channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION)))
         return
     channel.send(("done", task_id, attempt, True, result))
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """This worker's one event loop, made on first use and reused by every coroutine task,
+    so a task may await I/O; cancel and walltime end the whole worker, loop included."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop
+
+
+_OURS = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep)
+
+
+def _from_user_code(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """Skip the frames of this module and of the event loop that ran a coroutine.
+
+    By file, not by module name: run with ``-m`` this module is ``__main__``, and so is
+    a function the client sent from its own script.
+    """
+    first = tb.tb_next if tb is not None else None
+    entry = first
+    while entry is not None:
+        filename = entry.tb_frame.f_code.co_filename
+        if filename != _OURS[0] and not filename.startswith(_OURS[1]):
+            return entry
+        entry = entry.tb_next
+    return first
 
 
 def main() -> None:
