@@ -1,23 +1,161 @@
-"""Fixtures: a real server process on a free loopback port with a real SQLite file,
-and real endpoint agent processes, all stopped by PID at the end of each test."""
+"""The one test stack: a real server process on a free loopback port with a real SQLite
+file, and real endpoint agent processes.
+
+- per test: ``home``, ``server``, ``start_agent`` (a factory), ``agent``, ``hc``;
+- per module: ``stack`` (one server and a ``local`` agent shared by the module's tests;
+  a module overrides ``stack_workers`` to size that agent);
+- plain functions for tests that start or restart processes themselves:
+  ``launch_server``, ``relaunch_server``, ``launch_agent``, ``Stack``.
+
+Every process started through ``tests.helpers.start_process`` (so every server and agent
+above) is stopped by PID at teardown of the test or module that owns it, and its output
+is checked for ``event=loop-blocked``: a blocked event loop fails the test that saw it
+(a module stack's processes are checked after each test, and once more when the module
+ends). No test has to remember to ask for the check.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, assert_eventually, heartline_cmd, start_process
+from heartline import Client
+from heartline._watchdog import watch_loop
+from tests.helpers import (
+    PROCESSES,
+    Proc,
+    assert_eventually,
+    endpoint_online,
+    heartline_cmd,
+    start_process,
+    tail,
+)
+
+__all__ = [
+    "HEARTBEAT",
+    "ServerProc",
+    "Stack",
+    "assert_loop_never_blocked",
+    "endpoint_online",
+    "launch_agent",
+    "launch_server",
+    "relaunch_server",
+]
 
 HEARTBEAT = 0.2  # seconds; the tests' servers run with short heartbeats
 
 
+# --------------------------------------------------------------------------- the check
+
+
 def assert_loop_never_blocked(proc: Proc) -> None:
-    """Fail if the process's event-loop watchdog saw a blocking call."""
-    stalls = [line for line in proc.output if "event=loop-blocked" in line]
-    assert not stalls, f"the event loop was blocked: {stalls}"
+    """Fail if the process's event-loop watchdog saw a blocking call (a stall that a
+    SIGSTOP the test sent explains is none; see ``Proc.stalls``)."""
+    stalls = proc.stalls()
+    assert not stalls, f"the event loop of pid {proc.pid} was blocked: {stalls}\n{tail(proc)}"
+
+
+class ProcessGroup:
+    """Processes one fixture owns: stopped (newest first) and checked at its teardown."""
+
+    def __init__(self, what: str, procs: list[Proc] | None = None) -> None:
+        self.what = what
+        self.procs: list[Proc] = []
+        for proc in procs or ():
+            self.adopt(proc)
+
+    def adopt(self, proc: Proc) -> Proc:
+        proc.owner = self
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> list[str]:
+        """Stop every process; return what each logged of a blocked event loop."""
+        problems = []
+        try:
+            for proc in reversed(self.procs):
+                proc.stop()
+        finally:
+            for proc in self.procs:
+                proc.drain()
+                stalls = proc.stalls(since=proc.checked)
+                proc.checked = len(proc.output)
+                PROCESSES.done(proc)
+                if stalls:
+                    problems.append(f"pid {proc.pid}: {stalls}\n{tail(proc)}")
+            self.procs = []
+        return problems
+
+    def close_and_check(self) -> None:
+        problems = self.close()
+        assert not problems, f"a blocked event loop in {self.what}:\n" + "\n".join(problems)
+
+
+def _check_running(procs: list[Proc]) -> list[str]:
+    """The new stall lines of processes that keep running (a module stack's)."""
+    problems = []
+    for proc in procs:
+        upto = len(proc.output)
+        stalls = proc.stalls(since=proc.checked, until=upto)
+        proc.checked = upto
+        if stalls:
+            problems.append(f"pid {proc.pid} ({getattr(proc.owner, 'what', '?')}): {stalls}")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def _processes_checked() -> Iterator[None]:
+    """Stop the processes this test (or its function-scoped fixtures) started, and fail the
+    test if any of them, or a longer-lived process while the test ran, blocked its loop."""
+    first = PROCESSES.started
+    yield
+    mine = ProcessGroup("this test", PROCESSES.started_since(first))
+    others = [p for p in PROCESSES.unchecked if p.owner is not mine]
+    problems = mine.close()
+    problems += _check_running(others)
+    assert not problems, "a blocked event loop while this test ran:\n" + "\n".join(problems)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left() -> Iterator[None]:
+    """Stops and checks whatever no test or module claimed (e.g. a failed module setup's)."""
+    yield
+    ProcessGroup(
+        "processes left at the end of the session", PROCESSES.started_since(0)
+    ).close_and_check()
+
+
+@pytest.fixture
+async def loop_watchdog() -> AsyncIterator[None]:
+    """For in-process servers and worker pools: runs the event-loop watchdog on the test's
+    own loop and fails the test if it saw a blocking call."""
+    stalls: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stalls.append(record.getMessage())
+
+    logger = logging.getLogger("heartline.watchdog")
+    handler, level = Collect(logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    watchdog = asyncio.ensure_future(watch_loop())
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert not stalls, f"the test's event loop was blocked: {stalls}"
+
+
+# --------------------------------------------------------------------------- processes
 
 
 @dataclass
@@ -27,13 +165,19 @@ class ServerProc:
     db: Path
     home: Path
     args: list[str] = field(default_factory=list)
+    extra: tuple[str, ...] = ()
+    validate: bool = True
 
     @property
     def env(self) -> dict[str, str]:
         return {"HEARTLINE_ADDRESS": self.address, "HEARTLINE_HOME": str(self.home)}
 
 
-def launch_server(home: Path, db: Path, listen: str = "127.0.0.1:0", *extra: str) -> ServerProc:
+def launch_server(
+    home: Path, db: Path, listen: str = "127.0.0.1:0", *extra: str, validate: bool = True
+) -> ServerProc:
+    """Start ``heartline server`` (with ``--validate`` unless told otherwise) and wait until
+    it listens."""
     args = heartline_cmd(
         "server",
         "--listen",
@@ -42,13 +186,116 @@ def launch_server(home: Path, db: Path, listen: str = "127.0.0.1:0", *extra: str
         str(db),
         "--heartbeat-interval",
         str(HEARTBEAT),
-        "--validate",
+        *(["--validate"] if validate else []),
         *extra,
     )
     proc = start_process(args, env={"HEARTLINE_HOME": str(home)})
-    line = proc.wait_for_line("listening on")
+    try:
+        line = proc.wait_for_line("listening on")
+    except BaseException:
+        proc.kill()
+        raise
     address = line.split("listening on", 1)[1].split()[0]
-    return ServerProc(proc, address, db, home, args)
+    return ServerProc(proc, address, db, home, args, extra, validate)
+
+
+def relaunch_server(old: ServerProc, *, validate: bool | None = None) -> ServerProc:
+    """A new server on ``old``'s store, address and home, with its options (and
+    ``--validate`` as ``validate`` says, else as before); ``old`` must be gone."""
+    new = launch_server(
+        old.home,
+        old.db,
+        old.address,
+        *old.extra,
+        validate=old.validate if validate is None else validate,
+    )
+    assert new.address == old.address, (new.address, old.address)
+    return new
+
+
+def launch_agent(
+    address: str, home: Path, name: str = "local", workers: int = 2, *extra: str
+) -> Proc:
+    """Start ``heartline endpoint start`` (it does not wait for the agent to connect)."""
+    proc = start_process(
+        heartline_cmd(
+            "endpoint",
+            "start",
+            "--name",
+            name,
+            "--server",
+            address,
+            "--workers",
+            str(workers),
+            *extra,
+        ),
+        env={"HEARTLINE_HOME": str(home)},
+    )
+    proc.name = name
+    return proc
+
+
+@dataclass
+class Stack:
+    """A server and the agents started on it. With an ``owner``, the processes belong to
+    that group (a module's stack); without, to the test that starts them."""
+
+    server: ServerProc
+    agents: list[Proc] = field(default_factory=list)
+    owner: ProcessGroup | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def home(self) -> Path:
+        return self.server.home
+
+    def start_agent(
+        self, name: str = "local", workers: int = 2, *extra: str, wait: bool = True
+    ) -> Proc:
+        """Start an agent of endpoint ``name``; with ``wait``, return once it is connected."""
+        before = sum(1 for p in self.agents if p.popen.poll() is None and p.name == name)
+        proc = launch_agent(self.address, self.home, name, workers, *extra)
+        if self.owner is not None:
+            self.owner.adopt(proc)
+        self.agents.append(proc)
+        if wait:
+            assert_eventually(
+                lambda: endpoint_online(self.address, name, before + 1),
+                timeout=30,
+                message=f"agent for {name!r} online\n{tail(proc)}",
+            )
+        return proc
+
+    def solo_endpoint(self) -> str:
+        """A fresh endpoint served by one agent with 1 worker and no prefetch, so a task
+        is queued at the server whenever another one runs."""
+        import uuid
+
+        name = f"solo-{uuid.uuid4().hex[:8]}"
+        self.start_agent(name, 1, "--prefetch", "0")
+        return name
+
+    def stop_agents(self) -> None:
+        for proc in reversed(self.agents):
+            proc.stop()
+
+
+def _loopback_only(mp: pytest.MonkeyPatch) -> None:
+    # gRPC honours http_proxy; tests talk to loopback only.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
+        mp.delenv(var, raising=False)
+    mp.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    _loopback_only(monkeypatch)
+
+
+# --------------------------------------------------------------------------- per test
 
 
 @pytest.fixture
@@ -63,52 +310,17 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def server(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerProc]:
     srv = launch_server(home, tmp_path / "heartline.db")
     monkeypatch.setenv("HEARTLINE_ADDRESS", srv.address)
-    try:
-        yield srv
-    finally:
-        srv.proc.stop()
-    assert_loop_never_blocked(srv.proc)
-
-
-def endpoint_online(address: str, name: str, agents: int = 1) -> bool:
-    from heartline import Client
-
-    with Client(address) as hc:
-        for ep in hc.list_endpoints():
-            if ep.name == name:
-                return ep.online and len(ep.agents) >= agents
-    return False
+    yield srv
+    srv.proc.stop()  # checked for a blocked loop by _processes_checked
 
 
 @pytest.fixture
-def start_agent(server: ServerProc, home: Path) -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
-
-    def start(name: str = "local", workers: int = 2, *extra: str, wait: bool = True) -> Proc:
-        before = sum(1 for p in started if p.popen.poll() is None and getattr(p, "name", None) == name)
-        proc = start_process(
-            heartline_cmd(
-                "endpoint", "start", "--name", name, "--server", server.address, "--workers", str(workers), *extra
-            ),
-            env={"HEARTLINE_HOME": str(home)},
-        )
-        proc.name = name  # type: ignore[attr-defined]
-        started.append(proc)
-        if wait:
-            assert_eventually(
-                lambda: endpoint_online(server.address, name, before + 1),
-                timeout=30,
-                message=f"agent for {name!r} online",
-            )
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            proc.stop()
-    for proc in started:
-        assert_loop_never_blocked(proc)
+def start_agent(server: ServerProc) -> Iterator[Callable[..., Proc]]:
+    """``start(name="local", workers=2, *extra, wait=True) -> Proc``: an agent of the test's
+    server; with ``wait``, returns once it is connected."""
+    agents = Stack(server)
+    yield agents.start_agent
+    agents.stop_agents()  # before the server stops; checked by _processes_checked
 
 
 @pytest.fixture
@@ -117,10 +329,42 @@ def agent(start_agent: Callable[..., Proc]) -> Proc:
     return start_agent("local", 2)
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # gRPC honours http_proxy; tests talk to loopback only.
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+@pytest.fixture
+def hc(request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A Client of the test's server: the function-scoped ``server`` if the test uses it,
+    else the module's ``stack``."""
+    target = request.getfixturevalue("server" if "server" in request.fixturenames else "stack")
+    with Client(target.address) as client:
+        yield client
 
+
+# --------------------------------------------------------------------------- per module
+
+
+@pytest.fixture(scope="module")
+def stack_workers() -> int:
+    """Workers of the module stack's ``local`` agent; a module overrides this fixture."""
+    return 4
+
+
+@pytest.fixture(scope="module")
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, stack_workers: int
+) -> Iterator[Stack]:
+    """One server and one agent of the endpoint ``local`` shared by the tests of a module;
+    ``Stack.start_agent`` / ``solo_endpoint`` add agents that live as long as it."""
+    base = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    home = base / "home"
+    home.mkdir()
+    group = ProcessGroup(f"the stack of {request.module.__name__}")
+    with pytest.MonkeyPatch.context() as mp:
+        _loopback_only(mp)
+        mp.setenv("HEARTLINE_HOME", str(home))
+        try:
+            srv = launch_server(home, base / "heartline.db")
+            group.adopt(srv.proc)
+            running = Stack(srv, owner=group)
+            running.start_agent("local", stack_workers)
+            yield running
+        finally:
+            group.close_and_check()

@@ -17,7 +17,8 @@ import pytest
 import heartline
 from heartline import Client, Executor, TaskState
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
-from tests.test_e2e import Stack, running_stack, start_blocker
+from tests.conftest import Stack
+from tests.helpers import start_blocker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -26,15 +27,9 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("bad-input"), local_workers=2) as running:
-        yield running
-
-
-@pytest.fixture
-def hc(stack: Stack) -> Iterator[Client]:
-    with Client(stack.address) as client:
-        yield client
+def stack_workers() -> int:
+    """The module's ``stack`` (tests/conftest.py) runs ``local`` with 2 workers."""
+    return 2
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ import pytest
 import heartline
 from heartline import Client, TaskState
 from heartline.server._scheduler import _TRANSITIONS
-from tests.conftest import ServerProc, launch_server
-from tests.helpers import Proc, assert_eventually, heartline_cmd, start_process
+from tests.conftest import ServerProc, launch_agent, launch_server, relaunch_server
+from tests.helpers import Proc, assert_eventually, tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -86,20 +86,7 @@ class Chaos:
 
     def start_agent(self) -> Proc:
         extra = ["--prefetch", str(self.rng.choice([0, 2, 6]))]
-        proc = start_process(
-            heartline_cmd(
-                "endpoint",
-                "start",
-                "--name",
-                ENDPOINT,
-                "--server",
-                self.address,
-                "--workers",
-                str(WORKERS),
-                *extra,
-            ),
-            env={"HEARTLINE_HOME": str(self.home)},
-        )
+        proc = launch_agent(self.address, self.home, ENDPOINT, WORKERS, *extra)
         self.agents.append(proc)
         self.note(f"start agent {proc.pid} {extra}")
         return proc
@@ -124,7 +111,7 @@ class Chaos:
         self.server.proc.kill()
         self.dead_servers.append(self.server)
         self.note(f"SIGKILL server {self.server.proc.pid}")
-        self.server = launch_server(self.home, self.db, self.address)
+        self.server = relaunch_server(self.server)
         self.note(f"server back as {self.server.proc.pid}")
 
     def stop_all(self) -> None:
@@ -133,12 +120,8 @@ class Chaos:
         self.server.proc.stop()
 
     def logs(self, lines: int = 40) -> str:
-        parts = ["--- chaos log:", *self.log]
-        procs = [s.proc for s in (*self.dead_servers, self.server)] + self.dead_agents + self.agents
-        for proc in procs:
-            parts.append(f"--- pid {proc.pid} (exit {proc.popen.poll()}):")
-            parts.extend(proc.text().splitlines()[-lines:])
-        return "\n".join(parts)
+        procs = [*self.dead_servers, self.server, *self.dead_agents, *self.agents]
+        return "\n".join(["--- chaos log:", *self.log, tail(*procs, lines=lines)])
 
     # -- workload
 
@@ -304,9 +287,6 @@ def test_chaos_settles_every_task_exactly_once(
     # HEARTLINE_CHAOS_SEED to explore others.
     seed = int(os.environ.get("HEARTLINE_CHAOS_SEED") or DEFAULT_SEED)
     print(f"chaos seed {seed} (replay with HEARTLINE_CHAOS_SEED={seed})")
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     chaos = Chaos(tmp_path, random.Random(seed))
     monkeypatch.setenv("HEARTLINE_ADDRESS", chaos.address)
     try:

@@ -8,15 +8,14 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import cloudpickle
 import pytest
 
 import heartline
 from heartline import Client, TaskState
-from tests.helpers import run_cli
-from tests.test_e2e import Stack, running_stack, start_blocker, wait_state
+from tests.conftest import Stack
+from tests.helpers import run_cli, start_blocker, wait_state
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -24,15 +23,9 @@ TIMEOUT = 20.0
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("cli"), local_workers=2) as running:
-        yield running
-
-
-@pytest.fixture
-def hc(stack: Stack) -> Iterator[Client]:
-    with Client(stack.address) as client:
-        yield client
+def stack_workers() -> int:
+    """The module's ``stack`` (tests/conftest.py) runs ``local`` with 2 workers."""
+    return 2
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -234,4 +227,4 @@ def test_wait_on_held_task_times_out_cleanly(stack: Stack, hc: Client) -> None:
     assert len(errors) == 1 and out.stderr.strip().splitlines()[-1] == errors[0], out.stderr
     assert tid in errors[0] and "0.5" in errors[0], errors[0]
     hc.cancel([tid])
-    wait_state(hc, tid, TaskState.CANCELLED)
+    wait_state(hc, tid, TaskState.CANCELLED, timeout=TIMEOUT)

@@ -25,8 +25,8 @@ import heartline.client._async as client_async
 from heartline.client import AsyncClient, Client, Executor
 from heartline.client._base import MAX_IDS
 from heartline.v1 import task_pb2
-from tests.conftest import HEARTBEAT, ServerProc, assert_loop_never_blocked
-from tests.helpers import Proc, assert_eventually, heartline_cmd, start_process
+from tests.conftest import ServerProc, relaunch_server
+from tests.helpers import Proc, assert_eventually
 from tests.test_client_unit import FakeServer, FakeTaskService, fake_auto  # noqa: F401 - a fixture
 
 # The functions below run on the agent's workers; ship them by value.
@@ -58,25 +58,6 @@ def watched_ids(service: FakeTaskService, since: int = 0) -> list[str]:
 # ------------------------------------------------------------------------ real server
 
 
-def relaunch_server(old: ServerProc) -> ServerProc:
-    """Start a server on ``old``'s store and address, like ``conftest.launch_server`` but
-    without ``--validate``: that full-state check on every scheduler step makes running
-    10,000 tasks take ~40 s, and what these tests exercise is the client."""
-    args = heartline_cmd(
-        "server",
-        "--listen",
-        old.address,
-        "--db",
-        str(old.db),
-        "--heartbeat-interval",
-        str(HEARTBEAT),
-    )
-    proc = start_process(args, env={"HEARTLINE_HOME": str(old.home)})
-    line = proc.wait_for_line("listening on")
-    assert old.address in line, line
-    return ServerProc(proc, old.address, old.db, old.home, args)
-
-
 def test_server_limit_is_the_clients_limit() -> None:
     from heartline.server._task_service import MAX_IDS as SERVER_MAX_IDS
 
@@ -88,40 +69,37 @@ def test_more_than_max_ids_pending_across_a_server_restart_all_resolve(
 ) -> None:
     n = MAX_IDS + 50
     start_agent("local", 2)
-    restarted: ServerProc | None = None
-    try:
-        with Client(server.address) as hc:
-            ids = hc.submit_batch("local", [(echo, (i,), {}) for i in range(n)], held=True)
-            assert len(set(ids)) == n
-            aclient = hc._async
-            assert aclient._watch_live
+    with Client(server.address) as hc:
+        ids = hc.submit_batch("local", [(echo, (i,), {}) for i in range(n)], held=True)
+        assert len(set(ids)) == n
+        aclient = hc._async
+        assert aclient._watch_live
 
-            server.proc.kill()
-            # The client's session stream breaks; it retries with backoff meanwhile.
-            assert_eventually(
-                lambda: not aclient._watch_live, timeout=TIMEOUT, message="watch broken"
-            )
-            restarted = relaunch_server(server)
+        server.proc.kill()
+        # The client's session stream breaks; it retries with backoff meanwhile.
+        assert_eventually(
+            lambda: not aclient._watch_live, timeout=TIMEOUT, message="watch broken"
+        )
+        # Without --validate: that full-state check on every scheduler step makes running
+        # 10,000 tasks take ~40 s, and what this test exercises is the client. The restarted
+        # server is stopped and checked for a blocked loop like every other (conftest).
+        relaunch_server(server, validate=False)
 
-            # The reopened watches name every one of the n unresolved tasks, in requests
-            # the server accepts: the session watch is live again and no wait failed.
-            assert_eventually(
-                lambda: aclient._watch_live, timeout=TIMEOUT, message="watch reopened"
-            )
-            failed = [f for f in list(aclient._waiters.values()) if f.done()]
-            assert not failed, f"{len(failed)} waits failed, e.g. {failed[0].exception()!r}"
+        # The reopened watches name every one of the n unresolved tasks, in requests
+        # the server accepts: the session watch is live again and no wait failed.
+        assert_eventually(
+            lambda: aclient._watch_live, timeout=TIMEOUT, message="watch reopened"
+        )
+        failed = [f for f in list(aclient._waiters.values()) if f.done()]
+        assert not failed, f"{len(failed)} waits failed, e.g. {failed[0].exception()!r}"
 
-            for i in range(0, n, MAX_IDS // 2):  # release takes at most MAX_IDS ids too
-                hc.release(ids[i : i + MAX_IDS // 2])
-            deadline = time.monotonic() + TIMEOUT
-            results = [
-                hc.get_result(tid, timeout=max(0.1, deadline - time.monotonic())) for tid in ids
-            ]
-            assert results == list(range(n))
-    finally:
-        if restarted is not None:
-            restarted.proc.stop()
-            assert_loop_never_blocked(restarted.proc)
+        for i in range(0, n, MAX_IDS // 2):  # release takes at most MAX_IDS ids too
+            hc.release(ids[i : i + MAX_IDS // 2])
+        deadline = time.monotonic() + TIMEOUT
+        results = [
+            hc.get_result(tid, timeout=max(0.1, deadline - time.monotonic())) for tid in ids
+        ]
+        assert results == list(range(n))
 
 
 async def test_a_client_that_never_asks_keeps_at_most_the_cap(

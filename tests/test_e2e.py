@@ -5,21 +5,16 @@ batch, and hold / release / cancel of queued and running tasks."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import cloudpickle
 import pytest
 
 import heartline
 from heartline import Client, Executor, TaskState
-from tests.conftest import ServerProc, endpoint_online, launch_server
-from tests.helpers import Proc, assert_eventually, heartline_cmd, start_process
+from tests.conftest import Stack
+from tests.helpers import assert_eventually, start_blocker, wait_state
 
 # The functions below run on the agents' worker processes; ship them by value so the
 # workers need not import this test module.
@@ -27,72 +22,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TIMEOUT = 20.0  # bound of every wait for a task; far above what any task here needs
 
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@dataclass
-class Stack:
-    """One server shared by the tests of this module, and the agents started on it."""
-
-    server: ServerProc
-    agents: list[Proc] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def start_agent(self, name: str, workers: int, *extra: str) -> Proc:
-        proc = start_process(
-            heartline_cmd(
-                "endpoint", "start", "--name", name, "--server", self.address, "--workers", str(workers), *extra
-            ),
-            env={"HEARTLINE_HOME": str(self.server.home), "no_proxy": "127.0.0.1,localhost"},
-        )
-        self.agents.append(proc)
-        assert_eventually(lambda: endpoint_online(self.address, name), timeout=30, message=f"agent {name!r} online")
-        return proc
-
-    def solo_endpoint(self) -> str:
-        """A fresh endpoint served by one agent with 1 worker and no prefetch, so a task
-        is queued at the server whenever another one runs."""
-        name = f"solo-{uuid.uuid4().hex[:8]}"
-        self.start_agent(name, 1, "--prefetch", "0")
-        return name
-
-
-@contextlib.contextmanager
-def running_stack(base: Path, local_workers: int = 4) -> Iterator[Stack]:
-    """A server on a free loopback port with its SQLite file under ``base``, and one agent
-    of the endpoint ``local``; everything is stopped by PID on exit."""
-    home = base / "home"
-    home.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
-            mp.delenv(var, raising=False)
-        mp.setenv("no_proxy", "127.0.0.1,localhost")
-        mp.setenv("HEARTLINE_HOME", str(home))
-        srv = launch_server(home, base / "heartline.db")
-        stack = Stack(srv)
-        try:
-            stack.start_agent("local", local_workers)
-            yield stack
-        finally:
-            for proc in stack.agents:
-                proc.stop()
-            srv.proc.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("e2e")) as running:
-        yield running
-
-
-@pytest.fixture
-def hc(stack: Stack) -> Iterator[Client]:
-    with Client(stack.address) as client:
-        yield client
+# The module shares one server and one agent of "local" with 4 workers: the ``stack``
+# fixture of tests/conftest.py (``hc`` is a Client of it).
 
 
 # --------------------------------------------------------------------------- remote functions
@@ -112,28 +43,8 @@ def explode(x: int) -> int:
     raise ValueError(f"bad value {x}")  # the line the remote traceback must show
 
 
-def block(seconds: float) -> str:
-    time.sleep(seconds)
-    return "finished"
-
-
 def state_of(hc: Client, tid: str) -> TaskState:
     return hc.get_task(tid, history=False).state
-
-
-def wait_state(hc: Client, tid: str, state: TaskState, timeout: float = TIMEOUT) -> None:
-    def check() -> None:
-        now = state_of(hc, tid)
-        assert now is state, f"task {tid} is {now.value}, want {state.value}"
-
-    assert_eventually(check, timeout=timeout, interval=0.05)
-
-
-def start_blocker(hc: Client, endpoint: str) -> str:
-    """Occupy the endpoint's only worker with a task that runs until cancelled."""
-    tid = hc.submit(endpoint, block, 60)
-    wait_state(hc, tid, TaskState.RUNNING)
-    return tid
 
 
 # --------------------------------------------------------------------------- Executor
@@ -299,7 +210,7 @@ def test_executor_future_cancel_cancels_the_task(stack: Stack, hc: Client) -> No
             fut.result(timeout=1)
         tid = fut.task_id
         assert tid is not None
-        wait_state(hc, tid, TaskState.CANCELLED)
+        wait_state(hc, tid, TaskState.CANCELLED, timeout=TIMEOUT)
     hc.cancel([blocker])
 
 

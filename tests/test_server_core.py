@@ -10,6 +10,9 @@ import pytest
 from heartline import AsyncClient, HeartlineError
 from heartline.server import Server, ServerConfig
 
+# The server runs on the test's own event loop: the watchdog checks that nothing blocks it.
+pytestmark = pytest.mark.usefixtures("loop_watchdog")
+
 
 async def test_a_failed_commit_stops_the_server(tmp_path: Path) -> None:
     # Memory would be ahead of the store; only a restart from the store is safe.

@@ -18,6 +18,10 @@ from heartline.endpoint._workers import FailureKind, Job, Outcome, WorkerPool
 
 WAIT = 30.0  # bound on any single wait; a healthy pool answers in milliseconds
 
+# The pool runs on the test's own event loop, as on an agent's: the watchdog checks that
+# nothing blocks it.
+pytestmark = pytest.mark.usefixtures("loop_watchdog")
+
 
 class Recorder:
     """A PoolListener that keeps every event and lets a test await an outcome."""
