@@ -7,6 +7,10 @@ with ``--workers`` worker processes on loopback, then measures:
   result is back at that client;
 * ``rtt_median_ms``: one task submitted and awaited alone, ``--rtt`` times (median).
 
+With ``--metrics`` the server and the agent serve Prometheus metrics (on free loopback
+ports) and a thread scrapes both every ``--scrape-interval`` seconds while measuring, to
+price the metrics against a run without them.
+
 Prints one JSON line. Example: ``python bench/throughput.py -n 20000``.
 """
 
@@ -18,11 +22,14 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -66,6 +73,12 @@ def _children(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return kids
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -115,6 +128,35 @@ async def _measure(address: str, n: int, batch: int, rtt_count: int) -> dict[str
     }
 
 
+class _Scraper:
+    """Scrapes URLs every ``interval`` seconds on a thread, like a (busy) Prometheus."""
+
+    def __init__(self, urls: list[str], interval: float) -> None:
+        self.urls = urls
+        self.interval = interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Scraper:
+        if self.urls:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self.urls:
+            self._thread.join()
+
+    def _run(self) -> None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while not self._stop.wait(self.interval):
+            for url in self.urls:
+                with opener.open(url, timeout=10) as reply:
+                    reply.read()
+                self.scrapes += 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20_000, help="tasks in the throughput run")
@@ -123,15 +165,19 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="agent worker processes")
     parser.add_argument("--prefetch", type=int, default=None, help="agent prefetch (default: agent's)")
     parser.add_argument("--port", type=int, default=50591, help="loopback port for the server")
+    parser.add_argument("--metrics", action="store_true", help="serve and scrape metrics")
+    parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds per scrape")
     opts = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="heartline-bench-") as tmp:
         home = Path(tmp)
         address = f"127.0.0.1:{opts.port}"
         env = {**os.environ, "HEARTLINE_HOME": str(home)}
-        server = _start(
-            ["server", "--listen", address, "--db", str(home / "heartline.db")], env, home / "server.log"
-        )
+        metrics = [f"127.0.0.1:{_free_port()}" for _ in (1, 2)] if opts.metrics else []
+        server_args = ["server", "--listen", address, "--db", str(home / "heartline.db")]
+        if metrics:
+            server_args += ["--metrics", metrics[0]]
+        server = _start(server_args, env, home / "server.log")
         agent = None
         try:
             _wait_for(lambda: "listening on" in (home / "server.log").read_text(), 30, "server")
@@ -139,11 +185,17 @@ def main() -> int:
                           "--workers", str(opts.workers)]
             if opts.prefetch is not None:
                 agent_args += ["--prefetch", str(opts.prefetch)]
+            if metrics:
+                agent_args += ["--metrics", metrics[1]]
             agent = _start(agent_args, env, home / "agent.log")
             _wait_for(lambda: "connected" in (home / "agent.log").read_text(), 30, "agent")
             workers = _children(agent.pid)
             before = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
-            figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt))
+            urls = [f"http://{m}/metrics" for m in metrics]
+            with _Scraper(urls, opts.scrape_interval) as scraper:
+                figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt))
+            if metrics:
+                figures["scrapes"] = scraper.scrapes
             after = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
             spent = [round(b - a, 2) for a, b in zip(before, after)]
             # CPU seconds over the whole measurement (throughput and round-trip runs).
@@ -159,6 +211,7 @@ def main() -> int:
                 "n": opts.n,
                 "workers": opts.workers,
                 "durable_store": True,
+                "metrics": opts.metrics,
                 **figures,
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),

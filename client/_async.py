@@ -22,12 +22,20 @@ import asyncio
 import collections
 import enum
 import random
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
-from heartline._errors import HeartlineError, RPCError, TimeoutError, rpc_error_from_grpc
+from heartline._errors import (
+    HeartlineError,
+    NotFoundError,
+    RPCError,
+    TimeoutError,
+    rpc_error_from_grpc,
+    unreachable_message,
+)
+from heartline import _defaults
 from heartline._states import TaskState
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
@@ -40,6 +48,7 @@ from ._base import (
     PreparedBatch,
     SubmitOptions,
     channel_options,
+    new_request_id,
     outcome_of_update,
 )
 from ._types import EndpointInfo, Priority, Stats, Task, TaskUpdate
@@ -55,6 +64,11 @@ _FATAL_WATCH_CODES = frozenset(
     }
 )
 _MAX_SUBMITS_IN_FLIGHT = 4
+# Answers that a repeat of the same call may cure (the server restarting, a lost link).
+_RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+T = TypeVar("T")
+# How the server's NOT_FOUND for a function it does not have begins (server/_task_service.py).
+_UNKNOWN_FUNCTION = "unknown function "
 
 
 class ClientState(enum.Enum):
@@ -94,8 +108,14 @@ class AsyncClient(ClientBase):
     Use as ``async with AsyncClient() as client:`` or call :meth:`close`.
     """
 
-    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
-        super().__init__(address, token=token)
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        retry_timeout: float = _defaults.RETRY_TIMEOUT,
+    ) -> None:
+        super().__init__(address, token=token, retry_timeout=retry_timeout)
         self._state = ClientState.UNOPENED
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
@@ -119,6 +139,12 @@ class AsyncClient(ClientBase):
         self._filling: _NamedGroup | None = None  # the named group this loop iteration fills
         self._tasks: set[asyncio.Task[Any]] = set()
         self._submit_limit: asyncio.Semaphore | None = None
+        self._reached = False
+
+    @property
+    def reached(self) -> bool:
+        """Whether a call of this client has been answered by its server yet."""
+        return self._reached
 
     async def __aenter__(self) -> AsyncClient:
         self._open()
@@ -143,11 +169,45 @@ class AsyncClient(ClientBase):
         return self._stub
 
     async def _unary(self, name: str, request: Any) -> Any:
+        """One unary call, repeated on UNAVAILABLE and DEADLINE_EXCEEDED (every unary
+        call of the client is safe to repeat: reads, content-addressed registrations,
+        and submits and commands that carry a request id)."""
         stub = self._open()
-        try:
-            return await getattr(stub, name)(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            raise rpc_error_from_grpc(err, self.address) from err
+
+        async def call() -> Any:
+            try:
+                return await getattr(stub, name)(request, metadata=self._metadata)
+            except grpc.aio.AioRpcError as err:
+                raise rpc_error_from_grpc(err, self.address) from err
+
+        return await self._retrying(call)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Await ``call()``, again with jittered backoff while the server is away, for up
+        to ``retry_timeout`` seconds. A client that never reached its server gives up at
+        once when nothing answers at the address: that is a wrong address or a server not
+        started, which waiting would only hide."""
+        attempt = 0
+        deadline: float | None = None
+        while True:
+            try:
+                result = await call()
+            except RPCError as err:
+                if err.code not in _RETRIED_CODES or self._state is not ClientState.OPENED:
+                    raise
+                if not self._reached and unreachable_message(self.address, err.details):
+                    raise
+                now = asyncio.get_running_loop().time()
+                if deadline is None:
+                    deadline = now + self.retry_timeout
+                delay = _backoff(attempt)
+                if now + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            self._reached = True
+            return result
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a background task owned by this client (cancelled on close)."""
@@ -236,15 +296,17 @@ class AsyncClient(ClientBase):
         if not requests:
             return []
         self._open()
-        await self._subscribe()
+        await self._retrying(self._subscribe)
         await self._register(prepared.functions)
         epoch = self._watch_epoch
         self._submits_in_flight += 1
         try:
             if len(requests) == 1:
-                answers = [await self._unary("SubmitTasks", requests[0])]
+                answers = [await self._submit_tasks(requests[0], prepared.functions)]
             else:
-                answers = await asyncio.gather(*(self._limited_submit(r) for r in requests))
+                answers = await asyncio.gather(
+                    *(self._limited_submit(r, prepared.functions) for r in requests)
+                )
             ids = [tid for answer in answers for tid in answer.task_ids]
             self._track(ids, epoch)
         finally:
@@ -254,17 +316,38 @@ class AsyncClient(ClientBase):
         return ids
 
     async def _limited_submit(
-        self, request: task_service_pb2.SubmitTasksRequest
+        self, request: task_service_pb2.SubmitTasksRequest, functions: dict[str, bytes]
     ) -> task_service_pb2.SubmitTasksResponse:
         assert self._submit_limit is not None
         async with self._submit_limit:
-            return await self._unary("SubmitTasks", request)
+            return await self._submit_tasks(request, functions)
 
-    async def _register(self, functions: dict[str, bytes]) -> None:
-        """Send each function the server may not have, once per client."""
+    async def _submit_tasks(
+        self, request: task_service_pb2.SubmitTasksRequest, functions: dict[str, bytes]
+    ) -> task_service_pb2.SubmitTasksResponse:
+        """SubmitTasks, once more if the server no longer has a function we registered.
+
+        The server drops a stored function once no kept task uses it (its result
+        retention, see SqliteStore.purge_results), while this client's mark "registered"
+        lives on. On exactly that refusal (NOT_FOUND "unknown function ..."), which the
+        server gives before it stores anything, the client forgets the marks of the
+        request's functions, registers them again and retries once.
+        """
+        try:
+            return await self._unary("SubmitTasks", request)
+        except NotFoundError as err:
+            fids = {spec.function_id for spec in request.tasks}
+            if not err.details.startswith(_UNKNOWN_FUNCTION) or not fids <= functions.keys():
+                raise
+        await self._register({fid: functions[fid] for fid in fids}, again=True)
+        return await self._unary("SubmitTasks", request)
+
+    async def _register(self, functions: dict[str, bytes], *, again: bool = False) -> None:
+        """Send each function the server may not have, once per client (``again``: even
+        those marked registered, which the server may have dropped since)."""
         pending = []
         for fid, payload in functions.items():
-            if self._functions.is_registered(fid):
+            if not again and self._functions.is_registered(fid):
                 continue
             fut = self._registering.get(fid)
             if fut is None:
@@ -628,7 +711,8 @@ class AsyncClient(ClientBase):
     async def _control(
         self, name: str, request_type: Any, task_ids: Iterable[str]
     ) -> list[TaskUpdate]:
-        response = await self._unary(name, request_type(task_ids=self._ids_request(task_ids)))
+        request = request_type(task_ids=self._ids_request(task_ids), request_id=new_request_id())
+        response = await self._unary(name, request)
         return [TaskUpdate._from_proto(u) for u in response.updates]
 
     async def cancel(self, task_ids: Iterable[str]) -> list[TaskUpdate]:
@@ -660,10 +744,12 @@ class AsyncClient(ClientBase):
     async def resubmit(self, task_ids: Iterable[str]) -> list[str]:
         """Create new tasks from FAILED or CANCELLED ones; return the new ids in order."""
         request = task_service_pb2.ResubmitTasksRequest(
-            task_ids=self._ids_request(task_ids), session_id=self.session_id
+            task_ids=self._ids_request(task_ids),
+            session_id=self.session_id,
+            request_id=new_request_id(),
         )
         self._open()
-        await self._subscribe()
+        await self._retrying(self._subscribe)
         epoch = self._watch_epoch
         self._submits_in_flight += 1
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from heartline import _defaults
 from heartline._errors import InvalidArgumentError
+from heartline._lru import LruCache
 from heartline._serialize import dumps_args, dumps_function, function_id
 from heartline._states import TaskState
 from heartline.v1 import task_pb2, task_service_pb2
@@ -127,6 +128,12 @@ def _check_count(name: str, value: Any) -> None:
         raise InvalidArgumentError(f"{name} must be a non-negative int, not {value!r}")
 
 
+_REGISTERED_MARKS = 65_536
+"""Function ids a client remembers the server has, most recently used kept. Forgetting
+one costs one more (idempotent) RegisterFunction; remembering all would grow with every
+new function a long-lived client makes (closures in a loop)."""
+
+
 class FunctionCache:
     """Pickles each function once and remembers which ids the server already has.
 
@@ -141,7 +148,8 @@ class FunctionCache:
             weakref.WeakKeyDictionary()
         )
         self._strong: dict[int, tuple[Any, str, bytes]] = {}
-        self._registered: set[str] = set()
+        # Used on the client's event loop only (AsyncClient._register), so unlocked.
+        self._registered: LruCache[str, None] = LruCache(_REGISTERED_MARKS, _REGISTERED_MARKS)
         self._lock = threading.Lock()
 
     def lookup(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
@@ -176,27 +184,45 @@ class FunctionCache:
         return entry
 
     def is_registered(self, fid: str) -> bool:
-        return fid in self._registered
+        return self._registered.touch(fid)
 
     def mark_registered(self, fid: str) -> None:
-        self._registered.add(fid)
+        self._registered.put(fid, None, 1)
 
 
 @dataclasses.dataclass
 class PreparedBatch:
-    """Task specs ready to send, and the functions the server may not have yet."""
+    """Task specs ready to send, and the functions they use."""
 
     specs: list[task_pb2.TaskSpec]
     functions: dict[str, bytes]
-    """function_id -> payload of every function the batch uses that is not registered."""
+    """function_id -> payload of every function the batch uses: those not registered yet
+    are registered before the submit, the others again if the server has dropped them."""
 
 
 class ClientBase:
     """State and request building shared by :class:`AsyncClient` (and so :class:`Client`)."""
 
-    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        retry_timeout: float = _defaults.RETRY_TIMEOUT,
+    ) -> None:
         self.address = resolve_address(address)
         """The server's ``host:port``."""
+        if (
+            isinstance(retry_timeout, bool)
+            or not isinstance(retry_timeout, (int, float))
+            or not 0 <= retry_timeout < float("inf")
+        ):
+            raise InvalidArgumentError(
+                f"retry_timeout must be a finite number of seconds >= 0, not {retry_timeout!r}"
+            )
+        self.retry_timeout = float(retry_timeout)
+        """Seconds a call keeps trying while its server is away (restarting, unreachable
+        after it was reached); 0 gives up at the first failure."""
         self.session_id = uuid.uuid4().hex
         """This client's session: the server streams its submitted tasks' settles to it."""
         self._metadata = resolve_metadata(token)
@@ -217,8 +243,7 @@ class ClientBase:
                     f"a batch entry must be (function, args, kwargs), not {call!r}"
                 ) from None
             fid, payload = cache.lookup(fn)
-            if not cache.is_registered(fid):
-                functions[fid] = payload
+            functions[fid] = payload
             specs.append(options._spec(fid, dumps_args(tuple(args), dict(kwargs or {}))))
         return PreparedBatch(specs, functions)
 
@@ -229,7 +254,10 @@ class ClientBase:
         _check_endpoint(endpoint)
         for chunk in chunk_specs(specs):
             yield task_service_pb2.SubmitTasksRequest(
-                endpoint=endpoint, tasks=chunk, session_id=self.session_id
+                endpoint=endpoint,
+                tasks=chunk,
+                session_id=self.session_id,
+                request_id=new_request_id(),
             )
 
     @staticmethod
@@ -255,6 +283,11 @@ class ClientBase:
         return task_service_pb2.ListTasksRequest(
             states=wire_states, endpoint=endpoint or "", page_size=page_size
         )
+
+
+def new_request_id() -> str:
+    """A fresh request id: a repeat of the request with it is answered, not applied, again."""
+    return str(uuid.uuid4())
 
 
 def _check_endpoint(endpoint: Any) -> None:

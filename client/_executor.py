@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from heartline import _defaults
 from heartline._errors import HeartlineError
 
 from ._base import (
@@ -61,6 +62,8 @@ class Executor(concurrent.futures.Executor):
         client: an existing Client to use (not closed on shutdown) instead of a new one.
         priority, max_retries, max_system_retries, walltime, held: submit options applied
             to every task (see :meth:`AsyncClient.submit`).
+        retry_timeout: seconds a call keeps trying while the server is away (see
+            :class:`Client`); futures survive a server restart within it.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Executor(concurrent.futures.Executor):
         max_system_retries: int | None = None,
         walltime: float | None = None,
         held: bool = False,
+        retry_timeout: float = _defaults.RETRY_TIMEOUT,
     ) -> None:
         _check_endpoint(endpoint)
         self.endpoint = endpoint
@@ -86,7 +90,11 @@ class Executor(concurrent.futures.Executor):
             held=held,
         )
         self._owns_client = client is None
-        self.client = client if client is not None else Client(address, token=token)
+        self.client = (
+            client
+            if client is not None
+            else Client(address, token=token, retry_timeout=retry_timeout)
+        )
         self._async = self.client._async
         self._loop = self.client._loop
         # (future, spec, functions) waiting to be sent; appended from any thread.

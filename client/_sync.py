@@ -11,6 +11,7 @@ import threading
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
+from heartline import _defaults
 from heartline._states import TaskState
 
 from ._async import AsyncClient
@@ -27,23 +28,37 @@ class Client:
         address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
             ``127.0.0.1:50051``.
         token: bearer token; default ``$HEARTLINE_TOKEN``.
+        retry_timeout: seconds a call keeps trying while the server it reached is away
+            (e.g. restarting); submits and commands carry request ids, so a repeat is
+            never applied twice.
 
     Use as ``with Client() as hc:`` or call :meth:`close`. Thread-safe.
     """
 
-    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        retry_timeout: float = _defaults.RETRY_TIMEOUT,
+    ) -> None:
+        self._async = AsyncClient(address, token=token, retry_timeout=retry_timeout)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="heartline-client", daemon=True
         )
         self._thread.start()
         self._closed = False
-        self._async = AsyncClient(address, token=token)
 
     @property
     def address(self) -> str:
         """The server's ``host:port``."""
         return self._async.address
+
+    @property
+    def retry_timeout(self) -> float:
+        """Seconds a call keeps trying while the server it reached is away."""
+        return self._async.retry_timeout
 
     @property
     def session_id(self) -> str:

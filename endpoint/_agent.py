@@ -26,12 +26,15 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
 from heartline import _defaults
 from heartline._errors import HeartlineError, rpc_error_from_grpc
+from heartline._lru import LruCache
 from heartline._pacer import Pacer
+from heartline._states import TaskState
 from heartline._watchdog import watch_loop
 from heartline.endpoint._config import AgentConfig, Identity
 from heartline.endpoint._outbox import Outbox
@@ -39,6 +42,9 @@ from heartline.endpoint._workers import Job, Outcome, WorkerPool
 from heartline.v1 import endpoint_service_pb2 as pb
 from heartline.v1 import endpoint_service_pb2_grpc as pb_grpc
 from heartline.v1 import task_pb2
+
+if TYPE_CHECKING:
+    from heartline._metrics import MetricsServer
 
 logger = logging.getLogger("heartline.endpoint")
 
@@ -102,9 +108,11 @@ class Agent:
         self._state = AgentState.NEW
         self._pool = WorkerPool(config.workers, self)
         self._identity: Identity | None = None
-        # Pickled functions by id, for the agent's lifetime: a Dispatch carries the
-        # function only the first time a connection sees its id.
-        self._functions: dict[str, bytes] = {}
+        # Pickled functions by id, least recently used out first. A Dispatch carries the
+        # function only when the server does not count on us holding it; it counts on
+        # no more than it may (server/_core.py AgentConnection._sent_functions), as
+        # long as _on_dispatch uses this cache once per dispatch item, in stream order.
+        self._functions: LruCache[str, bytes] = LruCache(*_defaults.AGENT_FUNCTION_CACHE)
         self._held: dict[str, _Held] = {}
         self._unacked: dict[tuple[str, int], pb.StatusUpdate] = {}
         # The same reports on disk, so a result outlives this process (see _outbox.py).
@@ -120,6 +128,9 @@ class Agent:
         self._failures = 0
         # The server's payload limit from the last welcome; 0 means none was given.
         self._max_payload = 0
+        # Terminal reports made, by wire state (metrics).
+        self._finished: dict[int, int] = {}
+        self._metrics: MetricsServer | None = None
 
     @property
     def agent_id(self) -> str:
@@ -139,6 +150,36 @@ class Agent:
     def state(self) -> AgentState:
         return self._state
 
+    # -- figures for metrics (read on the agent's event loop) --------------------------
+
+    @property
+    def pool(self) -> WorkerPool:
+        return self._pool
+
+    def held_by_state(self) -> dict[TaskState, int]:
+        """Tasks held here (not yet finished), by the last state reported for each."""
+        counts = dict.fromkeys(map(TaskState._from_proto, (_NODES, _LAUNCH, _RUNNING)), 0)
+        for held in self._held.values():
+            state = TaskState._from_proto(held.state)
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def finished_by_state(self) -> dict[TaskState, int]:
+        """Terminal reports this agent made (SUCCEEDED or ERRORED) since it started."""
+        counts = dict.fromkeys(map(TaskState._from_proto, (_SUCCEEDED, _ERRORED)), 0)
+        counts.update((TaskState._from_proto(s), n) for s, n in self._finished.items())
+        return counts
+
+    @property
+    def unacked_reports(self) -> int:
+        """Terminal reports kept (in memory and in the outbox log) until the server acks them."""
+        return len(self._unacked)
+
+    @property
+    def metrics_address(self) -> str | None:
+        """The bound ``HOST:PORT`` of the metrics endpoint, or None without one."""
+        return self._metrics.address if self._metrics is not None else None
+
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
         """Serve until :meth:`stop` or cancellation.
 
@@ -146,10 +187,12 @@ class Agent:
             ready: Set each time the server welcomes the agent.
 
         Raises:
-            HeartlineError: The server refused the agent's credentials.
+            HeartlineError: The server refused the agent's credentials, or the metrics
+                address (``config.metrics``) cannot be bound.
         """
         if self._state is not AgentState.NEW:
             raise RuntimeError(f"an agent runs once; this one is {self._state.value}")
+        self._start_metrics()
         self._state = AgentState.CONNECTING
         self._unacked.update(self._disk.open())
         try:
@@ -166,9 +209,32 @@ class Agent:
             self._state = AgentState.STOPPED
             self._pool.close()
             self._disk.close(keep=bool(self._unacked))
-            self._stopped.set()
+            try:
+                if self._metrics is not None:
+                    await self._metrics.stop()
+            finally:
+                self._stopped.set()
         if self._fatal is not None:
             raise self._fatal
+
+    def _start_metrics(self) -> None:
+        """Serve metrics if asked.
+
+        Raises:
+            MetricsError: The address cannot be bound; the agent did not start.
+        """
+        if self._config.metrics is None:
+            return
+        from heartline._metrics import MetricsError, MetricsServer
+        from heartline.endpoint._metrics import AgentCollector
+
+        try:
+            collector = AgentCollector(self, asyncio.get_running_loop())
+            self._metrics = MetricsServer.start(self._config.metrics, collector)
+        except MetricsError:
+            self._state = AgentState.STOPPED
+            self._stopped.set()
+            raise
 
     async def stop(self) -> None:
         """Stop taking work, kill the workers and close the stream; wait until done."""
@@ -354,8 +420,14 @@ class Agent:
     def _on_dispatch(self, dispatches: Sequence[pb.Dispatch]) -> None:
         allowed = self._config.allowed_functions
         for d in dispatches:
-            if d.function:
-                self._functions[d.function_id] = d.function
+            # One use of the cache per item, in order, before anything may skip the
+            # item (a duplicate, a refusal): the server's picture of this cache replays
+            # exactly these uses, and must never count on an id this cache dropped.
+            function: bytes | None = d.function
+            if function:
+                self._functions.put(d.function_id, function, len(function))
+            else:
+                function = self._functions.get(d.function_id)
             held = self._held.get(d.task_id)
             if held is not None:
                 if held.attempt >= d.attempt:
@@ -367,7 +439,6 @@ class Agent:
                 continue  # already finished; the report is on its way
             self._held[d.task_id] = _Held(d.attempt, _NODES)
             self._report(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_NODES), urgent=False)
-            function = self._functions.get(d.function_id)
             if allowed is not None and d.function_id not in allowed:
                 self._refuse(
                     d, "PermissionError",
@@ -442,6 +513,7 @@ class Agent:
 
     def _finish(self, update: pb.StatusUpdate) -> None:
         self._held.pop(update.task_id, None)
+        self._finished[update.state] = self._finished.get(update.state, 0) + 1
         # Kept, on disk too, and resent on every reconnect, until the server acks it:
         # written here, not when sent, so a result that finishes while the server is
         # away outlives this process as well.

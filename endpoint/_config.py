@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heartline import _defaults
+from heartline._figures import parse_address
 
 
 
@@ -52,6 +53,10 @@ class AgentConfig:
     """Function ids this endpoint runs; None allows all. A task whose function is not
     allowed is reported ERRORED and never run."""
 
+    metrics: str | None = None
+    """``HOST:PORT`` to serve Prometheus metrics on (path ``/metrics``); None serves
+    none. Port 0 picks a free port (logged as ``event=metrics-listening``)."""
+
     def __post_init__(self) -> None:
         if not _defaults.ENDPOINT_NAME.match(self.name):
             raise ValueError(f"invalid endpoint name {self.name!r}: {_defaults.ENDPOINT_NAME_RULE}")
@@ -64,6 +69,8 @@ class AgentConfig:
                 "reconnect_min must be positive and at most reconnect_max, not "
                 f"{self.reconnect_min} and {self.reconnect_max}"
             )
+        if self.metrics is not None:
+            parse_address(self.metrics)  # ValueError when malformed
         object.__setattr__(self, "home", Path(self.home).expanduser())
         if self.allowed_functions is not None:
             object.__setattr__(self, "allowed_functions", frozenset(self.allowed_functions))

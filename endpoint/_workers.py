@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from heartline._defaults import WORKER_SENT_FUNCTIONS
+from heartline._lru import LruCache
 from heartline._states import FailureCode
 from heartline.endpoint._frames import HEADER, ProtocolError, decode, encode
 
@@ -101,8 +103,15 @@ class _Worker:
         self.state = WorkerState.STARTING
         self.job: Job | None = None
         self.timer: asyncio.TimerHandle | None = None
-        # Function ids this process has already been sent (it caches them by id).
-        self.functions: set[str] = set()
+        # Function ids this process is counted on to still hold (values unused). The
+        # worker keeps an LRU of its own with larger bounds (heartline/_defaults.py) and
+        # uses it once per "run" frame, one job at a time, in launch order; this LRU is
+        # used once per launch, so it sees the same uses in the same order, with the same
+        # sizes, and can only hold a subset of the worker's (the argument is written out
+        # at server/_core.py AgentConnection._sent_functions, the same rule one hop up).
+        # A function the worker could not unpickle is not in the worker's cache; the
+        # pool then starts this set over (_handle), as a fresh worker would.
+        self.functions: LruCache[str, None] = LruCache(*WORKER_SENT_FUNCTIONS)
 
     def kill(self) -> None:
         self.state = WorkerState.DEAD
@@ -140,10 +149,23 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._running: dict[str, _Worker] = {}
         self._workers: set[_Worker] = set()
+        self._restarts = 0
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def worker_restarts(self) -> int:
+        """Worker processes started to replace one that ended (died, or was killed)."""
+        return self._restarts
+
+    def workers_by_state(self) -> dict[WorkerState, int]:
+        """How many worker processes are in each state now."""
+        counts = dict.fromkeys(WorkerState, 0)
+        for worker in self._workers:
+            counts[worker.state] += 1
+        return counts
 
     @property
     def idle_workers(self) -> int:
@@ -211,8 +233,11 @@ class WorkerPool:
     def _launch(self, worker: _Worker, job: Job) -> None:
         stdin = worker.process.stdin
         assert stdin is not None
-        function = None if job.function_id in worker.functions else job.function
-        worker.functions.add(job.function_id)
+        # One use per launch, hit or miss (see _Worker.functions).
+        function: bytes | None = None
+        if not worker.functions.touch(job.function_id):
+            function = job.function
+            worker.functions.put(job.function_id, None, len(function))
         worker.state = WorkerState.BUSY
         worker.job = job
         self._running[job.task_id] = worker
@@ -246,6 +271,7 @@ class WorkerPool:
     async def _supervise(self, slot: int) -> None:
         """Run one worker slot: start a worker, serve it, replace it when it dies."""
         delay = _RESPAWN_MIN
+        replacing = False
         while self._state is PoolState.OPEN:
             served = False
             try:
@@ -261,6 +287,9 @@ class WorkerPool:
             else:
                 worker = _Worker(process)
                 self._workers.add(worker)
+                if replacing:
+                    self._restarts += 1
+                replacing = True
                 try:
                     served = await self._serve(worker)
                 finally:
@@ -330,7 +359,11 @@ class WorkerPool:
                 outcome = Outcome(result=payload)
             else:
                 type_name, text, tb, failure_kind = payload
-                outcome = Outcome(failure=Failure(type_name, text, tb, FailureKind(failure_kind)))
+                failure = Failure(type_name, text, tb, FailureKind(failure_kind))
+                outcome = Outcome(failure=failure)
+                if failure.kind is FailureKind.SERIALIZATION:
+                    # Perhaps the function did not unpickle, so the worker lacks it.
+                    worker.functions.clear()
             self._listener.task_finished(job, outcome)
             self._pump()
         else:

@@ -31,7 +31,7 @@ def main() -> None:
     """heartline: run Python functions on your own machines, through one server."""
 
 
-def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate):  # noqa: ANN001, ANN202
+def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics=None):  # noqa: ANN001, ANN202
     from heartline.server import ServerConfig
 
     return ServerConfig(
@@ -41,7 +41,26 @@ def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_n
         heartbeat_timeout=heartbeat_timeout,
         insecure_no_auth=insecure_no_auth,
         validate=validate,
+        metrics=metrics,
     )
+
+
+def _metrics_address(ctx, param, value):  # noqa: ANN001, ANN202
+    """Check a --metrics HOST:PORT before anything starts (binding it is checked later)."""
+    from heartline._figures import parse_address
+
+    if value is not None:
+        try:
+            parse_address(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+_metrics_option = click.option(
+    "--metrics", default=None, metavar="HOST:PORT", callback=_metrics_address,
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: a free port, logged with -v).",
+)  # fmt: skip
 
 
 _server_options = [
@@ -52,6 +71,7 @@ _server_options = [
     click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback address without authentication."),
     click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug)."),
     click.option("--validate", is_flag=True, hidden=True, help="Check scheduler invariants every step (tests)."),
+    _metrics_option,
 ]
 
 
@@ -63,15 +83,17 @@ def _with_server_options(fn):  # noqa: ANN001, ANN202
 
 @main.command()
 @_with_server_options
-def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate) -> None:  # noqa: ANN001
+def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics) -> None:  # noqa: ANN001
     """Run the heartline server."""
     from heartline.server import run_server
 
     _setup_logging(verbose)
-    config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate)
+    config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics)
 
-    def ready(address: str) -> None:
+    def ready(address: str, metrics: str | None) -> None:
         click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
+        if metrics:
+            click.echo(f"metrics at http://{metrics}/metrics")
 
     sys.exit(run_server(config, ready))
 
@@ -79,13 +101,13 @@ def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, 
 @main.command()
 @_with_server_options
 @click.option("--workers", type=int, default=None, help="Worker processes of the local endpoint [default: CPU count].")
-def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, workers) -> None:  # noqa: ANN001
+def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics, workers) -> None:  # noqa: ANN001
     """Run the server and one local endpoint named 'local', in one command."""
     from heartline.server import run_server
 
     _setup_logging(verbose)
     config = dataclasses.replace(
-        _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate),
+        _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics),
         endpoints=("local",),  # registered before health says SERVING: a submit is queued at once
     )
     agent: list[subprocess.Popen] = []
@@ -93,7 +115,7 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
     # ends, however it ends (SIGKILL included), and the agent then stops.
     lifeline, keep_open = os.pipe()
 
-    def ready(address: str) -> None:
+    def ready(address: str, metrics: str | None) -> None:
         cmd = [
             sys.executable, "-m", "heartline", "endpoint", "start", "--name", "local",
             "--server", address, "--stop-with-fd", str(lifeline),
@@ -104,6 +126,8 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
         agent.append(subprocess.Popen(cmd, start_new_session=True, pass_fds=(lifeline,)))
         os.close(lifeline)
         click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
+        if metrics:
+            click.echo(f"metrics at http://{metrics}/metrics")
         click.echo("endpoint 'local' starting; submit with Executor(endpoint=\"local\"). Ctrl-C stops both.")
 
     def stop_agent() -> None:
@@ -138,12 +162,13 @@ def endpoint() -> None:
 @click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("--stop-with-fd", type=int, default=None, hidden=True, help="Stop when this pipe closes (heartline up).")
-def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd) -> None:  # noqa: ANN001
+@_metrics_option
+def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd, metrics) -> None:  # noqa: ANN001
     """Start an endpoint agent that runs tasks on this machine."""
     from heartline.endpoint import AgentConfig, run_agent
 
     _setup_logging(verbose)
-    kwargs = {"name": name, "token": token}
+    kwargs = {"name": name, "token": token, "metrics": metrics}
     kwargs["server"] = _defaults.address(server_address)
     if workers is not None:
         if workers < 1:

@@ -25,6 +25,9 @@ HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT_FACTOR = 3
 """Silence of this many heartbeat intervals loses an agent, unless a timeout is given."""
 
+RETRY_TIMEOUT = 60.0
+"""Seconds a client call keeps trying while the server it reached is away (restarting)."""
+
 MAX_PAYLOAD = 10 * 1024 * 1024
 """Largest function, arguments or result payload in bytes (SPEC section 6)."""
 MAX_IDS = 10_000

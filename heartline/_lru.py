@@ -67,6 +67,10 @@ class LruCache(Generic[K, V]):
         self._entries.clear()
         self.bytes = 0
 
+    def keys(self) -> list[K]:
+        """The keys held, least recently used first (a copy)."""
+        return list(self._entries)
+
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +21,9 @@ from heartline.server._endpoint_service import EndpointServicer
 from heartline.server._store import SqliteStore, Store
 from heartline.server._task_service import ANONYMOUS, TaskServicer
 from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc, task_service_pb2, task_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from heartline._metrics import MetricsServer
 
 log = logging.getLogger("heartline.server")
 
@@ -58,6 +62,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._timers: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -74,6 +79,7 @@ class Server:
         self.config.effective_db_path.parent.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         await self.core.open()
+        await self._start_metrics()
         for name in self.config.endpoints:
             await self.core.ensure_endpoint(name, ANONYMOUS)
         limit = self.config.max_payload + _MESSAGE_HEADROOM
@@ -124,8 +130,30 @@ class Server:
             log.critical("event=timers-failed", exc_info=True)
             self.core.failed.set()
 
+    async def _start_metrics(self) -> None:
+        """Serve metrics if asked (after the restore, so the first scrape sees it)."""
+        if self.config.metrics is None:
+            return
+        from heartline._metrics import MetricsError, MetricsServer
+        from heartline.server._metrics import ServerCollector
+
+        try:
+            collector = ServerCollector(self.core, asyncio.get_running_loop())
+            self._metrics = MetricsServer.start(self.config.metrics, collector)
+        except MetricsError as exc:
+            await self.store.close()
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def metrics_address(self) -> str | None:
+        """The bound ``HOST:PORT`` of the metrics endpoint, or None without one."""
+        return self._metrics.address if self._metrics is not None else None
+
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving (waiting up to ``grace`` seconds for calls), flush the store."""
+        if self._metrics is not None:
+            await self._metrics.stop()
+            self._metrics = None
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
@@ -148,13 +176,16 @@ class Server:
 async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:  # noqa: ANN001
     """Run a server until SIGINT or SIGTERM.
 
-    ``ready(address)`` is called once it listens, before health says SERVING (so what it
+    ``ready(address, metrics_address)`` is called once it listens (the second is None
+    without ``--metrics``), before health says SERVING (so what it
     starts, e.g. ``heartline up``'s agent, is under way by then); ``before_stop()`` (blocking, run in a
     thread) once a signal came, before the server stops. Returns False if the server
     stopped because it failed (see ServerCore.failed).
     """
     server = Server(config)
-    await server.start(before_serving=ready)
+    await server.start(
+        before_serving=None if ready is None else lambda address: ready(address, server.metrics_address)
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -29,6 +29,9 @@ class ServerConfig:
     ``("local",)``), so a submit to them is queued even before their agent connects."""
     insecure_no_auth: bool = False
     """Allow listening on a non-loopback address without authentication."""
+    metrics: str | None = None
+    """``HOST:PORT`` to serve Prometheus metrics on (path ``/metrics``); None serves
+    none. Port 0 picks a free port (logged as ``event=metrics-listening``)."""
     validate: bool = False
     """Check the scheduler's invariants after every step (tests)."""
 

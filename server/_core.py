@@ -12,6 +12,8 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
+from heartline._lru import LruCache
 from heartline._pacer import Pacer
 from heartline._states import PENDING_STATES
 from heartline.server._config import ServerConfig
@@ -31,6 +33,7 @@ from heartline.server._events import (
 )
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._scheduler import Scheduler, SchedulerConfig
+from heartline.server._requests import RequestMemo
 from heartline.server._store import Store, StoreClosedError
 from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
@@ -39,22 +42,40 @@ log = logging.getLogger("heartline.server")
 
 
 class FunctionCache:
-    """Pickled functions by id: memory first, then the store."""
+    """Pickled functions by id: a bounded LRU in memory, then the store.
 
-    def __init__(self, store: Store) -> None:
+    Everything this cache holds is also in the store: the store's purge spares the ids
+    of :meth:`held` (see ``SqliteStore.purge_results``), so a function the server vouches
+    for from memory (a submit's "is it registered?") is never one the store dropped.
+    """
+
+    def __init__(self, store: Store, bounds: tuple[int, int] = SERVER_FUNCTION_CACHE) -> None:
         self._store = store
-        self._payloads: dict[str, bytes] = {}
+        self._payloads: LruCache[str, bytes] = LruCache(*bounds)
+        # Ids with a store read in flight: they land in memory after the read answers.
+        self._loading: dict[str, int] = {}
 
     def remember(self, function_id: str, payload: bytes) -> None:
-        self._payloads[function_id] = payload
+        self._payloads.put(function_id, payload, len(payload))
 
     async def get(self, function_id: str) -> bytes | None:
         payload = self._payloads.get(function_id)
         if payload is None:
-            row = await self._store.get_function(function_id)
+            self._loading[function_id] = self._loading.get(function_id, 0) + 1
+            try:
+                row = await self._store.get_function(function_id)
+            finally:
+                left = self._loading.pop(function_id) - 1
+                if left:
+                    self._loading[function_id] = left
             if row is not None:
-                payload = self._payloads[function_id] = row.payload
+                payload = row.payload
+                self._payloads.put(function_id, payload, len(payload))
         return payload
+
+    def held(self) -> set[str]:
+        """Ids in memory or on their way there: what a store purge must keep."""
+        return {*self._payloads.keys(), *self._loading}
 
 
 class AgentConnection:
@@ -69,7 +90,29 @@ class AgentConnection:
         # Dispatches and cancels are urgent; acks only free the agent's memory, so they
         # are lazy (see heartline/_pacer.py).
         self._pacer = Pacer()
-        self._sent_functions: set[str] = set()
+        # Function ids this stream counts on the agent to still hold (values unused).
+        #
+        # Invariant: every id in this set is in the agent's function cache, so a
+        # dispatch that leaves the bytes out always finds them there. Why:
+        # (1) this LRU sees the accesses the agent's LRU sees, in the same order: one
+        #     per dispatch item, in stream order (the agent uses its cache once for EVERY
+        #     item it reads, duplicates it skips included: endpoint/_agent.py
+        #     _on_dispatch), and each access here puts the id if it was not here;
+        # (2) an id weighs the same on both sides (its payload's length);
+        # (3) this set's bounds are no larger than the agent's (heartline/_defaults.py).
+        # Take an id x in this set, last used at access t. Every id used after t is
+        # still here (an LRU drops older ids first, and x is still here), so together
+        # with x they fit this set's bounds, hence the agent's. An LRU drops x only when
+        # x and the ids it holds that were used after t overflow its bounds; the agent's
+        # such ids are among ours (same accesses since t), so the agent never drops x
+        # (and has x since t: the bytes went at t, or it had x then, by the same
+        # argument). The agent may hold more (ids from earlier streams): harmless.
+        # A new stream starts with an empty set, and _dispatch empties it when it cannot
+        # mirror an access (a payload the server lacks): the argument only looks at
+        # accesses after t, so it holds again from there. The pool and its workers keep
+        # the same rule (endpoint/_workers.py _Worker.functions).
+        # tests/test_caches.py drives both pairs far past their bounds.
+        self._sent_functions: LruCache[str, None] = LruCache(*STREAM_SENT_FUNCTIONS)
         self.close_reason: str | None = None
 
     def push(self, kind: str, items: tuple) -> None:
@@ -118,10 +161,22 @@ class AgentConnection:
         return messages
 
     async def _dispatch(self, item: DispatchItem) -> ep_pb2.Dispatch:
+        # Called once per dispatch item, in the order the agent will read them.
         function = b""
-        if item.function_id not in self._sent_functions:
-            function = await self._functions.get(item.function_id) or b""
-            self._sent_functions.add(item.function_id)
+        if not self._sent_functions.touch(item.function_id):
+            payload = await self._functions.get(item.function_id)
+            if payload is None:
+                # The agent still touches this id (it may hold it from an earlier
+                # stream), an access this set cannot mirror without the size: start
+                # over as a new stream would. The agent refuses the task if it lacks it.
+                log.warning(
+                    "event=function-missing function_id=%s task_id=%s",
+                    item.function_id, item.task_id,
+                )
+                self._sent_functions.clear()
+            else:
+                function = payload
+                self._sent_functions.put(item.function_id, None, len(payload))
         return ep_pb2.Dispatch(
             task_id=item.task_id,
             attempt=item.attempt,
@@ -212,6 +267,7 @@ class ServerCore:
         self.functions = FunctionCache(store)
         self.connections: dict[str, AgentConnection] = {}
         self.watchers = WatchRegistry()
+        self.requests = RequestMemo(store)
         self.endpoints: dict[str, EndpointRow] = {}
         self.start_time = time.time()
         self._later: list[Event] = []
@@ -227,7 +283,9 @@ class ServerCore:
         for row in await self.store.list_endpoints():
             self.endpoints[row.endpoint_id] = row
         rows = await self.store.load_unsettled()
-        persisted = self.execute(self.scheduler.restore(rows, time.time()))
+        # Metrics count tasks by state from here on; only they need the settled ones.
+        counts = await self.store.count_by_state() if self.config.metrics else None
+        persisted = self.execute(self.scheduler.restore(rows, time.time(), counts))
         if persisted is not None:
             await persisted
         if rows:
@@ -362,7 +420,9 @@ class ServerCore:
             if now - last_purge > 3600:
                 last_purge = now
                 try:
-                    purged = await self.store.purge_results(now - self.config.result_retention)
+                    purged = await self.store.purge_results(
+                        now - self.config.result_retention, keep_functions=self.functions.held()
+                    )
                 except Exception as exc:  # noqa: BLE001 - retried next hour; timers go on
                     log.error("event=purge-failed error=%r", exc)
                 else:

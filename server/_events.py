@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from heartline._states import TaskState
-from heartline.server._model import ErrorInfo, TaskRow, WriteBatch
+from heartline.server._model import ErrorInfo, RequestRow, TaskRow, WriteBatch
 
 # --------------------------------------------------------------------------- events
 
@@ -39,6 +39,8 @@ class TasksSubmitted:
     stimulus: str = "submit"
     resubmitted_from: tuple[str, ...] = ()
     """Per task: the id of the task it was resubmitted from, or empty."""
+    request: RequestRow | None = None
+    """The client's request id and what it made, stored in the same batch as the tasks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,8 @@ class TasksCommanded:
     command: str
     task_ids: tuple[str, ...]
     time: float
+    request: RequestRow | None = None
+    """The client's request id, stored in the same batch as the command's transitions."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ it). Everything that crosses to the store's writer thread is a frozen snapshot.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,6 +33,20 @@ class ErrorInfo:
     traceback: str = ""
     failure_kind: int = FAILURE_NONE
     """0 when the function raised; a FAILURE_* value for a system failure."""
+
+
+class Standing(enum.Enum):
+    """Where a waiting task's last attempt stands (only WAITING_FOR_EP and HELD tasks are
+    ever other than FRESH). Stored as the boolean column ``interrupted`` (not FRESH)."""
+
+    FRESH = "fresh"
+    """Queued or held; its next dispatch runs the current attempt."""
+    LOST = "lost"
+    """Its attempt went with a lost agent and may still finish there: the next dispatch
+    counts a system failure and is a new attempt, unless the agent reclaims it first."""
+    ORPHANED = "orphaned"
+    """After a server restart: out of the queue until the reclaim deadline (one heartbeat
+    timeout), so its agent can reclaim it when it says hello again; then LOST and queued."""
 
 
 @dataclass(slots=True)
@@ -64,9 +79,9 @@ class TaskRecord:
     resubmitted_from: str = ""
     group_id: str = ""
     payload_purged: bool = False
-    interrupted: bool = False
-    """Its last attempt went with a lost agent (or a server restart) and may still run
-    there: the next dispatch is a new attempt, unless the agent reclaims it first."""
+    standing: Standing = Standing.FRESH
+    """Where its last attempt stands; written only by the transition table (and by the
+    scheduler's restore, which tells LOST from ORPHANED)."""
     # Not stored: runtime placement.
     session_id: str = field(default="", compare=False)
     agent_id: str | None = field(default=None, compare=False)
@@ -97,7 +112,7 @@ class TaskRecord:
             self.resubmitted_from,
             self.group_id,
             self.payload_purged,
-            self.interrupted,
+            self.standing is not Standing.FRESH,
         )
 
 
@@ -131,9 +146,13 @@ class TaskRow(NamedTuple):
     group_id: str
     payload_purged: bool
     interrupted: bool = False
+    """The task's standing is not FRESH (the store cannot tell LOST from ORPHANED; a
+    restore decides)."""
 
     def to_record(self) -> TaskRecord:
-        return TaskRecord(**self._asdict())
+        fields = self._asdict()
+        interrupted = fields.pop("interrupted")
+        return TaskRecord(**fields, standing=Standing.LOST if interrupted else Standing.FRESH)
 
 
 class TransitionRow(NamedTuple):
@@ -164,12 +183,26 @@ class EndpointRow:
     register_time: float
 
 
+class RequestRow(NamedTuple):
+    """A client's request id, remembered so a repeat answers as the first one did."""
+
+    request_id: str
+    owner: str
+    method: str
+    """The RPC, e.g. ``"SubmitTasks"``: an id reused for another method is another body."""
+    digest: str
+    """sha256 of the request's body (without its request and session ids)."""
+    task_ids: tuple[str, ...]
+    """The tasks the request made (submit, resubmit), or named (commands)."""
+    time: float
+
+
 @dataclass(frozen=True, slots=True)
 class WriteBatch:
     """Everything one scheduler step (or one request) asks the store to make durable.
 
     Applied in one transaction, in this order: functions, endpoints, new tasks (inserted),
-    task updates (the full row replaces the stored one), transitions (appended).
+    task updates (the full row replaces the stored one), transitions (appended), requests.
     """
 
     functions: tuple[FunctionRow, ...] = ()
@@ -177,8 +210,14 @@ class WriteBatch:
     new_tasks: tuple[TaskRow, ...] = ()
     task_updates: tuple[TaskRow, ...] = ()
     transitions: tuple[TransitionRow, ...] = ()
+    requests: tuple[RequestRow, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
-            self.functions or self.endpoints or self.new_tasks or self.task_updates or self.transitions
+            self.functions
+            or self.endpoints
+            or self.new_tasks
+            or self.task_updates
+            or self.transitions
+            or self.requests
         )

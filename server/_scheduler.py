@@ -2,20 +2,26 @@
 
 ``Scheduler.handle(*events) -> list[Instruction]``. No I/O and no awaits happen here: the
 servicers feed events in, and carry the returned instructions out (store writes, stream
-sends, watcher pushes). Every state change goes through :meth:`Scheduler._transition`,
-which looks the ``(start, finish)`` pair up in ``_TRANSITIONS`` and refuses any pair not
-in it; it records each transition with its cause and time in the same store batch.
+sends, watcher pushes). The work is split three ways, each testable alone:
+
+- ``server/_lifecycle.py``: the transition table. Every state change goes through
+  :meth:`Scheduler._transition`, which runs the ``(start, finish)`` row generically (its
+  action on the task's fields, then its effects) and refuses any pair not in the table;
+  each transition is recorded with its cause and time in the same store batch.
+- ``server/_dispatch.py``: the endpoint queues, the agents and their credit.
+- this module: the event handlers, the steps, and the invariants (``validate``).
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from heartline import _defaults
+from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
 from heartline._states import ON_AGENT_STATES, PENDING_STATES, TaskState
+from heartline.server._dispatch import AgentState, Dispatcher, EndpointQueue
 from heartline.server._events import (
     AgentConnected,
     AgentLost,
@@ -36,6 +42,15 @@ from heartline.server._events import (
     TasksSubmitted,
     Tick,
 )
+from heartline.server._lifecycle import (
+    COMMAND_WORDS,
+    COMMANDS,
+    TRANSITIONS,
+    InvalidTransition,
+    SchedulerError,
+    UnknownTasks,
+    finish_of_command,
+)
 from heartline.server._model import (
     FAILURE_ENDPOINT_LOST,
     FAILURE_NONE,
@@ -43,46 +58,49 @@ from heartline.server._model import (
     FAILURE_WALLTIME,
     FAILURE_WORKER_DIED,
     ErrorInfo,
+    RequestRow,
+    Standing,
     TaskRecord,
     TaskRow,
     TransitionRow,
     WriteBatch,
 )
 
+__all__ = [
+    "COMMANDS",
+    "COMMAND_WORDS",
+    "AgentState",
+    "InvalidTransition",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerError",
+    "UnknownTasks",
+]
+
+# The table under its old name: tests check recorded histories against it.
+_TRANSITIONS = TRANSITIONS
+
 log = logging.getLogger("heartline.scheduler")
 
 S = TaskState
 _EVICTED_STATES = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.SKIPPED})
+_COUNTED_STATES = (*PENDING_STATES, S.ERRORED)
+"""States whose tasks are all held here (so their counts can be checked exactly)."""
 _FAILURE_CAUSE = {
     FAILURE_WORKER_DIED: "worker-died",
     FAILURE_WALLTIME: "walltime-exceeded",
     FAILURE_ENDPOINT_LOST: "endpoint-lost",
     FAILURE_SERIALIZATION: "serialization-error",
 }
-
-
-class SchedulerError(Exception):
-    """Base of the errors the scheduler refuses a command with."""
-
-
-class InvalidTransition(SchedulerError):
-    """An event that the transition table does not allow; nothing was changed."""
-
-    def __init__(self, refusals: list[tuple[str, TaskState, str]]) -> None:
-        self.refusals = refusals
-        shown = "; ".join(
-            f"task {tid} is {state.value}, so it cannot be {event}" for tid, state, event in refusals[:5]
-        )
-        more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
-        super().__init__(shown + more)
-
-
-class UnknownTasks(SchedulerError):
-    """Some tasks are not in the scheduler (settled long ago, or never existed)."""
-
-    def __init__(self, task_ids: list[str]) -> None:
-        self.task_ids = task_ids
-        super().__init__(f"unknown tasks: {', '.join(task_ids[:5])}")
+_ORDER = {
+    state: i
+    for i, state in enumerate((S.DISPATCHED, S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, S.RUNNING))
+}
+_REPORT_CAUSE = {
+    S.WAITING_FOR_NODES: "ack",
+    S.WAITING_FOR_LAUNCH: "worker-assigned",
+    S.RUNNING: "worker-started",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,63 +112,8 @@ class SchedulerConfig:
     max_payload: int = _defaults.MAX_PAYLOAD
     """Largest result accepted from an agent, in bytes."""
     validate: bool = False
-    """Check every invariant after each step (on in tests; costs time)."""
-
-
-@dataclass(slots=True)
-class AgentState:
-    agent_id: str
-    endpoint_id: str
-    capacity: int
-    prefetch: int
-    last_seen: float
-    hostname: str = ""
-    version: str = ""
-    stream_id: str = ""
-    in_flight: set[str] = field(default_factory=set)
-
-    @property
-    def credit(self) -> int:
-        return self.capacity + self.prefetch - len(self.in_flight)
-
-
-class _Queue:
-    """WAITING_FOR_EP tasks of one endpoint: highest priority first, then oldest.
-
-    Lazy deletion: a heap entry is live only while ``live[task_id]`` holds its seq.
-    """
-
-    __slots__ = ("heap", "live", "seq")
-
-    def __init__(self) -> None:
-        self.heap: list[tuple[int, float, int, str]] = []
-        self.live: dict[str, int] = {}
-        self.seq = 0
-
-    def push(self, task: TaskRecord) -> None:
-        self.seq += 1
-        self.live[task.task_id] = self.seq
-        heapq.heappush(self.heap, (task.priority, task.submit_time, self.seq, task.task_id))
-
-    def discard(self, task_id: str) -> None:
-        self.live.pop(task_id, None)
-        if len(self.heap) > 2 * len(self.live) + 1024:
-            # Mostly dead entries (cancels, holds on an endpoint nobody serves): rebuild,
-            # so the heap does not grow without bound.
-            self.heap = [e for e in self.heap if self.live.get(e[3]) == e[2]]
-            heapq.heapify(self.heap)
-
-    def pop(self) -> str | None:
-        heap, live = self.heap, self.live
-        while heap:
-            _, _, seq, task_id = heapq.heappop(heap)
-            if live.get(task_id) == seq:
-                del live[task_id]
-                return task_id
-        return None
-
-    def __len__(self) -> int:
-        return len(self.live)
+    """Check the invariants of what each step touched (on in tests; cheap enough to keep
+    on with many tasks held)."""
 
 
 @dataclass(slots=True)
@@ -167,23 +130,48 @@ class _Step:
     closes: list[CloseAgent] = field(default_factory=list)
     endpoints: set[str] = field(default_factory=set)
     """Endpoints whose queue or credit changed: try to dispatch on them."""
+    requests: list[RequestRow] = field(default_factory=list)
+    """Client request ids to store with this step's changes (see RequestRow)."""
+    touched: dict[str, TaskRecord] = field(default_factory=dict)
+    """Tasks changed without a transition (orphans queued, tasks restored): with
+    ``new`` and ``dirty``, what validate() checks."""
+    agents: set[str] = field(default_factory=set)
+    """Agents connected, lost, or whose in-flight set changed: what validate() checks."""
 
 
 class Scheduler:
-    """Owns every unsettled (and ERRORED) task and every connected agent."""
+    """Owns every unsettled (and ERRORED) task; its dispatcher owns queues and agents."""
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.tasks: dict[str, TaskRecord] = {}
-        self.agents: dict[str, AgentState] = {}
-        self.queues: dict[str, _Queue] = {}
-        self.orphans: set[str] = set()
-        """After a restart: tasks that were on an agent, waiting (unqueued) to be reclaimed."""
-        self.orphans_until = 0.0
+        self.dispatcher = Dispatcher()
+        self.orphans_until: float | None = None
+        """After a restart: when ORPHANED tasks stop waiting for their agents (None once
+        they were queued, or if there were none)."""
         self.transitions_total = 0
+        # Figures for metrics, kept where transitions are recorded (a few dict operations
+        # per transition, never a scan); read by a scrape on this loop.
+        self.tasks_by_state: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
+        """Tasks in each state, evicted (settled) ones included; see restore()."""
+        self.dispatch_latency = Buckets(DISPATCH_LATENCY_BOUNDS)
+        """Seconds from submission to each dispatch (a re-dispatch counts from the
+        original submission too)."""
         self._dispatched_to: set[str] = set()
         self._now = 0.0
         self._step = _Step()
+        self._last = _Step()
+        """The step finished last: what validate() checks by default."""
+
+    @property
+    def agents(self) -> dict[str, AgentState]:
+        """Connected agents by id (read-only: the dispatcher changes them)."""
+        return self.dispatcher.agents
+
+    @property
+    def queues(self) -> dict[str, EndpointQueue]:
+        """Endpoint queues by endpoint id (read-only: the dispatcher changes them)."""
+        return self.dispatcher.queues
 
     # ------------------------------------------------------------------ public API
 
@@ -212,30 +200,47 @@ class Scheduler:
             self.validate()
         return instructions
 
-    def restore(self, rows: Iterable[TaskRow], time: float) -> list[Instruction]:
+    def restore(
+        self, rows: Iterable[TaskRow], time: float, counts: Mapping[TaskState, int] | None = None
+    ) -> list[Instruction]:
         """Load unsettled tasks from the store after a restart.
 
-        Tasks that were on an agent go back to WAITING_FOR_EP but stay out of the queue
-        for one heartbeat timeout: their agent, if it still holds them, reclaims them
+        ``counts`` (the store's tasks by state, settled ones included) seeds
+        ``tasks_by_state``; without it only the loaded tasks are counted.
+
+        Tasks that were on an agent go back to WAITING_FOR_EP ORPHANED: out of the queue
+        for one heartbeat timeout, so their agent, if it still holds them, reclaims them
         when it says hello again (see _reclaim); the rest are queued on the first Tick
         after that, so a task is not run twice just because its agent reconnected late.
+        Waiting tasks stored as interrupted (their agent was lost before the restart and
+        may still hold them) wait the same way.
         """
         self._step = _Step()
         self._now = time
-        self.orphans_until = time + self.config.heartbeat_timeout
+        rows = list(rows)
+        self.tasks_by_state = dict.fromkeys(TaskState, 0)
+        if counts is None:
+            for row in rows:
+                self.tasks_by_state[row.state] += 1
+        else:
+            self.tasks_by_state.update(counts)
+        orphans = False
         for row in rows:
             task = row.to_record()
             self.tasks[task.task_id] = task
+            self._step.touched[task.task_id] = task
             if task.state in ON_AGENT_STATES:
-                task.interrupted = True
-                self._transition(task, S.WAITING_FOR_EP, "server-restarted", time)
-                self._queue(task.endpoint_id).discard(task.task_id)
-                self.orphans.add(task.task_id)
-            elif task.state == S.WAITING_FOR_EP and task.interrupted:
-                # Its agent was lost before the restart and may still hold it.
-                self.orphans.add(task.task_id)
+                orphaned = Standing.ORPHANED
+                self._transition(task, S.WAITING_FOR_EP, "server-restarted", time, standing=orphaned)
+                orphans = True
+            elif task.state == S.WAITING_FOR_EP and task.standing is Standing.LOST:
+                # Loading, not a transition: the store keeps "not FRESH" only, and a
+                # waiting task whose agent may still hold it is an orphan after a restart.
+                task.standing = Standing.ORPHANED
+                orphans = True
             elif task.state == S.WAITING_FOR_EP:
-                self._queue(task.endpoint_id).push(task)
+                self.dispatcher.enqueue(task)
+        self.orphans_until = time + self.config.heartbeat_timeout if orphans else None
 
         instructions = self._finish_step()
         if self.config.validate:
@@ -249,10 +254,10 @@ class Scheduler:
             return ""
         if task.state == S.HELD:
             return "held: release it to run"
-        if task.task_id in self.orphans:
+        if task.standing is Standing.ORPHANED:
             return "waiting for its agent to reconnect after a server restart"
         if task.state == S.WAITING_FOR_EP:
-            agents = [a for a in self.agents.values() if a.endpoint_id == task.endpoint_id]
+            agents = self.dispatcher.agents_of(task.endpoint_id)
             if not agents:
                 return "endpoint offline: no agent connected"
             if all(a.credit <= 0 for a in agents):
@@ -267,21 +272,23 @@ class Scheduler:
         return ""
 
     def queued(self, endpoint_id: str) -> int:
-        queue = self.queues.get(endpoint_id)
-        return len(queue) if queue else 0
+        return self.dispatcher.queued(endpoint_id)
 
     # --------------------------------------------------------------- event handlers
 
     def _on_submitted(self, event: TasksSubmitted) -> None:
+        if event.request is not None:
+            self._step.requests.append(event.request)
         resubmitted = event.resubmitted_from or ("",) * len(event.tasks)
         for spec, origin in zip(event.tasks, resubmitted, strict=True):
+            finish = S.HELD if spec.held else S.WAITING_FOR_EP
             task = TaskRecord(
                 task_id=spec.task_id,
                 endpoint_id=event.endpoint_id,
                 function_id=spec.function_id,
                 args=spec.args,
                 owner=event.owner,
-                state=S.WAITING_FOR_EP,
+                state=finish,  # the submission row runs from None to here
                 submit_time=event.time,
                 priority=spec.priority,
                 max_retries=spec.max_retries,
@@ -293,13 +300,7 @@ class Scheduler:
             cause = f"resubmit of {origin}" if origin else event.stimulus
             self.tasks[task.task_id] = task
             self._step.new[task.task_id] = task
-            if spec.held:
-                task.state = S.HELD
-                task.held_from = S.WAITING_FOR_EP
-            else:
-                self._queue(task.endpoint_id).push(task)
-                self._step.endpoints.add(task.endpoint_id)
-            self._record(task, None, task.state, cause, event.time)
+            self._transition(task, finish, cause, event.time, submitted=True)
 
     def _on_agent_connected(self, event: AgentConnected) -> None:
         old = self.agents.get(event.agent_id)
@@ -316,7 +317,8 @@ class Scheduler:
             version=event.version,
             stream_id=event.stream_id,
         )
-        self.agents[agent.agent_id] = agent
+        self.dispatcher.connect(agent)
+        self._step.agents.add(agent.agent_id)
         stale: list[str] = []
         for held in event.held:
             task = self.tasks.get(held.task_id)
@@ -337,13 +339,9 @@ class Scheduler:
         self._step.endpoints.add(agent.endpoint_id)
 
     def _reclaim(self, task: TaskRecord, agent: AgentState, state: TaskState, now: float) -> None:
-        """An agent that comes back still holds this task: it goes back to where it was."""
-        self._queue(task.endpoint_id).discard(task.task_id)
-        task.interrupted = False
-        self.orphans.discard(task.task_id)
-        task.agent_id = agent.agent_id
-        agent.in_flight.add(task.task_id)
-        self._transition(task, state, "agent-reconnected", now)
+        """An agent that comes back still holds this task: it goes back to where it was,
+        its attempt current again (FRESH: nothing written off, no new attempt)."""
+        self._transition(task, state, "agent-reconnected", now, agent=agent, standing=Standing.FRESH)
 
     def _on_agent_lost(self, event: AgentLost) -> None:
         agent = self.agents.get(event.agent_id)
@@ -351,13 +349,10 @@ class Scheduler:
             self._lose_agent(agent, event.time, event.cause)
 
     def _lose_agent(self, agent: AgentState, now: float, cause: str) -> None:
-        del self.agents[agent.agent_id]
-        for task_id in sorted(agent.in_flight):
-            task = self.tasks[task_id]
-            task.agent_id = None
-            task.interrupted = True
-            self._transition(task, S.WAITING_FOR_EP, cause, now)
-        agent.in_flight.clear()
+        self._step.agents.add(agent.agent_id)
+        for task_id in self.dispatcher.disconnect(agent.agent_id):
+            # The attempt may still run there: LOST, so the agent may reclaim it.
+            self._transition(self.tasks[task_id], S.WAITING_FOR_EP, cause, now, standing=Standing.LOST)
         self._step.endpoints.add(agent.endpoint_id)
 
     def _on_agent_seen(self, event: AgentSeen) -> None:
@@ -382,7 +377,7 @@ class Scheduler:
             terminal
             and task is not None
             and task.state == S.WAITING_FOR_EP
-            and task.interrupted
+            and task.standing is not Standing.FRESH
             and task.attempt == report.attempt
             and task.endpoint_id == agent.endpoint_id
         ):
@@ -437,7 +432,7 @@ class Scheduler:
             what = "walltime-exceeded" if kind == FAILURE_WALLTIME else f"raised {error.type_name}"
             if task.raised_count <= task.max_retries:
                 cause = f"{what}; retry {task.raised_count} of {task.max_retries}"
-                self._transition(task, S.WAITING_FOR_EP, cause, now, error=error, next_attempt=True)
+                self._transition(task, S.WAITING_FOR_EP, cause, now, error=error)
             else:
                 self._transition(task, S.ERRORED, what, now, error=error)
             return
@@ -448,7 +443,7 @@ class Scheduler:
             return
         task.system_failures += 1
         if task.system_failures <= task.max_system_retries:
-            self._transition(task, S.WAITING_FOR_EP, cause, now, error=error, next_attempt=True)
+            self._transition(task, S.WAITING_FOR_EP, cause, now, error=error)
         else:
             message = (
                 f"{error.message} (gave up after {task.system_failures} system failures; "
@@ -458,7 +453,6 @@ class Scheduler:
             self._transition(task, S.ERRORED, cause, now, error=final)
 
     def _on_commanded(self, event: TasksCommanded) -> None:
-        finish_of = _COMMANDS[event.command]
         unknown = [tid for tid in event.task_ids if tid not in self.tasks]
         if unknown:
             raise UnknownTasks(unknown)
@@ -466,24 +460,21 @@ class Scheduler:
         plan: list[tuple[TaskRecord, TaskState]] = []
         for task_id in dict.fromkeys(event.task_ids):
             task = self.tasks[task_id]
-            finish = finish_of(task)
-            if finish is None or (task.state, finish) not in _TRANSITIONS:
+            finish = finish_of_command(event.command, task)
+            if finish is None:
                 refusals.append((task_id, task.state, COMMAND_WORDS[event.command]))
             else:
                 plan.append((task, finish))
         if refusals:
             raise InvalidTransition(refusals)
+        if event.request is not None:
+            self._step.requests.append(event.request)
         for task, finish in plan:
             self._transition(task, finish, event.command, event.time)
 
     def _on_tick(self, event: Tick) -> None:
-        if self.orphans and event.time >= self.orphans_until:
-            # Nobody reclaimed them in time: their agents are gone; run them again.
-            for task_id in sorted(self.orphans):
-                task = self.tasks[task_id]
-                self._queue(task.endpoint_id).push(task)
-                self._step.endpoints.add(task.endpoint_id)
-            self.orphans.clear()
+        if self.orphans_until is not None and event.time >= self.orphans_until:
+            self._queue_orphans()
         deadline = event.time - self.config.heartbeat_timeout
         for agent in [a for a in self.agents.values() if a.last_seen < deadline]:
             log.warning("agent %s silent since %.1fs: lost", agent.agent_id, agent.last_seen)
@@ -495,6 +486,23 @@ class Scheduler:
         for task in [t for t in self.tasks.values() if t.state == S.ERRORED]:
             if task.settle_time is not None and task.settle_time < expiry:
                 self._transition(task, S.FAILED, "errored-retention", event.time)
+
+    def _queue_orphans(self) -> None:
+        """Nobody reclaimed the orphans in time: their agents are gone; run them again.
+
+        Not a transition (they stay WAITING_FOR_EP, nothing is stored: the stored column
+        already says interrupted), so it changes the standing here, the one place besides
+        the table and restore. A scan of every task, but once per restart.
+        """
+        self.orphans_until = None
+        orphans = sorted(
+            (t for t in self.tasks.values() if t.standing is Standing.ORPHANED), key=lambda t: t.task_id
+        )
+        for task in orphans:
+            task.standing = Standing.LOST
+            self.dispatcher.enqueue(task)
+            self._step.endpoints.add(task.endpoint_id)
+            self._step.touched[task.task_id] = task
 
     _handlers: dict[type, Callable[[Scheduler, Event], None]] = {
         TasksSubmitted: _on_submitted,
@@ -509,41 +517,27 @@ class Scheduler:
     # ------------------------------------------------------------------- dispatch
 
     def _dispatch(self, endpoint_id: str) -> None:
-        queue = self.queues.get(endpoint_id)
-        if not queue:
-            return
-        agents = [a for a in self.agents.values() if a.endpoint_id == endpoint_id and a.credit > 0]
         now = self._now
-        while agents and queue:
-            # Spread by free credit: the agent with the most free slots takes the next task.
-            agent = max(agents, key=lambda a: a.credit)
-            task_id = queue.pop()
-            if task_id is None:
-                break
+        step = self._step
+        for task_id, agent in self.dispatcher.assignments(endpoint_id):
             task = self.tasks[task_id]
-            if task.interrupted:
-                # Its last attempt went with a lost agent: that counts as a system failure.
-                task.system_failures += 1
-                if task.system_failures > task.max_system_retries:
-                    error = ErrorInfo(
-                        "heartline.EndpointLost",
-                        f"the endpoint's agent was lost {task.system_failures} times while "
-                        f"holding this task (max_system_retries is {task.max_system_retries})",
-                        "",
-                        FAILURE_ENDPOINT_LOST,
-                    )
-                    self._transition(task, S.ERRORED, "endpoint-lost", now, error=error)
-                    continue
-                task.attempt += 1
-                task.interrupted = False
-            task.agent_id = agent.agent_id
-            agent.in_flight.add(task_id)
-            self._transition(task, S.DISPATCHED, "dispatch", now)
-            self._step.dispatches.setdefault(agent.agent_id, []).append(
+            if task.standing is Standing.LOST and task.system_failures >= task.max_system_retries:
+                # Writing its lost attempt off would be one system failure too many.
+                lost = task.system_failures + 1
+                error = ErrorInfo(
+                    "heartline.EndpointLost",
+                    f"the endpoint's agent was lost {lost} times while "
+                    f"holding this task (max_system_retries is {task.max_system_retries})",
+                    "",
+                    FAILURE_ENDPOINT_LOST,
+                )
+                self._transition(task, S.ERRORED, "endpoint-lost", now, error=error)
+                continue
+            self._transition(task, S.DISPATCHED, "dispatch", now, agent=agent)
+            self.dispatch_latency.observe(now - task.submit_time)
+            step.dispatches.setdefault(agent.agent_id, []).append(
                 DispatchItem(task_id, task.attempt, task.function_id, task.args, task.walltime)
             )
-            if agent.credit <= 0:
-                agents.remove(agent)
 
     # ---------------------------------------------------------------- transitions
 
@@ -556,39 +550,62 @@ class Scheduler:
         *,
         result: bytes | None = None,
         error: ErrorInfo | None = None,
-        next_attempt: bool = False,
+        agent: AgentState | None = None,
+        standing: Standing | None = None,
+        submitted: bool = False,
     ) -> None:
-        start = task.state
-        action = _TRANSITIONS.get((start, finish))
-        if action is None:
-            raise InvalidTransition([(task.task_id, start, f"moved to {finish.value} by {cause}")])
+        """Run the table's row for (task's state, finish); the one writer of a task's state.
+
+        Args:
+            result, error: the event's payload, for the row's action.
+            agent: the agent a dispatch or reclaim binds the task to.
+            standing: where the task's attempt stands after this move, when the caller
+                knows better than the row: LOST or ORPHANED (its agent lost, a restart:
+                the attempt may still run, so it is not over), FRESH (a reclaim: the
+                attempt is current again, nothing is written off).
+            submitted: the task is new; the row is a submission row (start None).
+        """
+        start = None if submitted else task.state
+        row = TRANSITIONS.get((start, finish))
+        if row is None:
+            raise InvalidTransition([(task.task_id, task.state, f"moved to {finish.value} by {cause}")])
+        # One unpacking: cheaper than eight attribute reads, for every transition.
+        action, leave_queue, enter_queue, bind, unbind, cancel, next_attempt, write_off, keep = row
+        step = self._step
+        dispatcher = self.dispatcher
         # Leave the start state.
-        if finish not in (S.WAITING_FOR_EP, S.HELD, S.DISPATCHED):
-            # Held or queued, an interrupted task stays so: its next dispatch is a new
-            # attempt (and _dispatch clears the mark when it makes one).
-            task.interrupted = False
-        if start == S.WAITING_FOR_EP:
-            self._queue(task.endpoint_id).discard(task.task_id)
-            self.orphans.discard(task.task_id)
-        elif start in ON_AGENT_STATES and finish not in ON_AGENT_STATES:
-            agent = self.agents.get(task.agent_id or "")
-            if agent is not None:
-                agent.in_flight.discard(task.task_id)
-                self._step.endpoints.add(agent.endpoint_id)
-                if finish == S.CANCELLED:
-                    self._step.cancels.setdefault(agent.agent_id, []).append(task.task_id)
-            task.agent_id = None
-        action(task, now)
-        if result is not None:
-            task.result = result
-        if error is not None:
-            task.error = error
-        if next_attempt:
+        if leave_queue:
+            dispatcher.dequeue(task)
+        if unbind:
+            left = dispatcher.unbind(task)
+            if left is not None:
+                step.agents.add(left.agent_id)
+                step.endpoints.add(left.endpoint_id)
+                if cancel:
+                    step.cancels.setdefault(left.agent_id, []).append(task.task_id)
+        action(task, now, result, error)
+        # Where its attempt stands, and the one place the attempt number moves on.
+        was = task.standing
+        written_off = write_off and was is Standing.LOST and standing is None
+        if standing is None:
+            if not keep:
+                standing = Standing.FRESH
+            else:
+                standing = Standing.LOST if was is Standing.ORPHANED else was
+        if written_off:
+            task.system_failures += 1
+        if next_attempt and (written_off if leave_queue else standing is Standing.FRESH):
             task.attempt += 1
+        task.standing = standing
         task.state = finish
-        if finish == S.WAITING_FOR_EP:
-            self._queue(task.endpoint_id).push(task)
-            self._step.endpoints.add(task.endpoint_id)
+        # Enter the finish state.
+        if enter_queue and standing is not Standing.ORPHANED:
+            dispatcher.enqueue(task)
+            step.endpoints.add(task.endpoint_id)
+        if bind:
+            assert agent is not None, f"{start}->{finish} needs an agent"
+            dispatcher.bind(task, agent)
+            step.agents.add(agent.agent_id)
         self._record(task, start, finish, cause, now)
 
     def _record(
@@ -596,6 +613,10 @@ class Scheduler:
     ) -> None:
         step = self._step
         step.transitions.append(TransitionRow(task.task_id, start, finish, cause, now, task.attempt))
+        by_state = self.tasks_by_state
+        by_state[finish] += 1
+        if start is not None:
+            by_state[start] -= 1
         if task.task_id not in step.new:
             step.dirty[task.task_id] = task
         settled = finish not in PENDING_STATES
@@ -620,6 +641,7 @@ class Scheduler:
             new_tasks=tuple(t.snapshot() for t in step.new.values()),
             task_updates=tuple(t.snapshot() for t in step.dirty.values()),
             transitions=tuple(step.transitions),
+            requests=tuple(step.requests),
         )
         if batch:
             out.append(Persist(batch))
@@ -635,34 +657,34 @@ class Scheduler:
         for task in (*step.new.values(), *step.dirty.values()):
             if task.state in _EVICTED_STATES:
                 self.tasks.pop(task.task_id, None)
+        self._last = step
         self._step = _Step()
         return out
 
-    def _queue(self, endpoint_id: str) -> _Queue:
-        queue = self.queues.get(endpoint_id)
-        if queue is None:
-            queue = self.queues[endpoint_id] = _Queue()
-        return queue
-
     # ----------------------------------------------------------------- invariants
 
-    def validate(self) -> None:
-        """Check every invariant of the scheduler's state; raise AssertionError if broken."""
-        for task_id, task in self.tasks.items():
-            assert task.state not in _EVICTED_STATES, f"{task_id} settled but still held"
-            queued = task_id in self._queue(task.endpoint_id).live
-            expected = task.state == S.WAITING_FOR_EP and task_id not in self.orphans
-            assert queued == expected, f"{task_id} queue mismatch"
-            if task.state in ON_AGENT_STATES:
-                agent = self.agents.get(task.agent_id or "")
-                assert agent is not None, f"{task_id} {task.state} without an agent"
-                assert task_id in agent.in_flight, f"{task_id} not in its agent's in-flight set"
-            else:
-                assert task.agent_id is None, f"{task_id} {task.state} bound to an agent"
-            if task.state == S.HELD:
-                assert task.held_from in (S.WAITING_FOR_EP, S.WAITING_FOR_DEPS)
-            assert task.attempt >= 1
-        for agent in self.agents.values():
+    def validate(self, full: bool = False) -> None:
+        """Check the invariants; raise AssertionError if one is broken.
+
+        By default only what the last step touched (its tasks, settled ones included,
+        and its agents), plus global counts that cost a pass over the agents and queues,
+        never over the tasks: so a server can keep it on with many tasks held.
+
+        Args:
+            full: check every task, agent and queue entry, and the exact count of each
+                state (the pure tests do, after every step).
+        """
+        last = self._last
+        if full:
+            tasks: Iterable[tuple[str, TaskRecord]] = self.tasks.items()
+            agents: Iterable[AgentState] = self.agents.values()
+        else:
+            touched = {**last.touched, **last.new, **last.dirty}
+            tasks = touched.items()
+            agents = [self.agents[a] for a in last.agents if a in self.agents]
+        for task_id, task in tasks:
+            self._check_task(task_id, task)
+        for agent in agents:
             # Reclaims may leave an agent over its credit (it came back holding more than
             # it has slots, e.g. finished results not yet acked); dispatch never does.
             assert agent.credit >= 0 or agent.agent_id not in self._dispatched_to, (
@@ -670,109 +692,59 @@ class Scheduler:
             )
             for task_id in agent.in_flight:
                 task = self.tasks.get(task_id)
-                assert task is not None and task.agent_id == agent.agent_id
-        for task_id, task in self.tasks.items():
-            if task.interrupted:
-                assert task.state in (S.WAITING_FOR_EP, S.HELD), f"interrupted {task_id}"
-        for task_id in self.orphans:
-            assert self.tasks[task_id].state == S.WAITING_FOR_EP, f"orphan {task_id} moved on"
+                assert task is not None and task.agent_id == agent.agent_id, (
+                    f"{task_id} in the in-flight set of {agent.agent_id}, not bound to it"
+                )
+        self._check_counts(full)
 
+    def _check_task(self, task_id: str, task: TaskRecord) -> None:
+        queued = self.dispatcher.is_queued(task)
+        if self.tasks.get(task_id) is not task:
+            assert task_id not in self.tasks, f"{task_id} replaced by another record"
+            assert task.state in _EVICTED_STATES, f"{task_id} {task.state} dropped unsettled"
+            assert not queued and task.agent_id is None, f"{task_id} settled but still placed"
+            return
+        assert task.state not in _EVICTED_STATES, f"{task_id} settled but still held"
+        expected = task.state == S.WAITING_FOR_EP and task.standing is not Standing.ORPHANED
+        assert queued == expected, f"{task_id} queue mismatch ({task.state}, {task.standing})"
+        if task.state in ON_AGENT_STATES:
+            agent = self.agents.get(task.agent_id or "")
+            assert agent is not None, f"{task_id} {task.state} without an agent"
+            assert task_id in agent.in_flight, f"{task_id} not in its agent's in-flight set"
+        else:
+            assert task.agent_id is None, f"{task_id} {task.state} bound to an agent"
+        if task.standing is Standing.ORPHANED:
+            assert task.state == S.WAITING_FOR_EP, f"orphan {task_id} moved on"
+            assert self.orphans_until is not None, f"orphan {task_id} without a deadline"
+        elif task.standing is Standing.LOST:
+            assert task.state in (S.WAITING_FOR_EP, S.HELD), f"lost {task_id} is {task.state}"
+        if task.state == S.HELD:
+            assert task.held_from in (S.WAITING_FOR_EP, S.WAITING_FOR_DEPS)
+        assert task.attempt >= 1
 
-# -------------------------------------------------------------- the transition table
-
-
-def _noop(task: TaskRecord, now: float) -> None:
-    pass
-
-
-def _hold(task: TaskRecord, now: float) -> None:
-    task.held_from = task.state
-
-
-def _release(task: TaskRecord, now: float) -> None:
-    task.held_from = None
-
-
-def _start(task: TaskRecord, now: float) -> None:
-    if task.start_time is None:
-        task.start_time = now
-
-
-def _settle(task: TaskRecord, now: float) -> None:
-    task.settle_time = now
-    task.held_from = None
-
-
-def _succeed(task: TaskRecord, now: float) -> None:
-    _settle(task, now)
-    task.error = None  # an error of an earlier attempt is in the history, not the outcome
-
-
-def _requeue(task: TaskRecord, now: float) -> None:
-    task.settle_time = None
-
-
-def _retry(task: TaskRecord, now: float) -> None:
-    """An owner's retry of an ERRORED task: a fresh attempt with fresh retry budgets."""
-    task.attempt += 1
-    task.settle_time = None
-    task.result = None
-    task.error = None
-    task.raised_count = 0
-    task.system_failures = 0
-
-
-_ON_AGENT = (S.DISPATCHED, S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, S.RUNNING)
-_ORDER = {state: i for i, state in enumerate(_ON_AGENT)}
-_REPORT_CAUSE = {
-    S.WAITING_FOR_NODES: "ack",
-    S.WAITING_FOR_LAUNCH: "worker-assigned",
-    S.RUNNING: "worker-started",
-}
-
-_TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[[TaskRecord, float], None]] = {
-    # queue controls
-    (S.WAITING_FOR_EP, S.HELD): _hold,
-    (S.WAITING_FOR_DEPS, S.HELD): _hold,
-    (S.HELD, S.WAITING_FOR_EP): _release,
-    (S.HELD, S.WAITING_FOR_DEPS): _release,
-    # dispatch, and an agent that comes back reclaiming what it holds
-    (S.WAITING_FOR_EP, S.DISPATCHED): _noop,
-    (S.WAITING_FOR_EP, S.WAITING_FOR_NODES): _noop,
-    (S.WAITING_FOR_EP, S.WAITING_FOR_LAUNCH): _noop,
-    (S.WAITING_FOR_EP, S.RUNNING): _start,
-    # progress on the agent (a batch may skip a step: only forward moves are allowed)
-    (S.DISPATCHED, S.WAITING_FOR_NODES): _noop,
-    (S.DISPATCHED, S.WAITING_FOR_LAUNCH): _noop,
-    (S.DISPATCHED, S.RUNNING): _start,
-    (S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH): _noop,
-    (S.WAITING_FOR_NODES, S.RUNNING): _start,
-    (S.WAITING_FOR_LAUNCH, S.RUNNING): _start,
-    # outcomes of an attempt; a system failure or a raise with retries left re-queues
-    **{(s, S.SUCCEEDED): _succeed for s in _ON_AGENT},
-    **{(s, S.ERRORED): _settle for s in _ON_AGENT},
-    **{(s, S.WAITING_FOR_EP): _requeue for s in _ON_AGENT},
-    # a task whose agents were lost more often than max_system_retries allows
-    (S.WAITING_FOR_EP, S.ERRORED): _settle,
-    # cancel: any pending state
-    **{(s, S.CANCELLED): _settle for s in PENDING_STATES},
-    # after an error
-    (S.ERRORED, S.WAITING_FOR_EP): _retry,
-    (S.ERRORED, S.FAILED): _settle,
-}
-
-_COMMANDS: dict[str, Callable[[TaskRecord], TaskState | None]] = {
-    "cancel": lambda t: S.CANCELLED,
-    "hold": lambda t: S.HELD,
-    "release": lambda t: t.held_from if t.state == S.HELD else None,
-    "retry": lambda t: S.WAITING_FOR_EP if t.state == S.ERRORED else None,
-    "give-up": lambda t: S.FAILED,
-}
-COMMAND_WORDS = {
-    "cancel": "cancelled",
-    "hold": "held",
-    "release": "released",
-    "retry": "retried",
-    "give-up": "given up",
-}
-COMMANDS = frozenset(_COMMANDS)
+    def _check_counts(self, full: bool) -> None:
+        by_state = self.tasks_by_state
+        assert min(by_state.values()) >= 0, f"negative count: {by_state}"
+        # Every pending or ERRORED task is held here, so their counts are exact. Cheaply:
+        # their sum; fully (or to name the state that drifted): each one.
+        if full or sum(by_state[s] for s in _COUNTED_STATES) != len(self.tasks):
+            held = dict.fromkeys(TaskState, 0)
+            for task in self.tasks.values():
+                held[task.state] += 1
+            for state in _COUNTED_STATES:
+                assert by_state[state] == held[state], (
+                    f"{by_state[state]} tasks counted {state.value}, {held[state]} held"
+                )
+        on_agents = sum(len(a.in_flight) for a in self.agents.values())
+        assert on_agents == sum(by_state[s] for s in ON_AGENT_STATES), (
+            f"{on_agents} tasks in agents' in-flight sets, "
+            f"{sum(by_state[s] for s in ON_AGENT_STATES)} counted on agents"
+        )
+        queued = sum(len(q) for q in self.queues.values())
+        waiting = by_state[S.WAITING_FOR_EP]
+        assert queued <= waiting, f"{queued} queued, {waiting} waiting"
+        if full:
+            for endpoint_id, queue in self.queues.items():
+                for task_id in queue.live:
+                    task = self.tasks.get(task_id)
+                    assert task is not None and task.endpoint_id == endpoint_id, f"stale {task_id}"

@@ -18,26 +18,31 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import enum
 import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from heartline._figures import BATCH_ITEMS_BOUNDS, COMMIT_SECONDS_BOUNDS, Buckets
 from heartline._states import PENDING_STATES, TERMINAL_STATES, TaskState
 from heartline.server._model import (
     EndpointRow,
     ErrorInfo,
     FunctionRow,
+    RequestRow,
     TaskRow,
     TransitionRow,
     WriteBatch,
 )
 
-__all__ = ["SqliteStore", "Store", "StoreClosedError"]
+__all__ = ["SqliteStore", "Store", "StoreClosedError", "StoreFigures"]
 
 _log = logging.getLogger("heartline.server.store")
 
@@ -50,6 +55,18 @@ _MAX_VARS = 500
 
 class StoreClosedError(RuntimeError):
     """The store is not open (never opened, or closed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFigures:
+    """A copy of a store's figures, for metrics."""
+
+    commit_seconds: Buckets
+    """Seconds per group commit (BEGIN to COMMIT, rolled back ones included)."""
+    batch_items: Buckets
+    """Queued items (writes and reads) per group commit."""
+    queued: int
+    """Items waiting for the writer thread."""
 
 
 class Store(abc.ABC):
@@ -108,6 +125,16 @@ class Store(abc.ABC):
         """A registered function, or None."""
 
     @abc.abstractmethod
+    async def get_request(self, request_id: str) -> RequestRow | None:
+        """A committed client request id (see RequestRow), or None.
+
+        Unlike the other reads, this one need not wait behind queued writes (a submit
+        asks it before it is fed to the scheduler, and must not stall behind a big
+        commit): a request id still being committed is the caller's to remember
+        (server/_requests.py keeps such ids until their commit is done).
+        """
+
+    @abc.abstractmethod
     async def get_endpoint(self, endpoint_id: str) -> EndpointRow | None:
         """An endpoint by id, or None."""
 
@@ -124,11 +151,24 @@ class Store(abc.ABC):
         """Number of tasks in each state; every state is a key (0 when none)."""
 
     @abc.abstractmethod
-    async def purge_results(self, settled_before: float) -> int:
-        """Drop payloads of terminal tasks settled before ``settled_before``.
+    async def purge_results(
+        self, settled_before: float, keep_functions: Collection[str] = ()
+    ) -> int:
+        """Drop payloads of terminal tasks settled before ``settled_before``, and the
+        functions nothing needs any more.
 
-        The record stays (``payload_purged`` says so). Returns how many tasks were purged.
+        The task record stays (``payload_purged`` says so). A stored function goes when
+        it was registered before ``settled_before``, no task with a kept payload uses it
+        (every pending or ERRORED task keeps its payload) and it is not in
+        ``keep_functions`` (the ids the server holds in memory, which it may have just
+        vouched for to a submit). A client that names a purged function is refused
+        ``NOT_FOUND`` and registers it again. Returns how many tasks were purged.
         """
+
+    def figures(self) -> StoreFigures | None:
+        """A copy of the store's figures for metrics (callable from any thread); None
+        if this store keeps none."""
+        return None
 
 
 class _State(enum.Enum):
@@ -193,6 +233,19 @@ CREATE TABLE IF NOT EXISTS functions (
     owner TEXT NOT NULL,
     register_time REAL NOT NULL
 );
+-- The purge's candidates, read without touching the payloads (register_time sits after
+-- the payload in the row, so reading it from the table reads the whole payload).
+CREATE INDEX IF NOT EXISTS functions_registered ON functions (register_time, function_id);
+-- Client request ids (RequestRow): a repeat of a request answers as the first one did.
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    method TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    task_ids TEXT NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -321,6 +374,15 @@ class SqliteStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed: asyncio.Future[None] | None = None
+        # get_request reads on a connection of its own, on a thread of its own: WAL lets
+        # it read committed rows while the writer holds its transaction open.
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, "heartline-store-reader")
+        self._reader_conn = threading.local()
+        # Kept by the writer thread, copied by a metrics scrape: both under the lock
+        # (once per group commit, so it costs nothing next to the commit).
+        self._figures_lock = threading.Lock()
+        self._commit_seconds = Buckets(COMMIT_SECONDS_BOUNDS)
+        self._batch_items = Buckets(BATCH_ITEMS_BOUNDS)
 
     # -- lifecycle (event loop side) --------------------------------------------------
 
@@ -350,7 +412,10 @@ class SqliteStore(Store):
             await asyncio.shield(self._closed)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        self._state = _State.CLOSED
+        if self._state is not _State.CLOSED:
+            self._state = _State.CLOSED
+            await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+            await asyncio.to_thread(self._reader.shutdown)
 
     def write(self, batch: WriteBatch) -> asyncio.Future[None]:
         return self._submit(None, batch)
@@ -417,6 +482,16 @@ class SqliteStore(Store):
         rows = await self._submit(_select, (sql, (function_id,)))
         return FunctionRow(*rows[0]) if rows else None
 
+    async def get_request(self, request_id: str) -> RequestRow | None:
+        if self._state is not _State.OPEN:
+            raise StoreClosedError(f"store {self._path} is {self._state.value}")
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self._reader, self._read_request, request_id)
+        if not rows:
+            return None
+        rid, owner, method, digest, task_ids, when = rows[0]
+        return RequestRow(rid, owner, method, digest, tuple(filter(None, task_ids.split(","))), when)
+
     async def get_endpoint(self, endpoint_id: str) -> EndpointRow | None:
         sql = "SELECT endpoint_id, name, owner, register_time FROM endpoints WHERE endpoint_id = ?"
         rows = await self._submit(_select, (sql, (endpoint_id,)))
@@ -450,8 +525,37 @@ class SqliteStore(Store):
         counts.update((TaskState(state), n) for state, n in rows)
         return counts
 
-    async def purge_results(self, settled_before: float) -> int:
-        return await self._submit(_purge, settled_before)
+    async def purge_results(
+        self, settled_before: float, keep_functions: Collection[str] = ()
+    ) -> int:
+        return await self._submit(_purge, (settled_before, frozenset(keep_functions)))
+
+    def figures(self) -> StoreFigures:
+        with self._figures_lock:
+            commit_seconds = self._commit_seconds.copy()
+            batch_items = self._batch_items.copy()
+        return StoreFigures(commit_seconds, batch_items, self._queue.qsize())
+
+    # -- the reader thread (get_request) ----------------------------------------------
+
+    def _read_request(self, request_id: str) -> list[tuple[Any, ...]]:
+        conn = getattr(self._reader_conn, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._reader_conn.conn = conn
+        sql = (
+            "SELECT request_id, owner, method, digest, task_ids, time FROM requests"
+            " WHERE request_id = ?"
+        )
+        return conn.execute(sql, (request_id,)).fetchall()
+
+    def _close_reader(self) -> None:
+        conn = getattr(self._reader_conn, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._reader_conn.conn = None
 
     # -- the writer thread ------------------------------------------------------------
 
@@ -520,6 +624,7 @@ class SqliteStore(Store):
             return outcomes
         # task_id -> UPDATE params; the last update of a task in the group wins.
         updates: dict[str, tuple[Any, ...]] = {}
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, arg, fut in items:
@@ -539,6 +644,11 @@ class SqliteStore(Store):
                 pass  # SQLite may have rolled back already
             # Reads of this group may have seen writes that are now gone: fail them too.
             return [(fut, None, exc) for _, _, fut in items]
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._figures_lock:
+                self._commit_seconds.observe(elapsed)
+                self._batch_items.observe(len(items))
         return outcomes
 
     def _commit(self, conn: sqlite3.Connection) -> None:
@@ -586,6 +696,15 @@ def _apply_batch(conn: sqlite3.Connection, batch: WriteBatch) -> list[tuple[str,
         conn.executemany(_INSERT_ARGS, [(r.task_id, r.args) for r in batch.new_tasks])
     if batch.transitions:
         conn.executemany(_INSERT_TRANSITION, map(_transition_params, batch.transitions))
+    if batch.requests:
+        # OR IGNORE: the server looked the id up before it made the request's changes, so
+        # a clash is impossible; if one came anyway, failing the batch would stop the server.
+        conn.executemany(
+            "INSERT OR IGNORE INTO requests (request_id, owner, method, digest, task_ids, time)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.request_id, r.owner, r.method, r.digest, ",".join(r.task_ids), r.time)
+             for r in batch.requests],
+        )  # fmt: skip
     # Converted here, inside the batch's savepoint, so a malformed row fails only this batch.
     return [(r.task_id, _update_params(r)) for r in batch.task_updates]
 
@@ -621,7 +740,8 @@ def _get_tasks(
     return found
 
 
-def _purge(conn: sqlite3.Connection, settled_before: float) -> int:
+def _purge(conn: sqlite3.Connection, arg: tuple[float, frozenset[str]]) -> int:
+    settled_before, keep_functions = arg
     states = [s.value for s in TERMINAL_STATES]
     due = (
         f"state IN ({', '.join('?' * len(states))}) AND settle_time < ? AND payload_purged = 0"
@@ -632,4 +752,35 @@ def _purge(conn: sqlite3.Connection, settled_before: float) -> int:
         params,
     )
     cur = conn.execute(f"UPDATE tasks SET result = NULL, payload_purged = 1 WHERE {due}", params)
+    functions = _purge_functions(conn, settled_before, keep_functions)
+    if functions:
+        _log.info("event=purged-functions functions=%d", functions)
+    # Request ids are kept as long as payloads are: a repeat older than that is a new request.
+    conn.execute("DELETE FROM requests WHERE time < ?", (settled_before,))
     return cur.rowcount
+
+
+def _purge_functions(
+    conn: sqlite3.Connection, registered_before: float, keep: frozenset[str]
+) -> int:
+    """Delete functions registered before the cutoff that no task with a payload uses.
+
+    Runs after the tasks' purge, in the same transaction. One pass over the tasks table
+    (no index on function_id: it would cost every submit an index insert of a random
+    key, about as much again as the row itself, for the sake of an hourly purge), and
+    only when there is a candidate at all; the payload purge above visits every
+    terminal task as well.
+    """
+    candidates = {
+        fid
+        for (fid,) in conn.execute(
+            "SELECT function_id FROM functions WHERE register_time < ?", (registered_before,)
+        )
+    }
+    candidates -= keep
+    if not candidates:
+        return 0
+    for (fid,) in conn.execute("SELECT function_id FROM tasks WHERE payload_purged = 0"):
+        candidates.discard(fid)
+    conn.executemany("DELETE FROM functions WHERE function_id = ?", [(f,) for f in candidates])
+    return len(candidates)

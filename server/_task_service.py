@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import math
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
 
@@ -17,7 +18,8 @@ from heartline._states import TaskState
 from heartline.server._convert import row_to_update, state_from_proto, task_to_proto
 from heartline.server._core import ServerCore, Watcher
 from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
-from heartline.server._model import PRIORITY_NORMAL, EndpointRow
+from heartline.server._model import PRIORITY_NORMAL, EndpointRow, RequestRow
+from heartline.server._requests import MAX_REQUEST_ID, RequestIdReused, digest
 from heartline.server._scheduler import COMMAND_WORDS, InvalidTransition, UnknownTasks
 from heartline.v1 import task_pb2, task_service_pb2 as pb, task_service_pb2_grpc
 
@@ -151,15 +153,57 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             except Exception as exc:  # the store could not commit; the server stops (fail-stop)
                 raise Abort(grpc.StatusCode.UNAVAILABLE, f"the store could not commit: {exc}") from exc
 
-    async def _command(self, command: str, task_ids: Sequence[str]) -> list[task_pb2.TaskUpdate]:
-        ids = check_ids(task_ids)
+    async def _earlier(
+        self, request_id: str, owner: str, method: str, parts: Iterable[bytes]
+    ) -> tuple[RequestRow | None, str]:
+        """The earlier request of this id (stored), or None; and this body's digest."""
+        if not request_id:
+            return None, ""
+        if len(request_id) > MAX_REQUEST_ID:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID}",
+            )
+        body = digest(method, parts)
         try:
-            future = self.core.feed(TasksCommanded(command, tuple(ids), time.time()))
-        except UnknownTasks as err:
-            raise await self._explain_unknown(err.task_ids, command) from None
-        except InvalidTransition as err:
-            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
-        await self._durable(future)
+            earlier = await self.core.requests.earlier(request_id, owner, method, body)
+        except RequestIdReused as err:
+            raise Abort(grpc.StatusCode.ALREADY_EXISTS, str(err)) from None
+        except Exception as exc:  # the earlier request's commit failed (fail-stop)
+            raise Abort(grpc.StatusCode.UNAVAILABLE, f"the store could not commit: {exc}") from exc
+        return earlier, body
+
+    def _request_row(
+        self, request_id: str, owner: str, method: str, body: str, task_ids: Sequence[str]
+    ) -> RequestRow | None:
+        if not request_id:
+            return None
+        return RequestRow(request_id, owner, method, body, tuple(task_ids), time.time())
+
+    def _remember(self, row: RequestRow | None, future: asyncio.Future[None] | None) -> None:
+        if row is not None:
+            self.core.requests.remember(row, future)
+
+    async def _command(
+        self, command: str, task_ids: Sequence[str], request_id: str, owner: str
+    ) -> list[task_pb2.TaskUpdate]:
+        ids = check_ids(task_ids)
+        method = f"command:{command}"
+        earlier, body = await self._earlier(request_id, owner, method, [" ".join(ids).encode()])
+        if earlier is None:
+            # A repeat of a command already applied answers the tasks' states now, as
+            # the first did once it was stored; it changes nothing again.
+            request = self._request_row(request_id, owner, method, body, ids)
+            try:
+                future = self.core.feed(
+                    TasksCommanded(command, tuple(ids), time.time(), request=request)
+                )
+            except UnknownTasks as err:
+                raise await self._explain_unknown(err.task_ids, command) from None
+            except InvalidTransition as err:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+            self._remember(request, future)
+            await self._durable(future)
         rows = await self.core.store.get_tasks(ids)
         return [row_to_update(rows[tid][0], False) for tid in dict.fromkeys(ids) if tid in rows]
 
@@ -209,11 +253,23 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             )
         await self._check_functions({spec.function_id for spec in request.tasks})
         tasks = tuple(self._new_task(i, spec) for i, spec in enumerate(request.tasks))
+        parts = [endpoint.endpoint_id.encode()]
+        if request.request_id:
+            parts += [spec.SerializeToString(deterministic=True) for spec in request.tasks]
+        earlier, body = await self._earlier(request.request_id, owner, "SubmitTasks", parts)
+        if earlier is not None:
+            return pb.SubmitTasksResponse(task_ids=earlier.task_ids)
+        # No await from here to the feed: a concurrent copy finds this one remembered.
+        ids = [t.task_id for t in tasks]
+        row = self._request_row(request.request_id, owner, "SubmitTasks", body, ids)
         future = self.core.feed(
-            TasksSubmitted(endpoint.endpoint_id, owner, tasks, request.session_id, time.time())
+            TasksSubmitted(
+                endpoint.endpoint_id, owner, tasks, request.session_id, time.time(), request=row
+            )
         )
+        self._remember(row, future)
         await self._durable(future)
-        return pb.SubmitTasksResponse(task_ids=[t.task_id for t in tasks])
+        return pb.SubmitTasksResponse(task_ids=ids)
 
     @refusing
     async def GetTasks(self, request, context):  # noqa: N802, ANN001
@@ -293,23 +349,23 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     @refusing
     async def CancelTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.CancelTasksResponse(updates=await self._command("cancel", request.task_ids))
+        return pb.CancelTasksResponse(updates=await self._command("cancel", request.task_ids, request.request_id, self._owner(context)))
 
     @refusing
     async def HoldTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.HoldTasksResponse(updates=await self._command("hold", request.task_ids))
+        return pb.HoldTasksResponse(updates=await self._command("hold", request.task_ids, request.request_id, self._owner(context)))
 
     @refusing
     async def ReleaseTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.ReleaseTasksResponse(updates=await self._command("release", request.task_ids))
+        return pb.ReleaseTasksResponse(updates=await self._command("release", request.task_ids, request.request_id, self._owner(context)))
 
     @refusing
     async def RetryTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.RetryTasksResponse(updates=await self._command("retry", request.task_ids))
+        return pb.RetryTasksResponse(updates=await self._command("retry", request.task_ids, request.request_id, self._owner(context)))
 
     @refusing
     async def GiveUpTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.GiveUpTasksResponse(updates=await self._command("give-up", request.task_ids))
+        return pb.GiveUpTasksResponse(updates=await self._command("give-up", request.task_ids, request.request_id, self._owner(context)))
 
     @refusing
     async def ResubmitTasks(self, request, context):  # noqa: N802, ANN001
@@ -334,8 +390,14 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     f"task {tid} cannot be resubmitted: its payload was purged after retention",
                 )
             by_endpoint.setdefault(row.endpoint_id, []).append(row)
+        owner = self._owner(context)
+        parts = [" ".join(requested).encode()]
+        earlier, body = await self._earlier(request.request_id, owner, "ResubmitTasks", parts)
+        if earlier is not None:
+            return pb.ResubmitTasksResponse(task_ids=earlier.task_ids)
+        # No await from here to the feed (see server/_requests.py).
         new_ids: dict[str, str] = {}
-        futures = []
+        events = []
         for endpoint_id, group in by_endpoint.items():
             tasks = tuple(
                 NewTask(
@@ -350,21 +412,25 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 for r in group
             )
             new_ids.update({r.task_id: t.task_id for r, t in zip(group, tasks, strict=True)})
-            futures.append(
-                self.core.feed(
-                    TasksSubmitted(
-                        endpoint_id,
-                        group[0].owner,
-                        tasks,
-                        request.session_id,
-                        time.time(),
-                        resubmitted_from=tuple(r.task_id for r in group),
-                    )
+            events.append(
+                TasksSubmitted(
+                    endpoint_id,
+                    group[0].owner,
+                    tasks,
+                    request.session_id,
+                    time.time(),
+                    resubmitted_from=tuple(r.task_id for r in group),
                 )
             )
-        for future in futures:
-            await self._durable(future)
-        return pb.ResubmitTasksResponse(task_ids=[new_ids[tid] for tid in requested])
+        answer = [new_ids[tid] for tid in requested]
+        row = self._request_row(request.request_id, owner, "ResubmitTasks", body, answer)
+        if row is not None:
+            events[0] = dataclasses.replace(events[0], request=row)
+        # One step, so one store batch: all the new tasks and the request id, or none.
+        future = self.core.feed(*events)
+        self._remember(row, future)
+        await self._durable(future)
+        return pb.ResubmitTasksResponse(task_ids=answer)
 
     @refusing
     async def ListEndpoints(self, request, context):  # noqa: N802, ANN001

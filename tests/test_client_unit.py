@@ -123,10 +123,11 @@ def test_prepare_pickles_function_once_and_args_per_call():
     assert pickle.loads(prepared.specs[3].args) == ((3,), {})
     fid = prepared.specs[0].function_id
     assert fid == hashlib.sha256(prepared.functions[fid]).hexdigest()
-    # once registered, the payload no longer travels
+    # once registered, the batch still names the payload (AsyncClient._register skips
+    # it, and registers it again only if the server says it dropped the function)
     base._functions.mark_registered(prepared.specs[0].function_id)
     again = base._prepare([(square, (1,), {"k": 2})], SubmitOptions())
-    assert again.functions == {}
+    assert again.functions == {fid: prepared.functions[fid]}
     assert pickle.loads(again.specs[0].args) == ((1,), {"k": 2})
 
 

@@ -1,7 +1,8 @@
 """The pure scheduler core: feed events, compare the exact instructions.
 
-Every scheduler here runs with ``validate=True``, so the invariants are checked after
-each step. Refused commands are checked to leave the whole scheduler state untouched.
+Every scheduler here runs with ``validate=True``, so the invariants of what each step
+touched are checked after it, and all of them (``validate(full=True)``) at the end of
+each test. Refused commands are checked to leave the whole scheduler state untouched.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from heartline.server._model import (
     PRIORITY_LOW,
     PRIORITY_NORMAL,
     ErrorInfo,
+    Standing,
     TaskRow,
     TransitionRow,
     WriteBatch,
@@ -62,8 +64,23 @@ FN = "fn-1"
 # ------------------------------------------------------------------------ helpers
 
 
+_made: list[Scheduler] = []
+
+
 def make(**config: Any) -> Scheduler:
-    return Scheduler(SchedulerConfig(validate=True, **config))
+    s = Scheduler(SchedulerConfig(validate=True, **config))
+    _made.append(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _validate_fully_at_the_end() -> Any:
+    """Each step checks what it touched (validate=True); the end of a test checks all."""
+    _made.clear()
+    yield
+    for s in _made:
+        s.validate(full=True)
+    _made.clear()
 
 
 @pytest.fixture
@@ -194,7 +211,7 @@ def state_of(s: Scheduler) -> tuple[Any, ...]:
         {tid: (dataclasses.asdict(t), t.agent_id, t.session_id) for tid, t in s.tasks.items()},
         {aid: dataclasses.asdict(a) for aid, a in s.agents.items()},
         {ep: dict(q.live) for ep, q in s.queues.items() if q.live},
-        set(s.orphans),
+        s.orphans_until,
         s.transitions_total,
     )
 
@@ -768,7 +785,7 @@ def test_reconnect_reclaims_held_tasks_and_dispatches_the_rest_again(sched: Sche
         ),
     ]
     assert sched.agents["A"].in_flight == {"t1", "t2", "t3"}
-    assert not any(t.interrupted for t in sched.tasks.values())
+    assert all(t.standing is Standing.FRESH for t in sched.tasks.values())
 
 
 def test_reclaimed_task_finishes_once_with_its_original_attempt(sched: Scheduler) -> None:
@@ -1202,7 +1219,8 @@ def test_result_of_a_restored_task_resent_after_the_hello_settles_it(sched: Sche
             )
         ),
     ]
-    assert "t1" not in sched.tasks and sched.orphans == set()
+    assert "t1" not in sched.tasks
+    assert not any(t.standing is Standing.ORPHANED for t in sched.tasks.values())
 
 
 # ------------------------------------- regressions: bugs these tests found first

@@ -347,7 +347,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def valid(self) -> None:
-        self.s.validate()
+        self.s.validate(full=True)
         for tid, task in self.s.tasks.items():
             assert self.last_state[tid] == task.state, f"{tid} changed state without a recorded transition"
 

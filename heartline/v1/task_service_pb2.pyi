@@ -25,14 +25,16 @@ class RegisterFunctionResponse(_message.Message):
     def __init__(self, function_id: _Optional[str] = ...) -> None: ...
 
 class SubmitTasksRequest(_message.Message):
-    __slots__ = ("endpoint", "tasks", "session_id")
+    __slots__ = ("endpoint", "tasks", "session_id", "request_id")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     tasks: _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskSpec]
     session_id: str
-    def __init__(self, endpoint: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[_task_pb2.TaskSpec, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, endpoint: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[_task_pb2.TaskSpec, _Mapping]]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SubmitTasksResponse(_message.Message):
     __slots__ = ("task_ids",)
@@ -93,10 +95,12 @@ class WatchTasksResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
 
 class CancelTasksRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "request_id")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CancelTasksResponse(_message.Message):
     __slots__ = ("updates",)
@@ -105,10 +109,12 @@ class CancelTasksResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
 
 class HoldTasksRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "request_id")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class HoldTasksResponse(_message.Message):
     __slots__ = ("updates",)
@@ -117,10 +123,12 @@ class HoldTasksResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
 
 class ReleaseTasksRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "request_id")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseTasksResponse(_message.Message):
     __slots__ = ("updates",)
@@ -129,10 +137,12 @@ class ReleaseTasksResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
 
 class RetryTasksRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "request_id")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RetryTasksResponse(_message.Message):
     __slots__ = ("updates",)
@@ -141,10 +151,12 @@ class RetryTasksResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
 
 class GiveUpTasksRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "request_id")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GiveUpTasksResponse(_message.Message):
     __slots__ = ("updates",)
@@ -153,12 +165,14 @@ class GiveUpTasksResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
 
 class ResubmitTasksRequest(_message.Message):
-    __slots__ = ("task_ids", "session_id")
+    __slots__ = ("task_ids", "session_id", "request_id")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
     session_id: str
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ResubmitTasksResponse(_message.Message):
     __slots__ = ("task_ids",)
