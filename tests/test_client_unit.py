@@ -15,7 +15,6 @@ import pickle
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import cloudpickle
 import grpc
