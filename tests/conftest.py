@@ -26,6 +26,7 @@ import pytest
 
 from heartline import Client
 from heartline._watchdog import watch_loop
+from heartline.server._store import SqliteStore
 from tests.helpers import (
     PROCESSES,
     Proc,
@@ -296,6 +297,15 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --------------------------------------------------------------------------- per test
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite store in a temporary file (in-process, on the test's loop)."""
+    s = SqliteStore(tmp_path / "heartline.db")
+    await s.open()
+    yield s
+    await s.close()
 
 
 @pytest.fixture

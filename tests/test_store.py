@@ -47,14 +47,6 @@ def submitted(*rows: TaskRow) -> WriteBatch:
     )
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "heartline.db")
-    await s.open()
-    yield s
-    await s.close()
-
-
 @contextlib.asynccontextmanager
 async def writer_paused(store: SqliteStore) -> AsyncIterator[None]:
     """Hold the writer thread, so everything queued inside the block forms ONE group."""

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 
 from heartline._states import TaskState
 from heartline.server._model import FunctionRow, TaskRow, TransitionRow, WriteBatch
@@ -29,14 +27,6 @@ def task(task_id: str, function_id: str, state: TaskState, settle_time: float | 
 
 def function(function_id: str, register_time: float) -> FunctionRow:
     return FunctionRow(function_id, b"pickle:" + function_id.encode(), "alice", register_time)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "heartline.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def stored(store: SqliteStore, ids: list[str]) -> set[str]:
