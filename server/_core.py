@@ -396,16 +396,20 @@ class ServerCore:
         await asyncio.shield(self._write(WriteBatch(endpoints=(row,))))
         self.endpoints[row.endpoint_id] = row
 
-    async def ensure_endpoint(self, name: str, owner: str) -> tuple[EndpointRow, bool]:
-        """The owner's endpoint of this name, registered (durably) if it is new; and
-        whether it was."""
-        for row in self.endpoints.values():
-            if row.name == name and row.owner == owner:
-                return row, False
-        row = EndpointRow(str(uuid.uuid4()), name, owner, time.time())
-        await self.register_endpoint(row)
-        log.info("event=endpoint-registered name=%s endpoint_id=%s", row.name, row.endpoint_id)
-        return row, True
+    def endpoint_named(self, name: str, owner: str) -> EndpointRow | None:
+        """The owner's endpoint of this name, if registered."""
+        return next(
+            (r for r in self.endpoints.values() if r.name == name and r.owner == owner), None
+        )
+
+    async def ensure_endpoint(self, name: str, owner: str) -> EndpointRow:
+        """The owner's endpoint of this name, registered (durably) if it is new."""
+        row = self.endpoint_named(name, owner)
+        if row is None:
+            row = EndpointRow(str(uuid.uuid4()), name, owner, time.time())
+            await self.register_endpoint(row)
+            log.info("event=endpoint-registered name=%s endpoint_id=%s", name, row.endpoint_id)
+        return row
 
     async def run_timers(self) -> None:
         """Heartbeat checks and retention, until cancelled."""

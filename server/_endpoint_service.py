@@ -40,7 +40,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"invalid endpoint name {request.name[:80]!r}: {ENDPOINT_NAME_RULE}",
             )
-        row, _ = await self.core.ensure_endpoint(request.name, owner)
+        row = await self.core.ensure_endpoint(request.name, owner)
         return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
 
     async def Connect(self, request_iterator, context):  # noqa: N802, ANN001

@@ -88,9 +88,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "endpoint is empty: give its name or id")
         row = self.core.endpoints.get(ref)
         if row is None:
-            row = next(
-                (r for r in self.core.endpoints.values() if r.name == ref and r.owner == owner), None
-            )
+            row = self.core.endpoint_named(ref, owner)
         if row is None:
             raise Abort(
                 grpc.StatusCode.NOT_FOUND,

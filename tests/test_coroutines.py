@@ -26,9 +26,11 @@ async def nap_then_double(seconds: float, x: int) -> int:
     return 2 * x
 
 
-async def loop_identity() -> int:
+async def loop_identity() -> tuple[int, int]:
+    import os
+
     await asyncio.sleep(0)
-    return id(asyncio.get_running_loop())
+    return os.getpid(), id(asyncio.get_running_loop())
 
 
 async def fail_after_await() -> None:
@@ -56,10 +58,14 @@ def test_coroutines_return_their_values_one_at_a_time_per_worker(
         ids = hc.submit_batch("local", [(nap_then_double, (0.3, i), {}) for i in range(8)])
         assert [hc.get_result(t, timeout=TIMEOUT) for t in ids] == [2 * i for i in range(8)]
         assert time.monotonic() - t0 >= 4 * 0.3 - 0.05
-        # The loop is the worker's own and is reused: at most two distinct loops (2 workers).
-        loops = {hc.get_result(t, timeout=TIMEOUT) for t in
-                 hc.submit_batch("local", [(loop_identity, (), {}) for _ in range(10)])}
-        assert 1 <= len(loops) <= 2
+        # The loop is the worker's own and is reused: one loop per worker process.
+        seen = [hc.get_result(t, timeout=TIMEOUT) for t in
+                hc.submit_batch("local", [(loop_identity, (), {}) for _ in range(10)])]
+        loops_by_worker: dict[int, set[int]] = {}
+        for pid, loop in seen:
+            loops_by_worker.setdefault(pid, set()).add(loop)
+        assert 1 <= len(loops_by_worker) <= 2, loops_by_worker
+        assert all(len(loops) == 1 for loops in loops_by_worker.values()), loops_by_worker
 
 
 def test_a_coroutine_that_raises_shows_its_own_frames(server: ServerProc, agent: Proc) -> None:
