@@ -97,6 +97,53 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         raise SerializationError(f"cannot serialize arguments: {exc}") from exc
 
 
+class TaskInput:
+    """A placeholder in a task's arguments for the result of another task (its input).
+
+    The client puts one where a ``TaskRef`` or a future sat, at the top level of args or
+    kwargs, and names the input tasks in the same order; the worker puts each input's
+    result in its place (:func:`fill_inputs`) before the call.
+    """
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskInput, (self.index,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskInput) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash((TaskInput, self.index))
+
+    def __repr__(self) -> str:
+        return f"TaskInput({self.index})"
+
+
+def fill_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Put the input results in place of the top-level :class:`TaskInput` placeholders.
+
+    Raises:
+        SerializationError: a placeholder names an input that was not given.
+    """
+
+    def fill(value: Any) -> Any:
+        if type(value) is TaskInput:
+            if not 0 <= value.index < len(inputs):
+                raise SerializationError(
+                    f"the arguments name input {value.index}, but the task has {len(inputs)} inputs"
+                )
+            return inputs[value.index]
+        return value
+
+    return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
+
+
 def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
     """Unpickle a function or argument payload and the source map that may follow it.
 

@@ -1,4 +1,5 @@
-"""Task states as the client sees them, and which of them are pending or settled."""
+"""Task states as the client sees them, and which of them are pending or settled; why a
+group task was skipped, a group's aggregate status, and the ways to cancel a group."""
 
 from __future__ import annotations
 
@@ -99,3 +100,82 @@ _TO_PROTO: dict[TaskState, int] = {
     s: task_pb2.TaskState.Value("TASK_STATE_" + s.name) for s in TaskState
 }
 _FROM_PROTO: dict[int, TaskState] = {v: k for k, v in _TO_PROTO.items()}
+
+
+class SkipReason(str, enum.Enum):
+    """Why a group task was skipped (SPEC section 4); maps onto ``heartline.v1.SkipReason``."""
+
+    WHEN_FALSE = "when-false"
+    """Its `when` expressions were false."""
+    INPUT_NOT_SUCCEEDED = "input-not-succeeded"
+    """A task whose result it takes did not succeed."""
+    PARENT_NOT_SUCCEEDED = "parent-not-succeeded"
+    """A task it runs after failed, was cancelled, or was skipped for another reason
+    than its own `when` (as in Tekton, a `when` skip does not cascade to `run_after`)."""
+    GROUP_STOPPING = "group-stopping"
+    """The group was stopping (fail_fast after a failure, or stop_run_finally)."""
+    GROUP_TIMED_OUT = "group-timed-out"
+    """The group's timeout passed before it ran."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def _from_proto(cls, value: int) -> SkipReason | None:
+        """None for SKIP_REASON_UNSPECIFIED (the task was not skipped)."""
+        return _SKIP_FROM_PROTO.get(value)
+
+    def _to_proto(self) -> int:
+        return _SKIP_TO_PROTO[self]
+
+
+class GroupStatus(str, enum.Enum):
+    """A group's aggregate status, `$(tasks.status)` (TEP-0049): ``Failed`` if any DAG
+    task failed (this wins); else ``Completed`` if all settled and one or more were
+    skipped; else ``Succeeded`` if all succeeded; else ``None`` (pending, or cancelled).
+    Maps onto ``heartline.v1.GroupStatus``."""
+
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    COMPLETED = "Completed"
+    NONE = "None"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def _from_proto(cls, value: int) -> GroupStatus:
+        return _GROUP_FROM_PROTO.get(value, GroupStatus.NONE)
+
+    def _to_proto(self) -> int:
+        return _GROUP_TO_PROTO[self]
+
+
+class CancelMode(str, enum.Enum):
+    """How a group is cancelled (TEP-0058); maps onto ``heartline.v1.CancelMode``."""
+
+    CANCEL = "cancel"
+    """Cancel every pending or running task; finally tasks do not run."""
+    CANCEL_RUN_FINALLY = "cancel_run_finally"
+    """Cancel the DAG tasks, then run the finally tasks."""
+    STOP_RUN_FINALLY = "stop_run_finally"
+    """Start no new DAG task, let running ones finish, then run the finally tasks."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def _from_proto(cls, value: int) -> CancelMode | None:
+        """None for CANCEL_MODE_UNSPECIFIED."""
+        return _CANCEL_FROM_PROTO.get(value)
+
+    def _to_proto(self) -> int:
+        return _CANCEL_TO_PROTO[self]
+
+
+_SKIP_TO_PROTO = {r: task_pb2.SkipReason.Value("SKIP_REASON_" + r.name) for r in SkipReason}
+_SKIP_FROM_PROTO = {v: k for k, v in _SKIP_TO_PROTO.items()}
+_GROUP_TO_PROTO = {g: task_pb2.GroupStatus.Value("GROUP_STATUS_" + g.name) for g in GroupStatus}
+_GROUP_FROM_PROTO = {v: k for k, v in _GROUP_TO_PROTO.items()}
+_CANCEL_TO_PROTO = {m: task_pb2.CancelMode.Value("CANCEL_MODE_" + m.name) for m in CancelMode}
+_CANCEL_FROM_PROTO = {v: k for k, v in _CANCEL_TO_PROTO.items()}

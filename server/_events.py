@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from heartline._states import TaskState
-from heartline.server._model import ErrorInfo, RequestRow, TaskRow, WriteBatch
+from collections.abc import Mapping
+
+from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
+from heartline.server._model import ErrorInfo, GroupMember, RequestRow, TaskRow, WriteBatch
 
 # --------------------------------------------------------------------------- events
 
@@ -27,6 +29,24 @@ class NewTask:
     max_system_retries: int
     walltime: float
     held: bool = False
+    name: str = ""
+    """In a group: its name."""
+    inputs: tuple[str, ...] = ()
+    """Ids of the tasks whose results it takes, in placeholder order."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewGroup:
+    """A group of a submission, already validated (``server/_groups.py``); its tasks are
+    the submission's tasks, named by ``members``."""
+
+    group_id: str
+    name: str
+    fail_fast: bool
+    timeout: float
+    """Seconds; 0 means none."""
+    members: tuple[GroupMember, ...]
+    """DAG tasks in submission order, then finally tasks; the same order as the tasks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +61,12 @@ class TasksSubmitted:
     """Per task: the id of the task it was resubmitted from, or empty."""
     request: RequestRow | None = None
     """The client's request id and what it made, stored in the same batch as the tasks."""
+    group: NewGroup | None = None
+    """Set when the tasks are a group's."""
+    settled_inputs: Mapping[str, tuple[TaskState, bytes | None]] | None = None
+    """Outside a group: the state and result of each input task the scheduler no longer
+    holds (settled and evicted), read from the store by the caller. An input neither
+    held nor here is refused with InputsMoved (read again and resubmit the event)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +138,16 @@ class TasksCommanded:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupCommanded:
+    """An owner cancels or stops a group (TEP-0058)."""
+
+    group_id: str
+    mode: CancelMode
+    time: float
+    request: RequestRow | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passes: find silent agents, expire ERRORED tasks past their retention."""
 
@@ -125,6 +161,7 @@ Event = (
     | AgentSeen
     | AgentReported
     | TasksCommanded
+    | GroupCommanded
     | Tick
 )
 
@@ -145,6 +182,8 @@ class DispatchItem:
     function_id: str
     args: bytes
     walltime: float
+    inputs: tuple[bytes, ...] = ()
+    """The results of the task's input tasks, in placeholder order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +217,17 @@ class TaskChanged(NamedTuple):
     time: float
     result: bytes | None = None
     error: ErrorInfo | None = None
+    skip_reason: SkipReason | None = None
+    group_id: str = ""
+
+
+class GroupChanged(NamedTuple):
+    """A group's aggregate status or pending flag changed."""
+
+    group_id: str
+    status: GroupStatus
+    pending: bool
+    time: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +235,7 @@ class NotifyWatchers:
     """Push transitions to watchers; carried out once the Persist of the same step commits."""
 
     changes: tuple[TaskChanged, ...]
+    groups: tuple[GroupChanged, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +258,11 @@ __all__ = [
     "CloseAgent",
     "DispatchItem",
     "Event",
+    "GroupChanged",
+    "GroupCommanded",
     "HeldTask",
     "Instruction",
+    "NewGroup",
     "NewTask",
     "NotifyWatchers",
     "Persist",

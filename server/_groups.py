@@ -10,12 +10,11 @@ as named constants), in our own words.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from heartline._states import TaskState
+from heartline._states import SkipReason, TaskState
 
 # Per-task status strings, as `$(tasks.<name>.status)` reads them.
 SUCCEEDED = "Succeeded"
@@ -32,25 +31,6 @@ OPERATORS = ("in", "notin")
 AGGREGATE_INPUT = "$(tasks.status)"
 _TASK_INPUT = re.compile(r"^\$\(tasks\.(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\.status\)$")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class SkipReason(str, enum.Enum):
-    """Why a group task was skipped (stored with it; tests compare these, not text)."""
-
-    WHEN_FALSE = "when-false"
-    """Its `when` expressions were false."""
-    INPUT_NOT_SUCCEEDED = "input-not-succeeded"
-    """A task whose result it takes did not succeed."""
-    PARENT_NOT_SUCCEEDED = "parent-not-succeeded"
-    """A task it runs after failed, was cancelled, or was skipped for another reason
-    than its own `when` (as in Tekton, a `when` skip does not cascade to `run_after`)."""
-    GROUP_STOPPING = "group-stopping"
-    """The group was stopping (fail_fast after a failure, or stop_run_finally)."""
-    GROUP_TIMED_OUT = "group-timed-out"
-    """The group's timeout passed before it ran."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _STATUS_OF_STATE = {

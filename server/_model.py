@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from heartline._states import FailureCode, TaskState
+from heartline._states import CancelMode, FailureCode, GroupStatus, SkipReason, TaskState
 
 PRIORITY_HIGH = 1
 PRIORITY_NORMAL = 2
@@ -82,6 +82,12 @@ class TaskRecord:
     standing: Standing = Standing.FRESH
     """Where its last attempt stands; written only by the transition table (and by the
     scheduler's restore, which tells LOST from ORPHANED)."""
+    name: str = ""
+    """In a group: the task's name, unique in the group."""
+    inputs: tuple[str, ...] = ()
+    """Ids of the tasks whose results it takes, in placeholder order (SPEC section 4)."""
+    skip_reason: SkipReason | None = None
+    """Why it was SKIPPED."""
     # Not stored: runtime placement.
     session_id: str = field(default="", compare=False)
     agent_id: str | None = field(default=None, compare=False)
@@ -112,6 +118,9 @@ class TaskRecord:
             self.resubmitted_from,
             self.group_id,
             self.payload_purged,
+            self.name,
+            self.inputs,
+            self.skip_reason,
             self.standing is not Standing.FRESH,
         )
 
@@ -145,6 +154,9 @@ class TaskRow(NamedTuple):
     resubmitted_from: str
     group_id: str
     payload_purged: bool
+    name: str = ""
+    inputs: tuple[str, ...] = ()
+    skip_reason: SkipReason | None = None
     interrupted: bool = False
     """The task's standing is not FRESH (the store cannot tell LOST from ORPHANED; a
     restore decides)."""
@@ -197,12 +209,66 @@ class RequestRow(NamedTuple):
     time: float
 
 
+class WhenRow(NamedTuple):
+    """One `when` expression of a group task: ``input`` ``operator`` ``values``."""
+
+    input: str
+    operator: str
+    values: tuple[str, ...]
+
+
+class GroupMember(NamedTuple):
+    """One task's place in its group, fixed at submission."""
+
+    name: str
+    task_id: str
+    is_finally: bool = False
+    run_after: tuple[str, ...] = ()
+    """Names of the DAG tasks it runs after, without their results."""
+    inputs: tuple[str, ...] = ()
+    """Names of the DAG tasks whose results it takes, in placeholder order (a name may
+    repeat)."""
+    when: tuple[WhenRow, ...] = ()
+
+
+class GroupRow(NamedTuple):
+    """A group as submitted: fixed once stored."""
+
+    group_id: str
+    name: str
+    owner: str
+    endpoint_id: str
+    submit_time: float
+    fail_fast: bool
+    timeout: float
+    """Seconds from submission; 0 means none."""
+    members: tuple[GroupMember, ...]
+    """DAG tasks in submission order, then finally tasks."""
+
+
+class GroupStateRow(NamedTuple):
+    """What changes of a group as its tasks move: written on each change, in the batch of
+    the transitions that caused it."""
+
+    group_id: str
+    status: GroupStatus
+    """The aggregate status of its DAG tasks."""
+    pending: bool
+    """A task of the group (finally tasks included) is pending."""
+    counts: tuple[int, int, int, int, int]
+    """DAG tasks by status: Succeeded, Failed, Skipped, Cancelled, None."""
+    cancel_mode: CancelMode | None
+    timed_out: bool
+    settle_time: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class WriteBatch:
     """Everything one scheduler step (or one request) asks the store to make durable.
 
-    Applied in one transaction, in this order: functions, endpoints, new tasks (inserted),
-    task updates (the full row replaces the stored one), transitions (appended), requests.
+    Applied in one transaction, in this order: functions, endpoints, new groups, new
+    tasks (inserted), task updates (the full row replaces the stored one), transitions
+    (appended), group states (replace the stored one), requests.
     """
 
     functions: tuple[FunctionRow, ...] = ()
@@ -211,6 +277,8 @@ class WriteBatch:
     task_updates: tuple[TaskRow, ...] = ()
     transitions: tuple[TransitionRow, ...] = ()
     requests: tuple[RequestRow, ...] = ()
+    new_groups: tuple[GroupRow, ...] = ()
+    group_states: tuple[GroupStateRow, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -220,4 +288,6 @@ class WriteBatch:
             or self.task_updates
             or self.transitions
             or self.requests
+            or self.new_groups
+            or self.group_states
         )

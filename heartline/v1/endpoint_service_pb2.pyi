@@ -94,20 +94,22 @@ class Welcome(_message.Message):
     def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., agent_id: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ...) -> None: ...
 
 class Dispatch(_message.Message):
-    __slots__ = ("task_id", "attempt", "function_id", "function", "args", "walltime_seconds")
+    __slots__ = ("task_id", "attempt", "function_id", "function", "args", "walltime_seconds", "inputs")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     WALLTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     function_id: str
     function: bytes
     args: bytes
     walltime_seconds: float
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., function_id: _Optional[str] = ..., function: _Optional[bytes] = ..., args: _Optional[bytes] = ..., walltime_seconds: _Optional[float] = ...) -> None: ...
+    inputs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., function_id: _Optional[str] = ..., function: _Optional[bytes] = ..., args: _Optional[bytes] = ..., walltime_seconds: _Optional[float] = ..., inputs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DispatchBatch(_message.Message):
     __slots__ = ("dispatches",)

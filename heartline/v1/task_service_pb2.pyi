@@ -77,22 +77,26 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[_task_pb2.Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchTasksRequest(_message.Message):
-    __slots__ = ("task_ids", "session_id", "settled_only", "include_results")
+    __slots__ = ("task_ids", "session_id", "settled_only", "include_results", "group_ids")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SETTLED_ONLY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
     session_id: str
     settled_only: bool
     include_results: bool
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., settled_only: _Optional[bool] = ..., include_results: _Optional[bool] = ...) -> None: ...
+    group_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., settled_only: _Optional[bool] = ..., include_results: _Optional[bool] = ..., group_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchTasksResponse(_message.Message):
-    __slots__ = ("updates",)
+    __slots__ = ("updates", "groups")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskUpdate]
-    def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[_task_pb2.GroupUpdate]
+    def __init__(self, updates: _Optional[_Iterable[_Union[_task_pb2.TaskUpdate, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[_task_pb2.GroupUpdate, _Mapping]]] = ...) -> None: ...
 
 class CancelTasksRequest(_message.Message):
     __slots__ = ("task_ids", "request_id")
@@ -246,3 +250,79 @@ class GetStatsResponse(_message.Message):
     transitions: int
     start_time: _timestamp_pb2.Timestamp
     def __init__(self, tasks_by_state: _Optional[_Mapping[str, int]] = ..., endpoints_online: _Optional[int] = ..., agents_online: _Optional[int] = ..., transitions: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SubmitGroupRequest(_message.Message):
+    __slots__ = ("name", "endpoint", "tasks", "finally_tasks", "fail_fast", "timeout_seconds", "session_id", "request_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    FINALLY_TASKS_FIELD_NUMBER: _ClassVar[int]
+    FAIL_FAST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    endpoint: str
+    tasks: _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskSpec]
+    finally_tasks: _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskSpec]
+    fail_fast: bool
+    timeout_seconds: float
+    session_id: str
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[_task_pb2.TaskSpec, _Mapping]]] = ..., finally_tasks: _Optional[_Iterable[_Union[_task_pb2.TaskSpec, _Mapping]]] = ..., fail_fast: _Optional[bool] = ..., timeout_seconds: _Optional[float] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SubmitGroupResponse(_message.Message):
+    __slots__ = ("group_id", "task_ids")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetGroupRequest(_message.Message):
+    __slots__ = ("group_id", "include_history")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    include_history: bool
+    def __init__(self, group_id: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
+
+class GetGroupResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: _task_pb2.Group
+    def __init__(self, group: _Optional[_Union[_task_pb2.Group, _Mapping]] = ...) -> None: ...
+
+class ListGroupsRequest(_message.Message):
+    __slots__ = ("pending_only", "page_size", "page_token")
+    PENDING_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pending_only: bool
+    page_size: int
+    page_token: str
+    def __init__(self, pending_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListGroupsResponse(_message.Message):
+    __slots__ = ("groups", "next_page_token")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[_task_pb2.Group]
+    next_page_token: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[_task_pb2.Group, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelGroupRequest(_message.Message):
+    __slots__ = ("group_id", "mode", "request_id")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    mode: _task_pb2.CancelMode
+    request_id: str
+    def __init__(self, group_id: _Optional[str] = ..., mode: _Optional[_Union[_task_pb2.CancelMode, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CancelGroupResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: _task_pb2.Group
+    def __init__(self, group: _Optional[_Union[_task_pb2.Group, _Mapping]] = ...) -> None: ...

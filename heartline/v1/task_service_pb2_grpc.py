@@ -100,6 +100,26 @@ class TaskServiceStub:
                 request_serializer=heartline_dot_v1_dot_task__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=heartline_dot_v1_dot_task__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.SubmitGroup = channel.unary_unary(
+                '/heartline.v1.TaskService/SubmitGroup',
+                request_serializer=heartline_dot_v1_dot_task__service__pb2.SubmitGroupRequest.SerializeToString,
+                response_deserializer=heartline_dot_v1_dot_task__service__pb2.SubmitGroupResponse.FromString,
+                _registered_method=True)
+        self.GetGroup = channel.unary_unary(
+                '/heartline.v1.TaskService/GetGroup',
+                request_serializer=heartline_dot_v1_dot_task__service__pb2.GetGroupRequest.SerializeToString,
+                response_deserializer=heartline_dot_v1_dot_task__service__pb2.GetGroupResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/heartline.v1.TaskService/ListGroups',
+                request_serializer=heartline_dot_v1_dot_task__service__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=heartline_dot_v1_dot_task__service__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.CancelGroup = channel.unary_unary(
+                '/heartline.v1.TaskService/CancelGroup',
+                request_serializer=heartline_dot_v1_dot_task__service__pb2.CancelGroupRequest.SerializeToString,
+                response_deserializer=heartline_dot_v1_dot_task__service__pb2.CancelGroupResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -199,6 +219,35 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitGroup(self, request, context):
+        """Stores a group of tasks (a DAG plus finally tasks), validated whole and stored
+        atomically; a group that can't run is INVALID_ARGUMENT and nothing is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroup(self, request, context):
+        """Reads a group with its tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """Lists groups, newest first (without their tasks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelGroup(self, request, context):
+        """Cancels or stops a group (TEP-0058 modes); a settled group is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -266,6 +315,26 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=heartline_dot_v1_dot_task__service__pb2.GetStatsRequest.FromString,
                     response_serializer=heartline_dot_v1_dot_task__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'SubmitGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitGroup,
+                    request_deserializer=heartline_dot_v1_dot_task__service__pb2.SubmitGroupRequest.FromString,
+                    response_serializer=heartline_dot_v1_dot_task__service__pb2.SubmitGroupResponse.SerializeToString,
+            ),
+            'GetGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroup,
+                    request_deserializer=heartline_dot_v1_dot_task__service__pb2.GetGroupRequest.FromString,
+                    response_serializer=heartline_dot_v1_dot_task__service__pb2.GetGroupResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=heartline_dot_v1_dot_task__service__pb2.ListGroupsRequest.FromString,
+                    response_serializer=heartline_dot_v1_dot_task__service__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'CancelGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelGroup,
+                    request_deserializer=heartline_dot_v1_dot_task__service__pb2.CancelGroupRequest.FromString,
+                    response_serializer=heartline_dot_v1_dot_task__service__pb2.CancelGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -620,6 +689,114 @@ class TaskService:
             '/heartline.v1.TaskService/GetStats',
             heartline_dot_v1_dot_task__service__pb2.GetStatsRequest.SerializeToString,
             heartline_dot_v1_dot_task__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartline.v1.TaskService/SubmitGroup',
+            heartline_dot_v1_dot_task__service__pb2.SubmitGroupRequest.SerializeToString,
+            heartline_dot_v1_dot_task__service__pb2.SubmitGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartline.v1.TaskService/GetGroup',
+            heartline_dot_v1_dot_task__service__pb2.GetGroupRequest.SerializeToString,
+            heartline_dot_v1_dot_task__service__pb2.GetGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartline.v1.TaskService/ListGroups',
+            heartline_dot_v1_dot_task__service__pb2.ListGroupsRequest.SerializeToString,
+            heartline_dot_v1_dot_task__service__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartline.v1.TaskService/CancelGroup',
+            heartline_dot_v1_dot_task__service__pb2.CancelGroupRequest.SerializeToString,
+            heartline_dot_v1_dot_task__service__pb2.CancelGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
