@@ -4,8 +4,9 @@ The stream protocol is docs/ARCHITECTURE.md "The agent stream". Per task the age
 reports, in order: WAITING_FOR_NODES (received and queued here), WAITING_FOR_LAUNCH
 (handed to a worker), RUNNING (the worker started it), then one terminal report,
 SUCCEEDED or ERRORED. A task refused before it reaches a worker (function not allowed
-or unknown) goes from WAITING_FOR_NODES straight to ERRORED; a function or arguments
-that cannot be unpickled go from WAITING_FOR_LAUNCH straight to ERRORED.
+or unknown) goes from WAITING_FOR_NODES straight to ERRORED; a function, arguments or
+inputs (the results of the tasks it takes as inputs, sent with its Dispatch and kept
+with its Job) that cannot be unpickled go from WAITING_FOR_LAUNCH straight to ERRORED.
 
 Every change is appended to an outbox and one sender coroutine drains it: whatever was
 produced while the sender slept (at least one loop iteration, more under load while a
@@ -256,7 +257,9 @@ class Agent:
             except grpc.aio.AioRpcError as err:
                 if err.code() in _FATAL_CODES:
                     self._fatal = rpc_error_from_grpc(err)
-                    logger.error("event=refused server=%s error=%s", self._config.server, self._fatal)
+                    logger.error(
+                        "event=refused server=%s error=%s", self._config.server, self._fatal
+                    )
                     self._stop_requested.set()
                     return
                 reason = str(rpc_error_from_grpc(err, self._config.server))
@@ -273,7 +276,11 @@ class Agent:
             if was_connected or self._failures == 1:
                 logger.warning(
                     "event=disconnected server=%s reason=%r retry_in=%.2fs held=%d unacked=%d",
-                    self._config.server, reason, delay, len(self._held), len(self._unacked),
+                    self._config.server,
+                    reason,
+                    delay,
+                    len(self._held),
+                    len(self._unacked),
                 )
             else:
                 logger.debug("event=reconnect-failed reason=%r retry_in=%.2fs", reason, delay)
@@ -308,7 +315,9 @@ class Agent:
 
     async def _session(self, ready: asyncio.Event | None) -> None:
         """One connection: hello, welcome, then stream until it breaks."""
-        async with grpc.aio.insecure_channel(self._config.server, options=_CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(
+            self._config.server, options=_CHANNEL_OPTIONS
+        ) as channel:
             stub = pb_grpc.EndpointServiceStub(channel)
             identity, fresh = await self._register(stub)
             call = stub.Connect(metadata=self._metadata())
@@ -342,8 +351,12 @@ class Agent:
                 self._failures = 0
                 logger.info(
                     "event=connected endpoint_id=%s agent_id=%s server=%s heartbeat=%gs held=%d resent=%d",
-                    identity.endpoint_id, self._agent_id, self._config.server, interval,
-                    len(hello.held_tasks), len(resend),
+                    identity.endpoint_id,
+                    self._agent_id,
+                    self._config.server,
+                    interval,
+                    len(hello.held_tasks),
+                    len(resend),
                 )
                 if ready is not None:
                     ready.set()
@@ -438,27 +451,42 @@ class Agent:
             if (d.task_id, d.attempt) in self._unacked:
                 continue  # already finished; the report is on its way
             self._held[d.task_id] = _Held(d.attempt, _NODES)
-            self._report(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_NODES), urgent=False)
+            self._report(
+                pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_NODES), urgent=False
+            )
             if allowed is not None and d.function_id not in allowed:
                 self._refuse(
-                    d, "PermissionError",
+                    d,
+                    "PermissionError",
                     f"function {d.function_id} is not allowed on endpoint "
                     f"{self._config.name!r}; the task was not run",
                 )
             elif function is None:
                 self._refuse(
-                    d, "LookupError",
+                    d,
+                    "LookupError",
                     f"function {d.function_id} was never sent to this agent; the task was not run",
                 )
             elif self._state is not AgentState.STOPPING:
+                inputs = d.inputs
                 self._pool.submit(
-                    Job(d.task_id, d.attempt, d.function_id, function, d.args, d.walltime_seconds)
+                    Job(
+                        d.task_id,
+                        d.attempt,
+                        d.function_id,
+                        function,
+                        d.args,
+                        d.walltime_seconds,
+                        inputs=tuple(inputs) if inputs else (),
+                    )
                 )
 
     def _refuse(self, d: pb.Dispatch, type_name: str, message: str) -> None:
         logger.info("event=task-refused task_id=%s reason=%r", d.task_id, message)
         error = task_pb2.RemoteError(type_name=type_name, message=message)
-        self._finish(pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_ERRORED, error=error))
+        self._finish(
+            pb.StatusUpdate(task_id=d.task_id, attempt=d.attempt, state=_ERRORED, error=error)
+        )
 
     def _on_cancel(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
@@ -490,7 +518,9 @@ class Agent:
                 f"{self._max_payload} bytes",
                 failure_kind=task_pb2.FAILURE_KIND_SERIALIZATION,
             )
-            update = pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error)
+            update = pb.StatusUpdate(
+                task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error
+            )
         else:
             f = outcome.failure
             error = task_pb2.RemoteError(
@@ -499,7 +529,9 @@ class Agent:
                 traceback=_clip(f.traceback),
                 failure_kind=int(f.kind),
             )
-            update = pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error)
+            update = pb.StatusUpdate(
+                task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error
+            )
         self._finish(update)
 
     # -- upstream -----------------------------------------------------------------------
@@ -509,7 +541,9 @@ class Agent:
         if held is None or held.attempt != job.attempt:
             return
         held.state = state
-        self._report(pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=state), urgent=False)
+        self._report(
+            pb.StatusUpdate(task_id=job.task_id, attempt=job.attempt, state=state), urgent=False
+        )
 
     def _finish(self, update: pb.StatusUpdate) -> None:
         self._held.pop(update.task_id, None)

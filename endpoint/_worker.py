@@ -5,7 +5,10 @@ docs/ARCHITECTURE.md over its stdin/stdout: frames of a 4-byte big-endian length
 pickled tuple.
 
 - worker -> agent ``("ready", pid)`` once, after imports.
-- agent -> worker ``("run", task_id, attempt, function_id, function_bytes | None, args)``
+- agent -> worker
+  ``("run", task_id, attempt, function_id, function_bytes | None, args, inputs)``: ``inputs``
+  is a tuple of the pickled results of the task's input tasks, in placeholder order (empty
+  for a task without inputs); each takes the place of its ``TaskInput`` in the arguments.
 - worker -> agent ``("start", task_id, attempt)`` just before the call
 - worker -> agent ``("done", task_id, attempt, True, result_bytes)`` or
   ``("done", task_id, attempt, False, (type_name, message, traceback, failure_kind))``
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import pickle
 import signal
 import sys
 import types
@@ -26,10 +30,19 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from heartline._defaults import WORKER_FUNCTION_CACHE
+from heartline._errors import SerializationError
 from heartline._lru import LruCache
-from heartline._serialize import SourceMap, describe_exception, dumps_result, loads_with_sources
+from heartline._serialize import (
+    SourceMap,
+    TaskInput,
+    describe_exception,
+    dumps_result,
+    fill_inputs,
+    loads_with_sources,
+)
 from heartline._states import FailureCode
 from heartline.endpoint._frames import HEADER, decode, encode
+
 _RAISED = int(FailureCode.RAISED)
 _SERIALIZATION = int(FailureCode.SERIALIZATION)
 
@@ -96,6 +109,7 @@ def _run(
     function_id: str,
     function_bytes: bytes | None,
     args_bytes: bytes,
+    inputs: tuple[bytes, ...] = (),
 ) -> None:
     try:
         cached = functions.get(function_id)
@@ -117,6 +131,25 @@ def _run(
         message = f"cannot deserialize the arguments: {type(exc).__name__}: {exc}"
         channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
         return
+    if inputs or _has_placeholder(args, kwargs):
+        values = []
+        for index, data in enumerate(inputs):
+            try:
+                # A result is a plain cloudpickle (dumps_result): no source map follows.
+                values.append(pickle.loads(data))
+            except Exception as exc:  # noqa: BLE001 - any unpickling error is the input's
+                message = (
+                    f"cannot deserialize input {index} of the task: {type(exc).__name__}: {exc}"
+                )
+                channel.send(
+                    ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message))
+                )
+                return
+        try:
+            args, kwargs = fill_inputs(args, kwargs, values)
+        except SerializationError as exc:  # a placeholder names an input not given
+            channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION)))
+            return
 
     channel.send(("start", task_id, attempt))
     try:
@@ -134,6 +167,19 @@ def _run(
         channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION)))
         return
     channel.send(("done", task_id, attempt, True, result))
+
+
+def _has_placeholder(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the arguments of a task sent without inputs still hold a placeholder (it
+    must fail, not be called with the placeholder); a loop over the top level only."""
+    for value in args:
+        if type(value) is TaskInput:
+            return True
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) is TaskInput:
+                return True
+    return False
 
 
 _loop: asyncio.AbstractEventLoop | None = None

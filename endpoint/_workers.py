@@ -73,6 +73,9 @@ class Job:
     function: bytes
     args: bytes
     walltime: float = 0.0
+    # The pickled results of the tasks this one takes as inputs, in placeholder order;
+    # the one shared empty tuple for a task without inputs.
+    inputs: tuple[bytes, ...] = ()
 
 
 class PoolListener(Protocol):
@@ -247,7 +250,9 @@ class WorkerPool:
                 job.walltime, self._walltime_expired, worker, job
             )
         self._listener.task_launched(job)
-        body = encode(("run", job.task_id, job.attempt, job.function_id, function, job.args))
+        body = encode(
+            ("run", job.task_id, job.attempt, job.function_id, function, job.args, job.inputs)
+        )
         # A dead worker's pipe may already be closing; its supervisor then sees end of
         # file and reports the job as a worker death, so there is nothing to do here.
         if not stdin.is_closing():
@@ -263,9 +268,14 @@ class WorkerPool:
         self._running.pop(job.task_id, None)
         worker.kill()
         logger.info("event=walltime-expired task_id=%s pid=%s", job.task_id, worker.pid)
-        message = f"task {job.task_id} ran past its walltime of {job.walltime:g} s; its worker was killed"
+        message = (
+            f"task {job.task_id} ran past its walltime of {job.walltime:g} s; its worker was killed"
+        )
         self._listener.task_finished(
-            job, Outcome(failure=Failure("heartline.WalltimeExceeded", message, "", FailureKind.WALLTIME))
+            job,
+            Outcome(
+                failure=Failure("heartline.WalltimeExceeded", message, "", FailureKind.WALLTIME)
+            ),
         )
 
     async def _supervise(self, slot: int) -> None:
@@ -389,7 +399,8 @@ class WorkerPool:
         logger.warning("event=worker-died pid=%s task_id=%s %s", worker.pid, job.task_id, how)
         message = f"the worker process (pid {worker.pid}) running task {job.task_id} died: {how}"
         self._listener.task_finished(
-            job, Outcome(failure=Failure("heartline.WorkerDied", message, "", FailureKind.WORKER_DIED))
+            job,
+            Outcome(failure=Failure("heartline.WorkerDied", message, "", FailureKind.WORKER_DIED)),
         )
 
     async def _reap(self, worker: _Worker) -> str:

@@ -18,8 +18,9 @@ import enum
 from collections.abc import Callable
 from typing import NamedTuple
 
-from heartline._states import ON_AGENT_STATES, PENDING_STATES, TaskState
 from heartline.server._model import ErrorInfo, Standing, TaskRecord
+
+from heartline._states import ON_AGENT_STATES, PENDING_STATES, SkipReason, TaskState
 
 S = TaskState
 
@@ -28,10 +29,12 @@ __all__ = [
     "COMMAND_WORDS",
     "TRANSITIONS",
     "Effect",
+    "InputsMoved",
     "InvalidTransition",
     "Row",
     "SchedulerError",
     "Standing",
+    "UnknownGroup",
     "UnknownTasks",
     "finish_of_command",
 ]
@@ -47,7 +50,8 @@ class InvalidTransition(SchedulerError):
     def __init__(self, refusals: list[tuple[str, TaskState, str]]) -> None:
         self.refusals = refusals
         shown = "; ".join(
-            f"task {tid} is {state.value}, so it cannot be {event}" for tid, state, event in refusals[:5]
+            f"task {tid} is {state.value}, so it cannot be {event}"
+            for tid, state, event in refusals[:5]
         )
         more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
         super().__init__(shown + more)
@@ -59,6 +63,23 @@ class UnknownTasks(SchedulerError):
     def __init__(self, task_ids: list[str]) -> None:
         self.task_ids = task_ids
         super().__init__(f"unknown tasks: {', '.join(task_ids[:5])}")
+
+
+class UnknownGroup(SchedulerError):
+    """The scheduler does not hold this group (it settled, or never existed)."""
+
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
+        super().__init__(f"unknown group {group_id}")
+
+
+class InputsMoved(SchedulerError):
+    """Input tasks the caller did not read from the store are no longer held (they
+    settled since it looked): read these from the store and submit again."""
+
+    def __init__(self, task_ids: list[str]) -> None:
+        self.task_ids = task_ids
+        super().__init__(f"input tasks settled meanwhile: {', '.join(task_ids[:5])}")
 
 
 class Effect(enum.Enum):
@@ -88,7 +109,9 @@ class Effect(enum.Enum):
     orphans."""
 
 
-Action = Callable[[TaskRecord, float, "bytes | None", "ErrorInfo | None"], None]
+Action = Callable[
+    [TaskRecord, float, "bytes | None", "ErrorInfo | None", "SkipReason | None"], None
+]
 
 
 class Row(NamedTuple):
@@ -122,51 +145,121 @@ def _row(action: Action, *effects: Effect) -> Row:
 
 
 # ------------------------------------------------------------------------- actions
-# Each takes (task, now, result, error): the event's result or error, None if it has none.
+# Each takes (task, now, result, error, skip): the event's result, error or skip reason,
+# None if it has none.
 
 
-def _noop(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _noop(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     pass
 
 
-def _submit_held(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
-    task.held_from = S.WAITING_FOR_EP
+def _submit_held(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
+    # A task that would wait for its parents was made with held_from WAITING_FOR_DEPS.
+    if task.held_from is None:
+        task.held_from = S.WAITING_FOR_EP
 
 
-def _hold(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _hold(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     task.held_from = task.state
 
 
-def _release(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _release(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     task.held_from = None
 
 
-def _start(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _start(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     if task.start_time is None:
         task.start_time = now
 
 
-def _settle(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _settle(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     task.settle_time = now
     task.held_from = None
     if error is not None:
         task.error = error
 
 
-def _succeed(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _succeed(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     task.settle_time = now
     task.held_from = None
     task.result = result
     task.error = None  # an error of an earlier attempt is in the history, not the outcome
 
 
-def _requeue(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _skip(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
+    assert skip is not None, f"{task.task_id} skipped without a reason"
+    task.settle_time = now
+    task.held_from = None
+    task.skip_reason = skip
+
+
+def _requeue(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     task.settle_time = None
     if error is not None:
         task.error = error  # why the attempt ended; kept until the task settles
 
 
-def _retry(task: TaskRecord, now: float, result: bytes | None, error: ErrorInfo | None) -> None:
+def _retry(
+    task: TaskRecord,
+    now: float,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    skip: SkipReason | None,
+) -> None:
     """An owner's retry of an ERRORED task: fresh retry budgets (the attempt moves on
     by the row's NEXT_ATTEMPT)."""
     task.settle_time = None
@@ -185,7 +278,14 @@ _QUEUE_TO_AGENT = (E.LEAVE_QUEUE, E.BIND_AGENT)
 TRANSITIONS: dict[tuple[TaskState | None, TaskState], Row] = {
     # submission
     (None, S.WAITING_FOR_EP): _row(_noop, E.ENTER_QUEUE),
+    (None, S.WAITING_FOR_DEPS): _row(_noop),
     (None, S.HELD): _row(_submit_held),
+    # a task whose parents settled: it runs, or it is skipped; a group that stops skips
+    # what has not started
+    (S.WAITING_FOR_DEPS, S.WAITING_FOR_EP): _row(_noop, E.ENTER_QUEUE),
+    (S.WAITING_FOR_DEPS, S.SKIPPED): _row(_skip),
+    (S.WAITING_FOR_EP, S.SKIPPED): _row(_skip, E.LEAVE_QUEUE),
+    (S.HELD, S.SKIPPED): _row(_skip),
     # queue controls
     (S.WAITING_FOR_EP, S.HELD): _row(_hold, E.LEAVE_QUEUE, E.KEEP_STANDING),
     (S.WAITING_FOR_DEPS, S.HELD): _row(_hold, E.KEEP_STANDING),
@@ -193,7 +293,9 @@ TRANSITIONS: dict[tuple[TaskState | None, TaskState], Row] = {
     (S.HELD, S.WAITING_FOR_DEPS): _row(_release, E.KEEP_STANDING),
     # dispatch; and an agent that comes back reclaiming what it holds (then the caller
     # says the attempt is current again, and nothing is written off)
-    (S.WAITING_FOR_EP, S.DISPATCHED): _row(_noop, *_QUEUE_TO_AGENT, E.WRITE_OFF_LOST, E.NEXT_ATTEMPT),
+    (S.WAITING_FOR_EP, S.DISPATCHED): _row(
+        _noop, *_QUEUE_TO_AGENT, E.WRITE_OFF_LOST, E.NEXT_ATTEMPT
+    ),
     (S.WAITING_FOR_EP, S.WAITING_FOR_NODES): _row(_noop, *_QUEUE_TO_AGENT),
     (S.WAITING_FOR_EP, S.WAITING_FOR_LAUNCH): _row(_noop, *_QUEUE_TO_AGENT),
     (S.WAITING_FOR_EP, S.RUNNING): _row(_start, *_QUEUE_TO_AGENT),
@@ -237,7 +339,8 @@ _COMMANDS: dict[str, Callable[[TaskRecord], TaskState | None]] = {
     "cancel": lambda t: S.CANCELLED,
     "hold": lambda t: S.HELD,
     "release": lambda t: t.held_from if t.state == S.HELD else None,
-    "retry": lambda t: S.WAITING_FOR_EP if t.state == S.ERRORED else None,
+    # A group task's dependants were decided when it errored: its group has moved on.
+    "retry": lambda t: S.WAITING_FOR_EP if t.state == S.ERRORED and not t.group_id else None,
     "give-up": lambda t: S.FAILED,
 }
 COMMAND_WORDS = {

@@ -14,13 +14,12 @@ sends, watcher pushes). The work is split three ways, each testable alone:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from heartline import _defaults
-from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
-from heartline._states import ON_AGENT_STATES, PENDING_STATES, TaskState
+from heartline.server._deps import Dependencies, GroupRecord
 from heartline.server._dispatch import AgentState, Dispatcher, EndpointQueue
 from heartline.server._events import (
     AgentConnected,
@@ -30,6 +29,8 @@ from heartline.server._events import (
     CloseAgent,
     DispatchItem,
     Event,
+    GroupChanged,
+    GroupCommanded,
     Instruction,
     NotifyWatchers,
     Persist,
@@ -42,12 +43,15 @@ from heartline.server._events import (
     TasksSubmitted,
     Tick,
 )
+from heartline.server._groups import FAILED, next_step, status_of
 from heartline.server._lifecycle import (
     COMMAND_WORDS,
     COMMANDS,
     TRANSITIONS,
+    InputsMoved,
     InvalidTransition,
     SchedulerError,
+    UnknownGroup,
     UnknownTasks,
     finish_of_command,
 )
@@ -58,6 +62,8 @@ from heartline.server._model import (
     FAILURE_WALLTIME,
     FAILURE_WORKER_DIED,
     ErrorInfo,
+    GroupRow,
+    GroupStateRow,
     RequestRow,
     Standing,
     TaskRecord,
@@ -66,14 +72,20 @@ from heartline.server._model import (
     WriteBatch,
 )
 
+from heartline import _defaults
+from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
+from heartline._states import ON_AGENT_STATES, PENDING_STATES, CancelMode, SkipReason, TaskState
+
 __all__ = [
     "COMMANDS",
     "COMMAND_WORDS",
     "AgentState",
+    "InputsMoved",
     "InvalidTransition",
     "Scheduler",
     "SchedulerConfig",
     "SchedulerError",
+    "UnknownGroup",
     "UnknownTasks",
 ]
 
@@ -137,6 +149,15 @@ class _Step:
     ``new`` and ``dirty``, what validate() checks."""
     agents: set[str] = field(default_factory=set)
     """Agents connected, lost, or whose in-flight set changed: what validate() checks."""
+    new_groups: list[GroupRow] = field(default_factory=list)
+    groups: dict[str, GroupRecord] = field(default_factory=dict)
+    """Groups whose tasks moved: their state is stored and watchers told."""
+    settled: list[tuple[str, bool]] = field(default_factory=list)
+    """Tasks that settled this step, and whether they succeeded: their dependants move."""
+    ready: list[str] = field(default_factory=list)
+    """Tasks waiting for nothing any more: run or skip them (see _decide)."""
+    skips: list[tuple[str, SkipReason]] = field(default_factory=list)
+    """Queued DAG tasks of a stopping group (a retry, a release): skip them."""
 
 
 class Scheduler:
@@ -146,6 +167,10 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.tasks: dict[str, TaskRecord] = {}
         self.dispatcher = Dispatcher()
+        self.deps = Dependencies()
+        """Who waits for whom, the groups held, and results passed along."""
+        self._deadlines: list[tuple[float, str]] = []
+        """(deadline, group id) of groups with a timeout, soonest first."""
         self.orphans_until: float | None = None
         """After a restart: when ORPHANED tasks stop waiting for their agents (None once
         they were queued, or if there were none)."""
@@ -186,12 +211,13 @@ class Scheduler:
                 nothing was changed.
             ValueError: a command was combined with other events; nothing was changed.
         """
-        if len(events) > 1 and any(isinstance(e, TasksCommanded) for e in events):
+        if len(events) > 1 and any(isinstance(e, (TasksCommanded, GroupCommanded)) for e in events):
             raise ValueError("a command must be handled alone, in a step of its own")
         self._step = _Step()
         for event in events:
             self._now = event.time
             self._handlers[type(event)](self, event)
+        self._settle_dependants()
         for endpoint_id in sorted(self._step.endpoints):
             self._dispatch(endpoint_id)
         self._dispatched_to = set(self._step.dispatches)
@@ -201,12 +227,21 @@ class Scheduler:
         return instructions
 
     def restore(
-        self, rows: Iterable[TaskRow], time: float, counts: Mapping[TaskState, int] | None = None
+        self,
+        rows: Iterable[TaskRow],
+        time: float,
+        counts: Mapping[TaskState, int] | None = None,
+        groups: Iterable[
+            tuple[GroupRow, GroupStateRow, Mapping[str, tuple[TaskState, SkipReason | None]]]
+        ] = (),
+        results: Mapping[str, tuple[TaskState, bytes | None]] | None = None,
     ) -> list[Instruction]:
         """Load unsettled tasks from the store after a restart.
 
         ``counts`` (the store's tasks by state, settled ones included) seeds
-        ``tasks_by_state``; without it only the loaded tasks are counted.
+        ``tasks_by_state``; without it only the loaded tasks are counted. ``groups`` are
+        the pending groups with the stored state of each of their tasks; ``results`` the
+        state and result of the settled tasks that loaded tasks take as inputs.
 
         Tasks that were on an agent go back to WAITING_FOR_EP ORPHANED: out of the queue
         for one heartbeat timeout, so their agent, if it still holds them, reclaims them
@@ -218,6 +253,12 @@ class Scheduler:
         self._step = _Step()
         self._now = time
         rows = list(rows)
+        for group_row, state_row, members in groups:
+            group = GroupRecord.restored(group_row, state_row, members)
+            self.deps.groups[group.group_id] = group
+            self._step.groups[group.group_id] = group
+            if group.deadline is not None and not group.counts.settled:
+                heapq.heappush(self._deadlines, (group.deadline, group.group_id))
         self.tasks_by_state = dict.fromkeys(TaskState, 0)
         if counts is None:
             for row in rows:
@@ -231,7 +272,9 @@ class Scheduler:
             self._step.touched[task.task_id] = task
             if task.state in ON_AGENT_STATES:
                 orphaned = Standing.ORPHANED
-                self._transition(task, S.WAITING_FOR_EP, "server-restarted", time, standing=orphaned)
+                self._transition(
+                    task, S.WAITING_FOR_EP, "server-restarted", time, standing=orphaned
+                )
                 orphans = True
             elif task.state == S.WAITING_FOR_EP and task.standing is Standing.LOST:
                 # Loading, not a transition: the store keeps "not FRESH" only, and a
@@ -241,11 +284,47 @@ class Scheduler:
             elif task.state == S.WAITING_FOR_EP:
                 self.dispatcher.enqueue(task)
         self.orphans_until = time + self.config.heartbeat_timeout if orphans else None
+        for row in rows:
+            self._restore_dependencies(self.tasks[row.task_id], results or {})
+        self._settle_dependants()
 
         instructions = self._finish_step()
         if self.config.validate:
             self.validate()
         return instructions
+
+    def _restore_dependencies(
+        self, task: TaskRecord, results: Mapping[str, tuple[TaskState, bytes | None]]
+    ) -> None:
+        """Edges, kept results and readiness of a task loaded after a restart."""
+        deps = self.deps
+        tid = task.task_id
+        inputs = tuple(dict.fromkeys(task.inputs))
+        if inputs:
+            deps.take_inputs(tid, inputs)
+            for input_id in inputs:
+                held = self.tasks.get(input_id)
+                if held is not None:
+                    state, result = held.state, None
+                else:
+                    state, result = results.get(input_id, (S.CANCELLED, None))
+                if state == S.SUCCEEDED and result is not None:
+                    deps.results[input_id] = result
+                elif state not in PENDING_STATES and not task.group_id:
+                    deps.doomed.add(tid)
+        if task.state != S.WAITING_FOR_DEPS and task.held_from != S.WAITING_FOR_DEPS:
+            return
+        if task.group_id:
+            group = deps.groups.get(task.group_id)
+            candidates: Iterable[str] = group.parents_of(task.name) if group is not None else ()
+        else:
+            candidates = inputs
+        parents = [
+            p for p in candidates if p in self.tasks and self.tasks[p].state in PENDING_STATES
+        ]
+        deps.wait_for(tid, parents)
+        if not parents and task.state == S.WAITING_FOR_DEPS:
+            self._step.ready.append(tid)
 
     def waiting_reason(self, task_id: str) -> str:
         """Why a pending task is waiting, in words an operator can act on."""
@@ -254,6 +333,8 @@ class Scheduler:
             return ""
         if task.state == S.HELD:
             return "held: release it to run"
+        if task.state == S.WAITING_FOR_DEPS:
+            return self._waiting_for(task)
         if task.standing is Standing.ORPHANED:
             return "waiting for its agent to reconnect after a server restart"
         if task.state == S.WAITING_FOR_EP:
@@ -271,17 +352,77 @@ class Scheduler:
             return "handed to a worker, not started"
         return ""
 
+    def _waiting_for(self, task: TaskRecord) -> str:
+        group = self.deps.groups.get(task.group_id) if task.group_id else None
+        if group is not None:
+            shape = group.shape[task.name]
+            if shape.is_finally:
+                return "a finally task: waiting for the group's DAG tasks to settle"
+            names = sorted(p for p in shape.parents if group.statuses[p] == "None")
+        else:
+            names = [
+                i
+                for i in dict.fromkeys(task.inputs)
+                if i in self.tasks and self.tasks[i].state in PENDING_STATES
+            ]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"waiting for {shown} to settle" if names else "waiting for the tasks it needs"
+
     def queued(self, endpoint_id: str) -> int:
         return self.dispatcher.queued(endpoint_id)
 
     # --------------------------------------------------------------- event handlers
 
     def _on_submitted(self, event: TasksSubmitted) -> None:
+        step = self._step
+        deps = self.deps
+        group: GroupRecord | None = None
+        settled_inputs = event.settled_inputs or {}
+        if event.group is None:
+            # Refuse before anything changes: an input settled since the caller looked.
+            moved = [
+                i
+                for spec in event.tasks
+                for i in spec.inputs
+                if i not in self.tasks and i not in settled_inputs
+            ]
+            if moved:
+                raise InputsMoved(list(dict.fromkeys(moved)))
         if event.request is not None:
-            self._step.requests.append(event.request)
+            step.requests.append(event.request)
+        if event.group is not None:
+            new = event.group
+            group_row = GroupRow(
+                new.group_id,
+                new.name,
+                event.owner,
+                event.endpoint_id,
+                event.time,
+                new.fail_fast,
+                new.timeout,
+                new.members,
+            )
+            group = GroupRecord(group_row)
+            deps.groups[group.group_id] = group
+            step.new_groups.append(group_row)
+            step.groups[group.group_id] = group
+            if group.deadline is not None:
+                heapq.heappush(self._deadlines, (group.deadline, group.group_id))
         resubmitted = event.resubmitted_from or ("",) * len(event.tasks)
         for spec, origin in zip(event.tasks, resubmitted, strict=True):
-            finish = S.HELD if spec.held else S.WAITING_FOR_EP
+            parents: Iterable[str] = ()
+            if group is not None:
+                parents = group.parents_of(spec.name)
+                waits = bool(parents) or group.shape[spec.name].is_finally
+            else:
+                waits = bool(spec.inputs)
+                if waits:
+                    parents = self._plain_parents(spec.task_id, spec.inputs, settled_inputs)
+            finish = S.WAITING_FOR_DEPS if waits else S.WAITING_FOR_EP
+            held_from = None
+            if spec.held:
+                held_from = finish if waits else None
+                finish = S.HELD
             task = TaskRecord(
                 task_id=spec.task_id,
                 endpoint_id=event.endpoint_id,
@@ -296,11 +437,43 @@ class Scheduler:
                 walltime=spec.walltime,
                 resubmitted_from=origin,
                 session_id=event.session_id,
+                held_from=held_from,
+                group_id=group.group_id if group is not None else "",
+                name=spec.name,
+                inputs=spec.inputs,
             )
             cause = f"resubmit of {origin}" if origin else event.stimulus
             self.tasks[task.task_id] = task
-            self._step.new[task.task_id] = task
+            step.new[task.task_id] = task
+            if parents:
+                deps.wait_for(task.task_id, parents)
+            if spec.inputs:
+                deps.take_inputs(task.task_id, spec.inputs)
             self._transition(task, finish, cause, event.time, submitted=True)
+            if finish == S.WAITING_FOR_DEPS and not parents:
+                step.ready.append(task.task_id)  # inputs all settled already, or a finally task
+
+    def _plain_parents(
+        self,
+        task_id: str,
+        inputs: tuple[str, ...],
+        settled: Mapping[str, tuple[TaskState, bytes | None]],
+    ) -> list[str]:
+        """The unsettled inputs a task outside a group waits for; settled ones give their
+        result now, or doom the task (an input that did not succeed skips it)."""
+        deps = self.deps
+        parents = []
+        for input_id in dict.fromkeys(inputs):
+            held = self.tasks.get(input_id)
+            if held is not None and held.state in PENDING_STATES:
+                parents.append(input_id)
+                continue
+            state, result = (held.state, held.result) if held is not None else settled[input_id]
+            if state == S.SUCCEEDED and result is not None:
+                deps.results[input_id] = result
+            else:
+                deps.doomed.add(task_id)
+        return parents
 
     def _on_agent_connected(self, event: AgentConnected) -> None:
         old = self.agents.get(event.agent_id)
@@ -341,7 +514,9 @@ class Scheduler:
     def _reclaim(self, task: TaskRecord, agent: AgentState, state: TaskState, now: float) -> None:
         """An agent that comes back still holds this task: it goes back to where it was,
         its attempt current again (FRESH: nothing written off, no new attempt)."""
-        self._transition(task, state, "agent-reconnected", now, agent=agent, standing=Standing.FRESH)
+        self._transition(
+            task, state, "agent-reconnected", now, agent=agent, standing=Standing.FRESH
+        )
 
     def _on_agent_lost(self, event: AgentLost) -> None:
         agent = self.agents.get(event.agent_id)
@@ -352,7 +527,9 @@ class Scheduler:
         self._step.agents.add(agent.agent_id)
         for task_id in self.dispatcher.disconnect(agent.agent_id):
             # The attempt may still run there: LOST, so the agent may reclaim it.
-            self._transition(self.tasks[task_id], S.WAITING_FOR_EP, cause, now, standing=Standing.LOST)
+            self._transition(
+                self.tasks[task_id], S.WAITING_FOR_EP, cause, now, standing=Standing.LOST
+            )
         self._step.endpoints.add(agent.endpoint_id)
 
     def _on_agent_seen(self, event: AgentSeen) -> None:
@@ -394,7 +571,9 @@ class Scheduler:
             # A late duplicate (an earlier attempt, or a task settled meanwhile): the
             # first terminal report won; acknowledge so the agent forgets it.
             if terminal:
-                self._step.acks.setdefault(agent.agent_id, []).append((report.task_id, report.attempt))
+                self._step.acks.setdefault(agent.agent_id, []).append(
+                    (report.task_id, report.attempt)
+                )
             elif task is None or task.agent_id != agent.agent_id:
                 self._step.cancels.setdefault(agent.agent_id, []).append(report.task_id)
             return
@@ -472,9 +651,60 @@ class Scheduler:
         for task, finish in plan:
             self._transition(task, finish, event.command, event.time)
 
+    def _on_group_commanded(self, event: GroupCommanded) -> None:
+        group = self.deps.groups.get(event.group_id)
+        if group is None:
+            raise UnknownGroup(event.group_id)
+        step = self._step
+        if event.request is not None:
+            step.requests.append(event.request)
+        group.cancel_mode = event.mode
+        step.groups[group.group_id] = group
+        now = event.time
+        if event.mode is CancelMode.STOP_RUN_FINALLY:
+            self._stop_group(
+                group, SkipReason.GROUP_STOPPING, cancel_running=False, cause="group-stopped"
+            )
+            return
+        ids = list(group.dag_ids())
+        if event.mode is CancelMode.CANCEL:
+            group.finals_released = True  # none of them runs
+            ids += group.final_ids()
+        group.stopping = group.stopping or SkipReason.GROUP_STOPPING
+        for task_id in ids:
+            task = self.tasks.get(task_id)
+            if task is not None and task.state in PENDING_STATES:
+                self._transition(task, S.CANCELLED, "group-cancelled", now)
+
+    def _stop_group(
+        self, group: GroupRecord, reason: SkipReason, *, cancel_running: bool, cause: str
+    ) -> None:
+        """Start no new DAG task of the group: skip those not started; cancel the running
+        ones too if asked (a timeout). A scan of the group, once per stop."""
+        group.stopping = reason
+        self._step.groups[group.group_id] = group
+        for task_id in list(group.dag_ids()):
+            task = self.tasks.get(task_id)
+            if task is None or task.state not in PENDING_STATES:
+                continue
+            if task.state in ON_AGENT_STATES:
+                if cancel_running:
+                    self._transition(task, S.CANCELLED, cause, self._now)
+            else:
+                self._transition(task, S.SKIPPED, cause, self._now, skip=reason)
+
     def _on_tick(self, event: Tick) -> None:
         if self.orphans_until is not None and event.time >= self.orphans_until:
             self._queue_orphans()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= event.time:
+            _, group_id = heapq.heappop(deadlines)
+            group = self.deps.groups.get(group_id)
+            if group is not None and not group.counts.settled:
+                group.timed_out = True
+                self._stop_group(
+                    group, SkipReason.GROUP_TIMED_OUT, cancel_running=True, cause="group-timed-out"
+                )
         deadline = event.time - self.config.heartbeat_timeout
         for agent in [a for a in self.agents.values() if a.last_seen < deadline]:
             log.warning("agent %s silent since %.1fs: lost", agent.agent_id, agent.last_seen)
@@ -496,7 +726,8 @@ class Scheduler:
         """
         self.orphans_until = None
         orphans = sorted(
-            (t for t in self.tasks.values() if t.standing is Standing.ORPHANED), key=lambda t: t.task_id
+            (t for t in self.tasks.values() if t.standing is Standing.ORPHANED),
+            key=lambda t: t.task_id,
         )
         for task in orphans:
             task.standing = Standing.LOST
@@ -511,8 +742,105 @@ class Scheduler:
         AgentSeen: _on_agent_seen,
         AgentReported: _on_agent_reported,
         TasksCommanded: _on_commanded,
+        GroupCommanded: _on_group_commanded,
         Tick: _on_tick,
     }  # type: ignore[dict-item]
+
+    # --------------------------------------------------------------- dependencies
+
+    def _settle_dependants(self) -> None:
+        """Move what this step's settled tasks unblock, until nothing moves: dependants
+        run or are skipped, stopping groups skip what they requeue, settled DAGs let
+        their finally tasks go. Iterative, so a long chain skipped at once is fine."""
+        step = self._step
+        deps = self.deps
+        while True:
+            while step.settled or step.ready or step.skips:
+                if step.settled:
+                    settled, step.settled = step.settled, []
+                    for task_id, succeeded in settled:
+                        step.ready.extend(deps.parent_settled(task_id, succeeded))
+                elif step.ready:
+                    ready, step.ready = step.ready, []
+                    for task_id in ready:
+                        self._decide(task_id)
+                else:
+                    skips, step.skips = step.skips, []
+                    for task_id, reason in skips:
+                        task = self.tasks.get(task_id)
+                        if task is not None and task.state == S.WAITING_FOR_EP:
+                            self._transition(
+                                task, S.SKIPPED, "group-stopping", self._now, skip=reason
+                            )
+            if not self._check_groups():
+                return
+
+    def _check_groups(self) -> bool:
+        """Group-level moves of the groups touched this step; True if any task moved."""
+        moved = False
+        for group in list(self._step.groups.values()):
+            if group.stopping is None and group.row.fail_fast and group.counts.by_status[FAILED]:
+                self._stop_group(
+                    group, SkipReason.GROUP_STOPPING, cancel_running=False, cause="fail-fast"
+                )
+                moved = True
+            if group.counts.settled and not group.finals_released:
+                group.finals_released = True
+                for task_id in group.final_ids():
+                    task = self.tasks.get(task_id)
+                    if task is not None and task.state == S.WAITING_FOR_DEPS:
+                        self._step.ready.append(task_id)
+                        moved = True
+            if not group.pending and group.settle_time is None:
+                group.settle_time = self._now
+        return moved
+
+    def _decide(self, task_id: str) -> None:
+        """A task that waits for nothing any more: run it, or skip it and say why."""
+        task = self.tasks.get(task_id)
+        deps = self.deps
+        if task is None or task.state != S.WAITING_FOR_DEPS:
+            return  # settled meanwhile, or held (decided when released)
+        if task.group_id:
+            group = deps.groups[task.group_id]
+            shape = group.shape[task.name]
+            if shape.is_finally and not group.counts.settled:
+                return  # released from hold before its DAG settled
+            reason = next_step(
+                shape, group.statuses, group.skip_reasons, group.counts.aggregate, group.stopping
+            )
+        else:
+            reason = SkipReason.INPUT_NOT_SUCCEEDED if task_id in deps.doomed else None
+        if reason is None:
+            self._transition(task, S.WAITING_FOR_EP, "parents-settled", self._now)
+        else:
+            self._transition(task, S.SKIPPED, f"skipped: {reason.value}", self._now, skip=reason)
+
+    def _follow(self, task: TaskRecord, start: TaskState | None, finish: TaskState) -> None:
+        """What a transition means for dependencies and groups (see _record)."""
+        deps = self.deps
+        step = self._step
+        task_id = task.task_id
+        settled = finish not in PENDING_STATES
+        settles = settled and (start is None or start in PENDING_STATES)
+        group = deps.groups.get(task.group_id) if task.group_id else None
+        if group is not None:
+            step.groups[group.group_id] = group
+            if task.name in group.statuses:
+                group.move(task.name, status_of(finish), task.skip_reason)
+                if finish == S.WAITING_FOR_EP and start is not None and group.stopping is not None:
+                    step.skips.append((task_id, group.stopping))
+            elif settles:
+                group.finals_pending -= 1
+        if settles:
+            step.settled.append((task_id, finish == S.SUCCEEDED))
+            if finish == S.SUCCEEDED and task_id in deps.consumers:
+                deps.results[task_id] = task.result or b""
+            deps.forget(task_id)
+        if finish in _EVICTED_STATES and task.inputs:
+            deps.drop_inputs(task.inputs)
+        if start == S.HELD and finish == S.WAITING_FOR_DEPS and task_id not in deps.waiting:
+            step.ready.append(task_id)
 
     # ------------------------------------------------------------------- dispatch
 
@@ -533,11 +861,44 @@ class Scheduler:
                 )
                 self._transition(task, S.ERRORED, "endpoint-lost", now, error=error)
                 continue
+            inputs: tuple[bytes, ...] = ()
+            if task.inputs:
+                inputs, error = self._inputs_of(task)
+                if error is not None:
+                    self._transition(task, S.ERRORED, "inputs-refused", now, error=error)
+                    continue
             self._transition(task, S.DISPATCHED, "dispatch", now, agent=agent)
             self.dispatch_latency.observe(now - task.submit_time)
             step.dispatches.setdefault(agent.agent_id, []).append(
-                DispatchItem(task_id, task.attempt, task.function_id, task.args, task.walltime)
+                DispatchItem(
+                    task_id, task.attempt, task.function_id, task.args, task.walltime, inputs
+                )
             )
+
+    def _inputs_of(self, task: TaskRecord) -> tuple[tuple[bytes, ...], ErrorInfo | None]:
+        """The results a task takes, in placeholder order; or why it can't have them."""
+        results = self.deps.results
+        missing = [i for i in task.inputs if i not in results]
+        if missing:
+            return (), ErrorInfo(
+                "heartline.InputMissing",
+                f"the result of its input task {missing[0]} is no longer stored",
+                "",
+                FAILURE_SERIALIZATION,
+            )
+        inputs = tuple(results[i] for i in task.inputs)
+        limit = self.config.max_payload
+        size = len(task.args) + sum(map(len, inputs))
+        if size > limit:
+            return (), ErrorInfo(
+                "heartline.InputsTooLarge",
+                f"its arguments ({len(task.args)} bytes) and the results of its {len(inputs)} "
+                f"inputs ({size - len(task.args)} bytes) come to {size} bytes, over the payload "
+                f"limit of {limit} bytes",
+                "",
+                FAILURE_SERIALIZATION,
+            )
+        return inputs, None
 
     # ---------------------------------------------------------------- transitions
 
@@ -553,6 +914,7 @@ class Scheduler:
         agent: AgentState | None = None,
         standing: Standing | None = None,
         submitted: bool = False,
+        skip: SkipReason | None = None,
     ) -> None:
         """Run the table's row for (task's state, finish); the one writer of a task's state.
 
@@ -564,11 +926,14 @@ class Scheduler:
                 the attempt may still run, so it is not over), FRESH (a reclaim: the
                 attempt is current again, nothing is written off).
             submitted: the task is new; the row is a submission row (start None).
+            skip: why a task moving to SKIPPED is skipped.
         """
         start = None if submitted else task.state
         row = TRANSITIONS.get((start, finish))
         if row is None:
-            raise InvalidTransition([(task.task_id, task.state, f"moved to {finish.value} by {cause}")])
+            raise InvalidTransition(
+                [(task.task_id, task.state, f"moved to {finish.value} by {cause}")]
+            )
         # One unpacking: cheaper than eight attribute reads, for every transition.
         action, leave_queue, enter_queue, bind, unbind, cancel, next_attempt, write_off, keep = row
         step = self._step
@@ -583,7 +948,7 @@ class Scheduler:
                 step.endpoints.add(left.endpoint_id)
                 if cancel:
                     step.cancels.setdefault(left.agent_id, []).append(task.task_id)
-        action(task, now, result, error)
+        action(task, now, result, error, skip)
         # Where its attempt stands, and the one place the attempt number moves on.
         was = task.standing
         written_off = write_off and was is Standing.LOST and standing is None
@@ -612,7 +977,9 @@ class Scheduler:
         self, task: TaskRecord, start: TaskState | None, finish: TaskState, cause: str, now: float
     ) -> None:
         step = self._step
-        step.transitions.append(TransitionRow(task.task_id, start, finish, cause, now, task.attempt))
+        step.transitions.append(
+            TransitionRow(task.task_id, start, finish, cause, now, task.attempt)
+        )
         by_state = self.tasks_by_state
         by_state[finish] += 1
         if start is not None:
@@ -630,18 +997,40 @@ class Scheduler:
                 now,
                 task.result if finish == S.SUCCEEDED else None,
                 task.error if settled else None,
+                task.skip_reason if finish == S.SKIPPED else None,
+                task.group_id,
             )
         )
         self.transitions_total += 1
+        # Plain tasks nobody waits for pay two lookups here, and only when they settle.
+        if (
+            task.group_id
+            or task.inputs
+            or (
+                settled
+                and (task.task_id in self.deps.children or task.task_id in self.deps.consumers)
+            )
+        ):
+            self._follow(task, start, finish)
 
     def _finish_step(self) -> list[Instruction]:
         step = self._step
         out: list[Instruction] = []
+        group_changes: list[GroupChanged] = []
+        for group in step.groups.values():
+            seen = (group.status, group.pending)
+            if seen != group.notified:
+                group.notified = seen
+                group_changes.append(GroupChanged(group.group_id, seen[0], seen[1], self._now))
+            if not group.pending:
+                self.deps.groups.pop(group.group_id, None)
         batch = WriteBatch(
             new_tasks=tuple(t.snapshot() for t in step.new.values()),
             task_updates=tuple(t.snapshot() for t in step.dirty.values()),
             transitions=tuple(step.transitions),
             requests=tuple(step.requests),
+            new_groups=tuple(step.new_groups),
+            group_states=tuple(g.state_row() for g in step.groups.values()),
         )
         if batch:
             out.append(Persist(batch))
@@ -652,8 +1041,8 @@ class Scheduler:
         out.extend(step.closes)
         for agent_id, acks in step.acks.items():
             out.append(SendAcks(agent_id, tuple(acks)))
-        if step.changes:
-            out.append(NotifyWatchers(tuple(step.changes)))
+        if step.changes or group_changes:
+            out.append(NotifyWatchers(tuple(step.changes), tuple(group_changes)))
         for task in (*step.new.values(), *step.dirty.values()):
             if task.state in _EVICTED_STATES:
                 self.tasks.pop(task.task_id, None)
@@ -696,6 +1085,8 @@ class Scheduler:
                     f"{task_id} in the in-flight set of {agent.agent_id}, not bound to it"
                 )
         self._check_counts(full)
+        if full:
+            self.deps.statuses_check()
 
     def _check_task(self, task_id: str, task: TaskRecord) -> None:
         queued = self.dispatcher.is_queued(task)
@@ -721,6 +1112,23 @@ class Scheduler:
         if task.state == S.HELD:
             assert task.held_from in (S.WAITING_FOR_EP, S.WAITING_FOR_DEPS)
         assert task.attempt >= 1
+        deps = self.deps
+        group = deps.groups.get(task.group_id) if task.group_id else None
+        # An ERRORED task outlives its group's record (its group settled with it).
+        assert not task.group_id or group is not None or task.state == S.ERRORED, (
+            f"{task_id} held, its group {task.group_id} not"
+        )
+        if task.state == S.WAITING_FOR_DEPS:
+            if group is not None and group.shape[task.name].is_finally:
+                assert not group.counts.settled, (
+                    f"finally task {task_id} still waits for a settled DAG"
+                )
+            else:
+                assert deps.waiting.get(task_id, 0) > 0, f"{task_id} waits for deps, but for none"
+        if group is not None and task.name in group.statuses:
+            assert group.statuses[task.name] == status_of(task.state), f"{task_id} status drifted"
+        for input_id in task.inputs:
+            assert input_id in deps.consumers, f"{task_id} takes {input_id}, which nobody keeps"
 
     def _check_counts(self, full: bool) -> None:
         by_state = self.tasks_by_state

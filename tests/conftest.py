@@ -1,7 +1,7 @@
 """The one test stack: a real server process on a free loopback port with a real SQLite
 file, and real endpoint agent processes.
 
-- per test: ``home``, ``server``, ``start_agent`` (a factory), ``agent``, ``hc``;
+- per test: ``sched`` (a pure scheduler, checked fully at the end), ``home``, ``server``, ``start_agent`` (a factory), ``agent``, ``hc``;
 - per module: ``stack`` (one server and a ``local`` agent shared by the module's tests;
   a module overrides ``stack_workers`` to size that agent);
 - plain functions for tests that start or restart processes themselves:
@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from heartline.server._scheduler import Scheduler
+from heartline.server._store import SqliteStore
 
 from heartline import Client
 from heartline._watchdog import watch_loop
-from heartline.server._store import SqliteStore
 from tests.helpers import (
     PROCESSES,
     Proc,
@@ -36,6 +37,7 @@ from tests.helpers import (
     start_process,
     tail,
 )
+from tests.scheduler_kit import make, validate_made
 
 __all__ = [
     "HEARTBEAT",
@@ -297,6 +299,20 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --------------------------------------------------------------------------- per test
+
+
+@pytest.fixture(autouse=True)
+def _schedulers_checked() -> Iterator[None]:
+    """Every pure scheduler the test made with ``tests.scheduler_kit.make`` is checked
+    fully (``validate(full=True)``) at its end."""
+    yield
+    validate_made()
+
+
+@pytest.fixture
+def sched() -> Scheduler:
+    """A pure scheduler with validate on."""
+    return make()
 
 
 @pytest.fixture

@@ -25,7 +25,11 @@ def task(
 
 
 def test_submission_rows_lead_to_waiting_or_held_only() -> None:
-    assert {f for s, f in TRANSITIONS if s is None} == {S.WAITING_FOR_EP, S.HELD}
+    assert {f for s, f in TRANSITIONS if s is None} == {S.WAITING_FOR_EP, S.WAITING_FOR_DEPS, S.HELD}
+
+
+def test_only_tasks_that_have_not_started_can_be_skipped() -> None:
+    assert {s for s, f in TRANSITIONS if f is S.SKIPPED} == {S.WAITING_FOR_DEPS, S.WAITING_FOR_EP, S.HELD}
 
 
 def test_only_waiting_and_held_rows_keep_a_standing() -> None:

@@ -11,26 +11,17 @@ import dataclasses
 from typing import Any
 
 import pytest
-
-from heartline._states import TaskState
 from heartline.server._events import (
-    AgentConnected,
     AgentLost,
-    AgentReported,
     AgentSeen,
     CloseAgent,
-    DispatchItem,
     HeldTask,
-    NewTask,
     NotifyWatchers,
     Persist,
     SendAcks,
     SendCancels,
     SendDispatches,
-    StatusReport,
     TaskChanged,
-    TasksCommanded,
-    TasksSubmitted,
     Tick,
 )
 from heartline.server._model import (
@@ -43,186 +34,35 @@ from heartline.server._model import (
     PRIORITY_NORMAL,
     ErrorInfo,
     Standing,
-    TaskRow,
-    TransitionRow,
-    WriteBatch,
 )
 from heartline.server._scheduler import (
     InvalidTransition,
     Scheduler,
-    SchedulerConfig,
     UnknownTasks,
 )
 
-S = TaskState
-EP = "ep-1"
-OTHER_EP = "ep-2"
-OWNER = "alice"
-SESSION = "session-1"
-FN = "fn-1"
-
-# ------------------------------------------------------------------------ helpers
-
-
-_made: list[Scheduler] = []
-
-
-def make(**config: Any) -> Scheduler:
-    s = Scheduler(SchedulerConfig(validate=True, **config))
-    _made.append(s)
-    return s
-
-
-@pytest.fixture(autouse=True)
-def _validate_fully_at_the_end() -> Any:
-    """Each step checks what it touched (validate=True); the end of a test checks all."""
-    _made.clear()
-    yield
-    for s in _made:
-        s.validate(full=True)
-    _made.clear()
-
-
-@pytest.fixture
-def sched() -> Scheduler:
-    return make()
-
-
-def args(tid: str) -> bytes:
-    return f"args-{tid}".encode()
-
-
-def spec(
-    tid: str,
-    *,
-    priority: int = PRIORITY_NORMAL,
-    max_retries: int = 0,
-    max_system_retries: int = 3,
-    held: bool = False,
-) -> NewTask:
-    return NewTask(tid, FN, args(tid), priority, max_retries, max_system_retries, 0.0, held)
-
-
-def submit(*tasks: str | NewTask, time: float = 0.0, endpoint: str = EP) -> TasksSubmitted:
-    specs = tuple(spec(t) if isinstance(t, str) else t for t in tasks)
-    return TasksSubmitted(endpoint, OWNER, specs, SESSION, time)
-
-
-def connect(
-    agent: str,
-    *,
-    capacity: int = 1,
-    prefetch: int = 0,
-    held: tuple[HeldTask, ...] = (),
-    time: float = 0.0,
-    endpoint: str = EP,
-) -> AgentConnected:
-    return AgentConnected(agent, endpoint, capacity, prefetch, held, time)
-
-
-def sr(
-    tid: str,
-    state: TaskState,
-    attempt: int = 1,
-    *,
-    result: bytes | None = None,
-    error: ErrorInfo | None = None,
-) -> StatusReport:
-    return StatusReport(tid, attempt, state, result, error)
-
-
-def report(agent: str, *reports: StatusReport, time: float) -> AgentReported:
-    return AgentReported(agent, reports, time)
-
-
-def cmd(command: str, *tids: str, time: float) -> TasksCommanded:
-    return TasksCommanded(command, tids, time)
-
-
-def row(tid: str, state: TaskState, **overrides: Any) -> TaskRow:
-    fields: dict[str, Any] = dict(
-        task_id=tid,
-        endpoint_id=EP,
-        function_id=FN,
-        args=args(tid),
-        owner=OWNER,
-        state=state,
-        submit_time=0.0,
-        attempt=1,
-        priority=PRIORITY_NORMAL,
-        max_retries=0,
-        max_system_retries=3,
-        walltime=0.0,
-        start_time=None,
-        settle_time=None,
-        held_from=None,
-        result=None,
-        error=None,
-        raised_count=0,
-        system_failures=0,
-        resubmitted_from="",
-        group_id="",
-        payload_purged=False,
-    )
-    fields.update(overrides)
-    return TaskRow(**fields)
-
-
-def tr(
-    tid: str, start: TaskState | None, finish: TaskState, cause: str, time: float, attempt: int = 1
-) -> TransitionRow:
-    return TransitionRow(tid, start, finish, cause, time, attempt)
-
-
-def changed(
-    tid: str,
-    state: TaskState,
-    cause: str,
-    time: float,
-    attempt: int = 1,
-    *,
-    result: bytes | None = None,
-    error: ErrorInfo | None = None,
-) -> TaskChanged:
-    return TaskChanged(tid, SESSION, state, attempt, cause, time, result, error)
-
-
-def persist(
-    *, new: tuple[TaskRow, ...] = (), updates: tuple[TaskRow, ...] = (), transitions: tuple[TransitionRow, ...] = ()
-) -> Persist:
-    return Persist(WriteBatch(new_tasks=new, task_updates=updates, transitions=transitions))
-
-
-def item(tid: str, attempt: int = 1) -> DispatchItem:
-    return DispatchItem(tid, attempt, FN, args(tid), 0.0)
-
-
-def raised(type_name: str = "ValueError", message: str = "bad input") -> ErrorInfo:
-    return ErrorInfo(type_name, message, "Traceback (most recent call last): ...")
-
-
-def system_error(kind: int, message: str = "the worker process died") -> ErrorInfo:
-    return ErrorInfo("heartline.WorkerDied", message, "", kind)
-
-
-def state_of(s: Scheduler) -> tuple[Any, ...]:
-    """Everything the scheduler holds, deep-copied, for a before/after comparison."""
-    return (
-        {tid: (dataclasses.asdict(t), t.agent_id, t.session_id) for tid, t in s.tasks.items()},
-        {aid: dataclasses.asdict(a) for aid, a in s.agents.items()},
-        {ep: dict(q.live) for ep, q in s.queues.items() if q.live},
-        s.orphans_until,
-        s.transitions_total,
-    )
-
-
-def running(s: Scheduler, *tids: str, agent: str = "A", capacity: int | None = None, time: float = 1.0) -> None:
-    """Submit tids, connect an agent with room for all, and bring them to RUNNING."""
-    s.handle(submit(*tids, time=0.0))
-    s.handle(connect(agent, capacity=capacity or len(tids), time=time))
-    s.handle(report(agent, *(sr(t, S.RUNNING) for t in tids), time=time))
-    assert all(s.tasks[t].state == S.RUNNING for t in tids)
-
+from heartline._states import TaskState
+from tests.scheduler_kit import (
+    EP,
+    OTHER_EP,
+    S,
+    changed,
+    cmd,
+    connect,
+    item,
+    make,
+    persist,
+    raised,
+    report,
+    row,
+    running,
+    spec,
+    sr,
+    state_of,
+    submit,
+    system_error,
+    tr,
+)
 
 # ------------------------------------------------------------------------- submit
 
@@ -232,14 +72,20 @@ def test_submit_queues_the_task_and_persists_it_with_its_first_transition(sched:
 
     assert out == [
         persist(
-            new=(row("t1", S.WAITING_FOR_EP, submit_time=5.0), row("t2", S.WAITING_FOR_EP, submit_time=5.0)),
+            new=(
+                row("t1", S.WAITING_FOR_EP, submit_time=5.0),
+                row("t2", S.WAITING_FOR_EP, submit_time=5.0),
+            ),
             transitions=(
                 tr("t1", None, S.WAITING_FOR_EP, "submit", 5.0),
                 tr("t2", None, S.WAITING_FOR_EP, "submit", 5.0),
             ),
         ),
         NotifyWatchers(
-            (changed("t1", S.WAITING_FOR_EP, "submit", 5.0), changed("t2", S.WAITING_FOR_EP, "submit", 5.0))
+            (
+                changed("t1", S.WAITING_FOR_EP, "submit", 5.0),
+                changed("t2", S.WAITING_FOR_EP, "submit", 5.0),
+            )
         ),
     ]
     assert sched.queued(EP) == 2
@@ -292,7 +138,10 @@ def test_submit_to_an_endpoint_with_an_agent_dispatches_in_the_same_step(sched: 
         ),
         SendDispatches("A", (item("t1"),)),
         NotifyWatchers(
-            (changed("t1", S.WAITING_FOR_EP, "submit", 2.0), changed("t1", S.DISPATCHED, "dispatch", 2.0))
+            (
+                changed("t1", S.WAITING_FOR_EP, "submit", 2.0),
+                changed("t1", S.DISPATCHED, "dispatch", 2.0),
+            )
         ),
     ]
 
@@ -308,10 +157,14 @@ def test_dispatch_sends_capacity_plus_prefetch_and_no_more(sched: Scheduler) -> 
     assert out == [
         persist(
             updates=(row("t1", S.DISPATCHED), row("t2", S.DISPATCHED), row("t3", S.DISPATCHED)),
-            transitions=tuple(tr(t, S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 1.0) for t in ("t1", "t2", "t3")),
+            transitions=tuple(
+                tr(t, S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 1.0) for t in ("t1", "t2", "t3")
+            ),
         ),
         SendDispatches("A", (item("t1"), item("t2"), item("t3"))),
-        NotifyWatchers(tuple(changed(t, S.DISPATCHED, "dispatch", 1.0) for t in ("t1", "t2", "t3"))),
+        NotifyWatchers(
+            tuple(changed(t, S.DISPATCHED, "dispatch", 1.0) for t in ("t1", "t2", "t3"))
+        ),
     ]
     assert sched.agents["A"].credit == 0
     assert sched.queued(EP) == 2
@@ -341,7 +194,9 @@ def test_dispatch_takes_high_before_normal_before_low_then_the_oldest(sched: Sch
     assert sched.tasks["low"].state == S.WAITING_FOR_EP
 
 
-def test_dispatch_spreads_across_agents_by_free_credit_with_one_batch_per_agent(sched: Scheduler) -> None:
+def test_dispatch_spreads_across_agents_by_free_credit_with_one_batch_per_agent(
+    sched: Scheduler,
+) -> None:
     sched.handle(connect("A", capacity=2), connect("B", capacity=2))
 
     out = sched.handle(submit("t1", "t2", "t3", "t4", "t5", time=1.0))
@@ -389,7 +244,9 @@ def test_ack_assigned_started_move_the_task_forward(sched: Scheduler) -> None:
     assert sched.handle(report("A", sr("t1", S.WAITING_FOR_LAUNCH), time=2.0)) == [
         persist(
             updates=(row("t1", S.WAITING_FOR_LAUNCH),),
-            transitions=(tr("t1", S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, "worker-assigned", 2.0),),
+            transitions=(
+                tr("t1", S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, "worker-assigned", 2.0),
+            ),
         ),
         NotifyWatchers((changed("t1", S.WAITING_FOR_LAUNCH, "worker-assigned", 2.0),)),
     ]
@@ -418,14 +275,22 @@ def test_backward_and_repeated_progress_reports_change_nothing(sched: Scheduler)
     before = state_of(sched)
 
     out = sched.handle(
-        report("A", sr("t1", S.WAITING_FOR_NODES), sr("t1", S.WAITING_FOR_LAUNCH), sr("t1", S.RUNNING), time=1.0)
+        report(
+            "A",
+            sr("t1", S.WAITING_FOR_NODES),
+            sr("t1", S.WAITING_FOR_LAUNCH),
+            sr("t1", S.RUNNING),
+            time=1.0,
+        )
     )
 
     assert out == []
     assert state_of(sched) == before
 
 
-def test_progress_report_for_a_task_the_agent_does_not_hold_is_cancelled_there(sched: Scheduler) -> None:
+def test_progress_report_for_a_task_the_agent_does_not_hold_is_cancelled_there(
+    sched: Scheduler,
+) -> None:
     sched.handle(submit("t1"), connect("A"), connect("B"))
     assert sched.tasks["t1"].agent_id == "A"
     before = state_of(sched)
@@ -512,7 +377,9 @@ def test_result_over_the_payload_limit_is_refused_as_an_error() -> None:
     )
     assert out == [
         persist(
-            updates=(row("t1", S.ERRORED, max_retries=2, start_time=1.0, settle_time=2.0, error=error),),
+            updates=(
+                row("t1", S.ERRORED, max_retries=2, start_time=1.0, settle_time=2.0, error=error),
+            ),
             transitions=(tr("t1", S.RUNNING, S.ERRORED, "serialization-error", 2.0),),
         ),
         SendAcks("A", (("t1", 1),)),
@@ -534,7 +401,17 @@ def test_raised_with_retries_left_is_requeued_as_the_next_attempt(sched: Schedul
     cause = "raised ValueError; retry 1 of 1"
     assert out == [
         persist(
-            updates=(row("t1", S.DISPATCHED, attempt=2, max_retries=1, start_time=1.0, error=error, raised_count=1),),
+            updates=(
+                row(
+                    "t1",
+                    S.DISPATCHED,
+                    attempt=2,
+                    max_retries=1,
+                    start_time=1.0,
+                    error=error,
+                    raised_count=1,
+                ),
+            ),
             transitions=(
                 tr("t1", S.RUNNING, S.WAITING_FOR_EP, cause, 2.0, attempt=2),
                 tr("t1", S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 2.0, attempt=2),
@@ -563,8 +440,14 @@ def test_raised_without_retries_left_is_errored_and_kept(sched: Scheduler) -> No
         persist(
             updates=(
                 row(
-                    "t1", S.ERRORED, attempt=2, max_retries=1, start_time=2.0, settle_time=3.0,
-                    error=error, raised_count=2,
+                    "t1",
+                    S.ERRORED,
+                    attempt=2,
+                    max_retries=1,
+                    start_time=2.0,
+                    settle_time=3.0,
+                    error=error,
+                    raised_count=2,
                 ),
             ),
             transitions=(tr("t1", S.RUNNING, S.ERRORED, "raised KeyError", 3.0, attempt=2),),
@@ -582,7 +465,9 @@ def test_error_report_without_an_error_is_errored_with_a_placeholder(sched: Sche
     sched.handle(report("A", sr("t1", S.ERRORED), time=2.0))
 
     assert sched.tasks["t1"].state == S.ERRORED
-    assert sched.tasks["t1"].error == ErrorInfo("heartline.UnknownError", "the agent reported no error")
+    assert sched.tasks["t1"].error == ErrorInfo(
+        "heartline.UnknownError", "the agent reported no error"
+    )
 
 
 def test_walltime_counts_against_max_retries_not_max_system_retries(sched: Scheduler) -> None:
@@ -608,7 +493,9 @@ def test_walltime_counts_against_max_retries_not_max_system_retries(sched: Sched
 def test_walltime_with_the_default_max_retries_errors_at_attempt_1(sched: Scheduler) -> None:
     sched.handle(submit(spec("t1")), connect("A"))
 
-    sched.handle(report("A", sr("t1", S.ERRORED, 1, error=system_error(FAILURE_WALLTIME)), time=1.0))
+    sched.handle(
+        report("A", sr("t1", S.ERRORED, 1, error=system_error(FAILURE_WALLTIME)), time=1.0)
+    )
 
     assert (sched.tasks["t1"].state, sched.tasks["t1"].attempt) == (S.ERRORED, 1)
 
@@ -616,7 +503,9 @@ def test_walltime_with_the_default_max_retries_errors_at_attempt_1(sched: Schedu
 # --------------------------------------------------------------- system failures
 
 
-def test_system_failures_requeue_until_max_system_retries_then_error_with_the_reason(sched: Scheduler) -> None:
+def test_system_failures_requeue_until_max_system_retries_then_error_with_the_reason(
+    sched: Scheduler,
+) -> None:
     sched.handle(submit(spec("t1", max_system_retries=2, max_retries=5)), connect("A"))
     died = system_error(FAILURE_WORKER_DIED)
 
@@ -643,8 +532,14 @@ def test_system_failures_requeue_until_max_system_retries_then_error_with_the_re
         persist(
             updates=(
                 row(
-                    "t1", S.ERRORED, attempt=3, max_retries=5, max_system_retries=2, settle_time=3.0,
-                    error=final, system_failures=3,
+                    "t1",
+                    S.ERRORED,
+                    attempt=3,
+                    max_retries=5,
+                    max_system_retries=2,
+                    settle_time=3.0,
+                    error=final,
+                    system_failures=3,
                 ),
             ),
             transitions=(tr("t1", S.DISPATCHED, S.ERRORED, "worker-died", 3.0, attempt=3),),
@@ -657,7 +552,12 @@ def test_system_failures_requeue_until_max_system_retries_then_error_with_the_re
 
 def test_serialization_failure_is_errored_at_once(sched: Scheduler) -> None:
     sched.handle(submit(spec("t1", max_retries=3, max_system_retries=3)), connect("A"))
-    error = ErrorInfo("heartline.SerializationError", "cannot unpickle: version mismatch", "", FAILURE_SERIALIZATION)
+    error = ErrorInfo(
+        "heartline.SerializationError",
+        "cannot unpickle: version mismatch",
+        "",
+        FAILURE_SERIALIZATION,
+    )
 
     out = sched.handle(report("A", sr("t1", S.ERRORED, error=error), time=1.0))
 
@@ -674,7 +574,9 @@ def test_serialization_failure_is_errored_at_once(sched: Scheduler) -> None:
 # ----------------------------------------------------------------- endpoint lost
 
 
-def test_agent_lost_requeues_its_tasks_and_the_next_dispatch_is_a_new_attempt(sched: Scheduler) -> None:
+def test_agent_lost_requeues_its_tasks_and_the_next_dispatch_is_a_new_attempt(
+    sched: Scheduler,
+) -> None:
     sched.handle(submit("t1", "t2"), connect("A", capacity=2))
     sched.handle(report("A", sr("t1", S.RUNNING), time=1.0))
 
@@ -692,7 +594,10 @@ def test_agent_lost_requeues_its_tasks_and_the_next_dispatch_is_a_new_attempt(sc
             ),
         ),
         NotifyWatchers(
-            (changed("t1", S.WAITING_FOR_EP, "endpoint-lost", 2.0), changed("t2", S.WAITING_FOR_EP, "endpoint-lost", 2.0))
+            (
+                changed("t1", S.WAITING_FOR_EP, "endpoint-lost", 2.0),
+                changed("t2", S.WAITING_FOR_EP, "endpoint-lost", 2.0),
+            )
         ),
     ]
     assert "A" not in sched.agents
@@ -706,7 +611,9 @@ def test_agent_lost_requeues_its_tasks_and_the_next_dispatch_is_a_new_attempt(sc
     assert sched.tasks["t1"].system_failures == 1
 
 
-def test_lost_of_an_unknown_agent_and_reports_from_a_lost_agent_change_nothing(sched: Scheduler) -> None:
+def test_lost_of_an_unknown_agent_and_reports_from_a_lost_agent_change_nothing(
+    sched: Scheduler,
+) -> None:
     running(sched, "t1")
     sched.handle(AgentLost("A", 2.0))
     before = state_of(sched)
@@ -817,12 +724,16 @@ def test_a_second_hello_from_a_connected_agent_starts_over_and_reclaims(sched: S
     assert sched.tasks["t1"].attempt == 1 and sched.tasks["t1"].agent_id == "A"
 
 
-def test_held_task_that_moved_on_is_cancelled_on_the_agent_and_nothing_else_changes(sched: Scheduler) -> None:
+def test_held_task_that_moved_on_is_cancelled_on_the_agent_and_nothing_else_changes(
+    sched: Scheduler,
+) -> None:
     sched.handle(submit("t1", "t2"), connect("A", capacity=2))
     sched.handle(connect("B", capacity=2, time=1.0))
     sched.handle(AgentLost("A", 2.0))  # t1, t2 go to B as attempt 2
     assert sched.tasks["t1"].agent_id == "B" and sched.tasks["t1"].attempt == 2
-    sched.handle(report("B", sr("t2", S.SUCCEEDED, 2, result=b"r"), time=2.5))  # t2 settled, evicted
+    sched.handle(
+        report("B", sr("t2", S.SUCCEEDED, 2, result=b"r"), time=2.5)
+    )  # t2 settled, evicted
     before = state_of(sched)
 
     held = (HeldTask("t1", 1, S.RUNNING), HeldTask("t2", 1, S.RUNNING))
@@ -846,7 +757,9 @@ def test_held_task_with_another_attempt_is_cancelled(sched: Scheduler) -> None:
 # ---------------------------------------------------------------- hold / release
 
 
-def test_hold_takes_a_queued_task_out_of_the_queue_and_release_puts_it_back(sched: Scheduler) -> None:
+def test_hold_takes_a_queued_task_out_of_the_queue_and_release_puts_it_back(
+    sched: Scheduler,
+) -> None:
     sched.handle(submit("t1"))
 
     assert sched.handle(cmd("hold", "t1", time=1.0)) == [
@@ -868,7 +781,12 @@ def test_hold_takes_a_queued_task_out_of_the_queue_and_release_puts_it_back(sche
             ),
         ),
         SendDispatches("A", (item("t1"),)),
-        NotifyWatchers((changed("t1", S.WAITING_FOR_EP, "release", 3.0), changed("t1", S.DISPATCHED, "dispatch", 3.0))),
+        NotifyWatchers(
+            (
+                changed("t1", S.WAITING_FOR_EP, "release", 3.0),
+                changed("t1", S.DISPATCHED, "dispatch", 3.0),
+            )
+        ),
     ]
 
 
@@ -928,7 +846,9 @@ def test_a_batch_command_with_one_refused_task_changes_none_of_the_others(sched:
 
     assert info.value.refusals == [("t1", S.DISPATCHED, "held")]
     assert state_of(sched) == before
-    assert sched.tasks["t2"].state == S.WAITING_FOR_EP and sched.tasks["t3"].state == S.WAITING_FOR_EP
+    assert (
+        sched.tasks["t2"].state == S.WAITING_FOR_EP and sched.tasks["t3"].state == S.WAITING_FOR_EP
+    )
 
 
 def test_a_command_naming_an_unknown_task_changes_none_of_the_others(sched: Scheduler) -> None:
@@ -998,7 +918,9 @@ def test_cancel_of_a_held_task(sched: Scheduler) -> None:
     assert sched.tasks == {}
 
 
-def test_cancel_of_a_running_task_kills_it_on_its_agent_and_frees_the_credit(sched: Scheduler) -> None:
+def test_cancel_of_a_running_task_kills_it_on_its_agent_and_frees_the_credit(
+    sched: Scheduler,
+) -> None:
     running(sched, "t1")
     sched.handle(submit("t2", time=2.0))
 
@@ -1017,7 +939,12 @@ def test_cancel_of_a_running_task_kills_it_on_its_agent_and_frees_the_credit(sch
         ),
         SendDispatches("A", (item("t2"),)),
         SendCancels("A", ("t1",)),
-        NotifyWatchers((changed("t1", S.CANCELLED, "cancel", 3.0), changed("t2", S.DISPATCHED, "dispatch", 3.0))),
+        NotifyWatchers(
+            (
+                changed("t1", S.CANCELLED, "cancel", 3.0),
+                changed("t2", S.DISPATCHED, "dispatch", 3.0),
+            )
+        ),
     ]
     assert sched.agents["A"].in_flight == {"t2"}
     # The agent's late result for the cancelled task is acked and discarded.
@@ -1066,7 +993,9 @@ def test_give_up_fails_an_errored_task_for_good(sched: Scheduler) -> None:
 
     assert out == [
         persist(
-            updates=(row("t1", S.FAILED, start_time=1.0, settle_time=3.0, error=error, raised_count=1),),
+            updates=(
+                row("t1", S.FAILED, start_time=1.0, settle_time=3.0, error=error, raised_count=1),
+            ),
             transitions=(tr("t1", S.ERRORED, S.FAILED, "give-up", 3.0),),
         ),
         NotifyWatchers((changed("t1", S.FAILED, "give-up", 3.0, error=error),)),
@@ -1084,7 +1013,9 @@ def test_errored_past_its_retention_is_failed_on_tick() -> None:
 
     assert out == [
         persist(
-            updates=(row("t1", S.FAILED, start_time=1.0, settle_time=110.5, error=error, raised_count=1),),
+            updates=(
+                row("t1", S.FAILED, start_time=1.0, settle_time=110.5, error=error, raised_count=1),
+            ),
             transitions=(tr("t1", S.ERRORED, S.FAILED, "errored-retention", 110.5),),
         ),
         NotifyWatchers((changed("t1", S.FAILED, "errored-retention", 110.5, error=error),)),
@@ -1095,9 +1026,13 @@ def test_errored_past_its_retention_is_failed_on_tick() -> None:
 # ------------------------------------------------------------- duplicate reports
 
 
-def test_late_terminal_report_of_an_earlier_attempt_is_acked_and_discarded(sched: Scheduler) -> None:
+def test_late_terminal_report_of_an_earlier_attempt_is_acked_and_discarded(
+    sched: Scheduler,
+) -> None:
     sched.handle(submit(spec("t1", max_retries=1)), connect("A"))
-    sched.handle(report("A", sr("t1", S.ERRORED, 1, error=raised()), time=1.0))  # attempt 2 dispatched
+    sched.handle(
+        report("A", sr("t1", S.ERRORED, 1, error=raised()), time=1.0)
+    )  # attempt 2 dispatched
     sched.handle(report("A", sr("t1", S.RUNNING, 2), time=2.0))
     before = state_of(sched)
 
@@ -1112,7 +1047,12 @@ def test_first_terminal_report_wins_and_the_duplicate_is_acked(sched: Scheduler)
     running(sched, "t1")
 
     out = sched.handle(
-        report("A", sr("t1", S.SUCCEEDED, result=b"first"), sr("t1", S.ERRORED, error=raised()), time=2.0)
+        report(
+            "A",
+            sr("t1", S.SUCCEEDED, result=b"first"),
+            sr("t1", S.ERRORED, error=raised()),
+            time=2.0,
+        )
     )
 
     assert out == [
@@ -1232,7 +1172,9 @@ def test_task_lost_more_often_than_max_system_retries_is_errored(sched: Schedule
 
     out = sched.handle(connect("B", time=2.0))
 
-    task_row = next(r for i in out if isinstance(i, Persist) for r in i.batch.task_updates if r.task_id == "t1")
+    task_row = next(
+        r for i in out if isinstance(i, Persist) for r in i.batch.task_updates if r.task_id == "t1"
+    )
     assert task_row.state == S.ERRORED
     assert task_row.error is not None and task_row.error.failure_kind == FAILURE_ENDPOINT_LOST
     assert "max_system_retries is 0" in task_row.error.message
@@ -1249,11 +1191,15 @@ def test_held_and_released_lost_task_is_dispatched_as_a_new_attempt(sched: Sched
     out = sched.handle(connect("B", time=5.0))
 
     # Attempt 1 may still be running on the lost agent: this is another attempt.
-    assert [i for i in out if isinstance(i, SendDispatches)] == [SendDispatches("B", (item("t1", 2),))]
+    assert [i for i in out if isinstance(i, SendDispatches)] == [
+        SendDispatches("B", (item("t1", 2),))
+    ]
     assert sched.tasks["t1"].system_failures == 1
 
 
-def test_result_of_the_current_attempt_resent_after_a_reconnect_settles_the_task(sched: Scheduler) -> None:
+def test_result_of_the_current_attempt_resent_after_a_reconnect_settles_the_task(
+    sched: Scheduler,
+) -> None:
     # A runs t1; the stream drops; t1 finishes on A meanwhile. On reconnect A no longer
     # holds t1 (a higher-priority task takes its only slot) and resends t1's result.
     running(sched, "t1")
@@ -1273,14 +1219,18 @@ def test_result_of_the_current_attempt_resent_after_a_reconnect_settles_the_task
     ]
 
 
-def test_held_and_released_orphan_after_a_restart_is_dispatched_as_a_new_attempt(sched: Scheduler) -> None:
+def test_held_and_released_orphan_after_a_restart_is_dispatched_as_a_new_attempt(
+    sched: Scheduler,
+) -> None:
     restored(sched)  # t1 was RUNNING (attempt 1) on an agent that may still run it
     sched.handle(cmd("hold", "t1", time=51.0))
     sched.handle(cmd("release", "t1", time=52.0))
 
     out = sched.handle(connect("B", capacity=2, time=53.0))
 
-    assert [i for i in out if isinstance(i, SendDispatches)] == [SendDispatches("B", (item("t2"), item("t1", 2)))]
+    assert [i for i in out if isinstance(i, SendDispatches)] == [
+        SendDispatches("B", (item("t2"), item("t1", 2)))
+    ]
 
 
 def test_lost_task_is_still_a_new_attempt_after_a_server_restart(sched: Scheduler) -> None:
@@ -1296,7 +1246,9 @@ def test_lost_task_is_still_a_new_attempt_after_a_server_restart(sched: Schedule
     assert restarted.waiting_reason("t1").startswith("waiting for its agent to reconnect")
     # ...then runs it elsewhere as a new attempt.
     out = restarted.handle(Tick(3.0 + restarted.config.heartbeat_timeout))
-    assert [i for i in out if isinstance(i, SendDispatches)] == [SendDispatches("B", (item("t1", 2),))]
+    assert [i for i in out if isinstance(i, SendDispatches)] == [
+        SendDispatches("B", (item("t1", 2),))
+    ]
 
 
 def test_the_queue_does_not_keep_dead_entries_without_bound(sched: Scheduler) -> None:

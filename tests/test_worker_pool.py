@@ -7,13 +7,13 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import cloudpickle
 import pytest
 
-from heartline._serialize import dumps_args, dumps_function, function_id
+from heartline._serialize import TaskInput, dumps_args, dumps_function, dumps_result, function_id
 from heartline.endpoint._workers import FailureKind, Job, Outcome, WorkerPool
 
 WAIT = 30.0  # bound on any single wait; a healthy pool answers in milliseconds
@@ -73,7 +73,13 @@ async def pool() -> AsyncIterator[tuple[WorkerPool, Recorder]]:
 _counter = iter(range(1_000_000))
 
 
-def job(fn: Callable[..., Any], *args: Any, walltime: float = 0.0, **kwargs: Any) -> Job:
+def job(
+    fn: Callable[..., Any],
+    *args: Any,
+    walltime: float = 0.0,
+    inputs: Sequence[bytes] = (),
+    **kwargs: Any,
+) -> Job:
     payload = dumps_function(fn)
     return Job(
         task_id=f"t{next(_counter)}",
@@ -82,6 +88,7 @@ def job(fn: Callable[..., Any], *args: Any, walltime: float = 0.0, **kwargs: Any
         function=payload,
         args=dumps_args(args, kwargs),
         walltime=walltime,
+        inputs=tuple(inputs),
     )
 
 
@@ -122,6 +129,10 @@ def chatty(n: int) -> int:
 
 def returns_lock() -> threading.Lock:
     return threading.Lock()
+
+
+def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, kwargs
 
 
 async def test_runs_a_function_and_reports_in_order(pool: tuple[WorkerPool, Recorder]) -> None:
@@ -267,3 +278,61 @@ async def test_duplicate_submit_is_refused(pool: tuple[WorkerPool, Recorder]) ->
     with pytest.raises(ValueError, match="already in the worker pool"):
         p.submit(j)
     assert value(await rec.outcome(j.task_id)) == "woke"
+
+
+async def test_inputs_take_the_places_of_their_placeholders(
+    pool: tuple[WorkerPool, Recorder],
+) -> None:
+    p, rec = pool
+    # Out of order, a None among them, a plain argument between: each placeholder gets
+    # its own input, in args and in kwargs alike.
+    j = job(
+        echo,
+        TaskInput(2),
+        "plain",
+        TaskInput(0),
+        key=TaskInput(1),
+        other=7,
+        inputs=[dumps_result([1, 2]), dumps_result(None), dumps_result({"x": 1.5})],
+    )
+    assert value(await run(p, rec, j)) == (
+        ({"x": 1.5}, "plain", [1, 2]),
+        {"key": None, "other": 7},
+    )
+    assert rec.of(j.task_id) == ["launched", "started", "finished"]
+
+
+async def test_an_input_that_does_not_unpickle_is_a_serialization_error(
+    pool: tuple[WorkerPool, Recorder],
+) -> None:
+    p, rec = pool
+    # Input 1 names a module the worker lacks (as a result of a class only the producing
+    # task's environment has would).
+    missing = b"cno_such_module_here\nThing\n."
+    j = job(echo, TaskInput(0), TaskInput(1), inputs=[dumps_result(1), missing])
+    outcome = await run(p, rec, j)
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.SERIALIZATION
+    assert outcome.failure.type_name == "ModuleNotFoundError"
+    assert outcome.failure.message.startswith(
+        "cannot deserialize input 1 of the task: ModuleNotFoundError:"
+    ), outcome.failure.message
+    assert "no_such_module_here" in outcome.failure.message
+    # Never called, and the worker serves on (its function is sent again).
+    assert rec.of(j.task_id) == ["launched", "finished"]
+    again = job(echo, TaskInput(0), inputs=[dumps_result("ok")])
+    assert value(await run(p, rec, again)) == (("ok",), {})
+
+
+@pytest.mark.parametrize("given", [0, 1])
+async def test_placeholders_without_their_inputs_are_a_serialization_error(
+    pool: tuple[WorkerPool, Recorder], given: int
+) -> None:
+    p, rec = pool
+    j = job(echo, TaskInput(0), k=TaskInput(1), inputs=[dumps_result("a")][:given])
+    outcome = await run(p, rec, j)
+    assert outcome.failure is not None
+    assert outcome.failure.kind is FailureKind.SERIALIZATION
+    assert outcome.failure.type_name.endswith("SerializationError")
+    assert f"but the task has {given} inputs" in outcome.failure.message
+    assert rec.of(j.task_id) == ["launched", "finished"]  # the function was not called
