@@ -4,6 +4,7 @@
 from ._async import AsyncClient
 from ._base import SubmitOptions
 from ._executor import Executor, TaskFuture
+from ._groups import Group, GroupInfo, GroupTask, TaskRef, When
 from ._sync import Client
 from ._types import (
     AgentInfo,
@@ -24,12 +25,17 @@ __all__ = [
     "EndpointInfo",
     "Executor",
     "FailureKind",
+    "Group",
+    "GroupInfo",
+    "GroupTask",
     "Priority",
     "Stats",
     "SubmitOptions",
     "Task",
     "TaskError",
     "TaskFuture",
+    "TaskRef",
     "TaskTransition",
     "TaskUpdate",
+    "When",
 ]

@@ -19,24 +19,26 @@ in one loop iteration share one stream.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import enum
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
+from heartline import _defaults
 from heartline._errors import (
     HeartlineError,
+    InvalidArgumentError,
     NotFoundError,
     RPCError,
     TimeoutError,
     rpc_error_from_grpc,
     unreachable_message,
 )
-from heartline import _defaults
-from heartline._states import TaskState
+from heartline._states import CancelMode, TaskState
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 from ._base import (
@@ -51,6 +53,7 @@ from ._base import (
     new_request_id,
     outcome_of_update,
 )
+from ._groups import Group, GroupInfo
 from ._types import EndpointInfo, Priority, Stats, Task, TaskUpdate
 
 # Codes on which reopening a watch with the same request can't help.
@@ -83,7 +86,7 @@ class ClientState(enum.Enum):
 class _NamedGroup:
     """One named watch shared by the get_result calls that started it in one loop iteration."""
 
-    __slots__ = ("ids", "users", "task", "ended")
+    __slots__ = ("ended", "ids", "task", "users")
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -146,7 +149,7 @@ class AsyncClient(ClientBase):
         """Whether a call of this client has been answered by its server yet."""
         return self._reached
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         self._open()
         return self
 
@@ -333,14 +336,21 @@ class AsyncClient(ClientBase):
         server gives before it stores anything, the client forgets the marks of the
         request's functions, registers them again and retries once.
         """
+        fids = {spec.function_id for spec in request.tasks}
+        return await self._unary_registering("SubmitTasks", request, fids, functions)
+
+    async def _unary_registering(
+        self, name: str, request: Any, fids: set[str], functions: dict[str, bytes]
+    ) -> Any:
+        """A submitting call, once more after registering again the functions ``fids``
+        on the server's NOT_FOUND "unknown function ..." (see :meth:`_submit_tasks`)."""
         try:
-            return await self._unary("SubmitTasks", request)
+            return await self._unary(name, request)
         except NotFoundError as err:
-            fids = {spec.function_id for spec in request.tasks}
             if not err.details.startswith(_UNKNOWN_FUNCTION) or not fids <= functions.keys():
                 raise
         await self._register({fid: functions[fid] for fid in fids}, again=True)
-        return await self._unary("SubmitTasks", request)
+        return await self._unary(name, request)
 
     async def _register(self, functions: dict[str, bytes], *, again: bool = False) -> None:
         """Send each function the server may not have, once per client (``again``: even
@@ -769,3 +779,129 @@ class AsyncClient(ClientBase):
     async def stats(self) -> Stats:
         """Task counts by state, endpoints and agents online, transitions so far."""
         return Stats._from_proto(await self._unary("GetStats", task_service_pb2.GetStatsRequest()))
+
+    # -- groups ----------------------------------------------------------------------
+
+    async def submit_group(self, group: Group, *, endpoint: str | None = None) -> str:
+        """Submit a group in one call, validated whole and stored atomically; return its id.
+
+        Args:
+            group: the group.
+            endpoint: where its tasks run when the group names no endpoint of its own.
+
+        Raises:
+            InvalidArgumentError: the group can't run (a cycle, an unknown or duplicate
+                name, a bad ``when``...); the message names the culprit; nothing is stored.
+            SerializationError: a function can't be pickled (nothing sent).
+        """
+        request, functions = self._group_request(group, endpoint)
+        self._open()
+        await self._retrying(self._subscribe)
+        await self._register(functions)
+        fids = {spec.function_id for spec in (*request.tasks, *request.finally_tasks)}
+        epoch = self._watch_epoch
+        self._submits_in_flight += 1
+        try:
+            response = await self._unary_registering("SubmitGroup", request, fids, functions)
+            # Its tasks settle to this session like submitted ones: get_result is at hand.
+            self._track(response.task_ids, epoch)
+        finally:
+            self._submits_in_flight -= 1
+            if not self._submits_in_flight:
+                self._early.clear()
+        return response.group_id
+
+    async def get_group(self, group_id: str, *, history: bool = False) -> GroupInfo:
+        """Read a group with its tasks (each task's transitions too with ``history``)."""
+        request = task_service_pb2.GetGroupRequest(
+            group_id=self._group_id(group_id), include_history=history
+        )
+        return GroupInfo._from_proto((await self._unary("GetGroup", request)).group)
+
+    async def wait_group(self, group_id: str, timeout: float | None = None) -> GroupInfo:
+        """Wait until no task of the group (finally tasks included) is pending; return it.
+
+        Raises:
+            TimeoutError: it did not settle within ``timeout`` seconds.
+            NotFoundError: no such group (or not yours).
+        """
+        self._group_id(group_id)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._watch_group(group_id)
+        except builtins.TimeoutError:
+            raise TimeoutError(f"group {group_id} did not settle within {timeout} s") from None
+        return await self.get_group(group_id)
+
+    async def _watch_group(self, group_id: str) -> None:
+        """Return once a watch of the group says it is no longer pending.
+
+        The server's first message carries the group's current status, so nothing is
+        missed; a broken stream is reopened with backoff, as named watches are.
+        """
+        stub = self._open()
+        request = task_service_pb2.WatchTasksRequest(group_ids=[group_id], settled_only=True)
+        attempt = 0
+        while True:
+            if self._state is ClientState.CLOSED:
+                raise HeartlineError("the client was closed")
+            call = stub.WatchTasks(request, metadata=self._metadata)
+            try:
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        break
+                    self._reached = True
+                    attempt = 0
+                    for update in response.groups:
+                        if update.group_id == group_id and not update.pending:
+                            return
+            except grpc.aio.AioRpcError as err:
+                error = rpc_error_from_grpc(err, self.address)
+                if err.code() in _FATAL_WATCH_CODES or (
+                    not self._reached and unreachable_message(self.address, error.details)
+                ):
+                    raise error from err
+            finally:
+                call.cancel()
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
+
+    async def list_groups(self, pending_only: bool = False, limit: int = 100) -> list[GroupInfo]:
+        """List up to ``limit`` groups, newest first, without their tasks."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        request = task_service_pb2.ListGroupsRequest(pending_only=bool(pending_only))
+        groups: list[GroupInfo] = []
+        while len(groups) < limit:
+            request.page_size = min(limit - len(groups), 1000)
+            response = await self._unary("ListGroups", request)
+            groups.extend(GroupInfo._from_proto(g) for g in response.groups)
+            if not response.next_page_token or not response.groups:
+                break
+            request.page_token = response.next_page_token
+        return groups[:limit]
+
+    async def cancel_group(self, group_id: str, mode: str | CancelMode = "cancel") -> GroupInfo:
+        """Cancel or stop a group; return it as it is right after.
+
+        Args:
+            mode: ``"cancel"`` (cancel everything pending or running; finally tasks do not
+                run), ``"cancel_run_finally"`` (cancel the DAG tasks, then run the finally
+                tasks) or ``"stop_run_finally"`` (start no new DAG task, let running ones
+                finish, then run the finally tasks).
+
+        Raises:
+            InvalidArgumentError: an unknown mode.
+            FailedPreconditionError: the group has settled already.
+        """
+        try:
+            wire_mode = CancelMode(mode)._to_proto()
+        except ValueError:
+            raise InvalidArgumentError(
+                f"mode must be one of {', '.join(repr(m.value) for m in CancelMode)}, not {mode!r}"
+            ) from None
+        request = task_service_pb2.CancelGroupRequest(
+            group_id=self._group_id(group_id), mode=wire_mode, request_id=new_request_id()
+        )
+        return GroupInfo._from_proto((await self._unary("CancelGroup", request)).group)

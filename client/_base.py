@@ -13,16 +13,19 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from heartline import _defaults
 from heartline._errors import InvalidArgumentError
 from heartline._lru import LruCache
-from heartline._serialize import dumps_args, dumps_function, function_id
-from heartline._states import TaskState
+from heartline._serialize import TaskInput, dumps_args, dumps_function, function_id
+from heartline._states import SkipReason, TaskState
 from heartline.v1 import task_pb2, task_service_pb2
 
 from ._types import Priority, TaskError, settled_outcome
+
+if TYPE_CHECKING:
+    from ._groups import Group, _Member
 
 MAX_BATCH_TASKS = 1000
 """At most this many tasks go in one SubmitTasks request."""
@@ -44,6 +47,7 @@ _SPEC_OVERHEAD = 128
 
 Call = tuple[Callable[..., Any], Sequence[Any], Mapping[str, Any]]
 """One call of a batch: ``(function, args, kwargs)``."""
+R = TypeVar("R")
 
 
 def resolve_address(address: str | None) -> str:
@@ -144,9 +148,7 @@ class FunctionCache:
     """
 
     def __init__(self) -> None:
-        self._weak: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._weak: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[Any, str, bytes]] = {}
         # Used on the client's event loop only (AsyncClient._register), so unlocked.
         self._registered: LruCache[str, None] = LruCache(_REGISTERED_MARKS, _REGISTERED_MARKS)
@@ -260,6 +262,50 @@ class ClientBase:
                 request_id=new_request_id(),
             )
 
+    def _group_request(
+        self, group: Group, endpoint: str | None
+    ) -> tuple[task_service_pb2.SubmitGroupRequest, dict[str, bytes]]:
+        """The SubmitGroup request of a group, and the functions its tasks use.
+
+        The endpoint is the group's own, else ``endpoint``.
+        """
+        target = group.endpoint or endpoint
+        if target is None:
+            raise InvalidArgumentError(
+                f"group {group.name!r} names no endpoint: give Group(..., endpoint=...) "
+                "or submit_group(group, endpoint=...)"
+            )
+        _check_endpoint(target)
+        functions: dict[str, bytes] = {}
+
+        def spec_of(member: _Member) -> task_pb2.TaskSpec:
+            fid, payload = self._functions.lookup(member.function)
+            functions[fid] = payload
+            spec = member.options._spec(fid, member.args)
+            spec.name = member.name
+            spec.run_after.extend(member.run_after)
+            spec.inputs.extend(member.inputs)
+            spec.when.extend(w._to_proto() for w in member.when)
+            return spec
+
+        request = task_service_pb2.SubmitGroupRequest(
+            name=group.name,
+            endpoint=target,
+            tasks=[spec_of(m) for m in group._tasks],
+            finally_tasks=[spec_of(m) for m in group._finally],
+            fail_fast=group.fail_fast,
+            timeout_seconds=group.timeout or 0.0,
+            session_id=self.session_id,
+            request_id=new_request_id(),
+        )
+        return request, functions
+
+    @staticmethod
+    def _group_id(group_id: Any) -> str:
+        if not isinstance(group_id, str) or not group_id:
+            raise InvalidArgumentError(f"a group id must be a non-empty string, not {group_id!r}")
+        return group_id
+
     @staticmethod
     def _ids_request(task_ids: Iterable[str]) -> list[str]:
         if isinstance(task_ids, str):
@@ -283,6 +329,37 @@ class ClientBase:
         return task_service_pb2.ListTasksRequest(
             states=wire_states, endpoint=endpoint or "", page_size=page_size
         )
+
+
+def replace_refs(
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    ref_type: type[R],
+    check: Callable[[R, str], None],
+) -> tuple[tuple[Any, ...], dict[str, Any], list[R]]:
+    """Put a :class:`TaskInput` placeholder where a ``ref_type`` sits at the top level of
+    ``args`` or ``kwargs``; return the new args and kwargs and the refs in placeholder
+    order. The same ref twice is one input: both places get its one placeholder.
+
+    ``check(ref, where)`` may refuse a ref by raising; ``where`` reads ``"argument 0"``
+    or ``"keyword argument 'x'"``.
+    """
+    refs: list[R] = []
+    index: dict[R, int] = {}
+
+    def place(value: Any, where: str) -> Any:
+        if not isinstance(value, ref_type):
+            return value
+        check(value, where)
+        i = index.get(value)
+        if i is None:
+            i = index[value] = len(refs)
+            refs.append(value)
+        return TaskInput(i)
+
+    new_args = tuple(place(a, f"argument {i}") for i, a in enumerate(args))
+    new_kwargs = {k: place(v, f"keyword argument {k!r}") for k, v in kwargs.items()}
+    return new_args, new_kwargs, refs
 
 
 def new_request_id() -> str:
@@ -326,4 +403,5 @@ def outcome_of_update(update: task_pb2.TaskUpdate) -> Any:
         update.result,
         TaskError._from_proto(update.error) if update.HasField("error") else None,
         cause=update.cause,
+        skip_reason=SkipReason._from_proto(update.skip_reason),
     )

@@ -4,6 +4,14 @@
 is sent) and queues the task; the client's loop thread sends whatever is queued as one
 SubmitTasks batch, so a burst of submits (or a ``map``) travels in few requests while a lone
 submit leaves at once. Futures resolve from the client's watch stream, never by polling.
+
+A future of the same executor passed as an argument (top level of args or kwargs) becomes
+an input: the task runs after it on the server and gets its result in its place. Its spec
+names the input by task id, so it can only leave once the input's SubmitTasks has been
+answered: a queued task whose inputs have no id yet is parked on the first of them and put
+back at the head of the queue when that one is stored (or is known never to be sent). An
+input is always queued before its dependents (a future exists only once queued), so
+nothing waits on something behind it, and independent tasks keep flowing meanwhile.
 """
 
 from __future__ import annotations
@@ -11,27 +19,45 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
+import enum
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from heartline import _defaults
-from heartline._errors import HeartlineError
+from heartline._errors import HeartlineError, TaskSkippedError
+from heartline._states import SkipReason
+from heartline.v1 import task_pb2
 
 from ._base import (
+    _SPEC_OVERHEAD,
     MAX_BATCH_BYTES,
     MAX_BATCH_TASKS,
-    _SPEC_OVERHEAD,
     PreparedBatch,
     SubmitOptions,
     _check_endpoint,
     outcome_of_update,
+    replace_refs,
 )
 from ._sync import Client
 from ._types import Priority
 
 _MAX_FLUSHERS = 4
+
+
+class _Submission(enum.Enum):
+    """How far a TaskFuture's task got towards the server (changed on the loop thread)."""
+
+    QUEUED = 1
+    """In the executor's queue, or parked until its inputs have ids."""
+    SENDING = 2
+    """In a SubmitTasks request not answered yet."""
+    STORED = 3
+    """Stored by the server: ``task_id`` is set."""
+    UNSENT = 4
+    """Never to be sent: cancelled before, its request failed, or an input of it is UNSENT."""
 
 
 class TaskFuture(concurrent.futures.Future):
@@ -44,12 +70,31 @@ class TaskFuture(concurrent.futures.Future):
         super().__init__()
         self.task_id: str | None = None
         self._executor = executor
+        self._submission = _Submission.QUEUED
 
     def cancel(self) -> bool:
         if not super().cancel():
             return False
         self._executor._request_cancel(self)
         return True
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a TaskFuture stands for its task's result only as a top-level argument of a "
+            "submit to the same Executor, not inside a container"
+        )
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Queued:
+    """A task waiting to be sent."""
+
+    future: TaskFuture
+    spec: task_pb2.TaskSpec
+    functions: dict[str, bytes]
+    """Payloads of the functions of its submit call (shared by that call's tasks)."""
+    inputs: tuple[TaskFuture, ...]
+    """The futures whose results it takes, in placeholder order."""
 
 
 class Executor(concurrent.futures.Executor):
@@ -97,10 +142,10 @@ class Executor(concurrent.futures.Executor):
         )
         self._async = self.client._async
         self._loop = self.client._loop
-        # (future, spec, functions) waiting to be sent; appended from any thread.
-        self._queue: collections.deque[tuple[TaskFuture, Any, dict[str, bytes]]] = (
-            collections.deque()
-        )
+        # Tasks waiting to be sent; appended from any thread.
+        self._queue: collections.deque[_Queued] = collections.deque()
+        # Queued tasks waiting for an input's id, by that input (loop thread only).
+        self._parked: dict[TaskFuture, list[_Queued]] = {}
         self._flushers = 0  # loop thread only
         self._cancels: set[str] = set()  # loop thread only
         self._cancelling: set[asyncio.Task[Any]] = set()  # loop thread only
@@ -113,8 +158,13 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on the endpoint; return its future.
 
+        A future of this executor at the top level of ``args`` or ``kwargs`` is replaced
+        by its result: the task waits for it on the server (``waiting-for-deps``), and is
+        skipped if it does not succeed (its future then raises TaskSkippedError).
+
         Raises:
             SerializationError: ``fn`` or its arguments can't be pickled (nothing sent).
+            ValueError: an argument is a future of another Executor.
             RuntimeError: the executor was shut down.
         """
         return self._enqueue([(fn, args, kwargs)])[0]
@@ -164,9 +214,7 @@ class Executor(concurrent.futures.Executor):
         if wait:
             self._close_when_done(outstanding)
         else:
-            threading.Thread(
-                target=self._close_when_done, args=(outstanding,), daemon=True
-            ).start()
+            threading.Thread(target=self._close_when_done, args=(outstanding,), daemon=True).start()
 
     def _close_when_done(self, outstanding: list[TaskFuture]) -> None:
         concurrent.futures.wait(outstanding)
@@ -176,7 +224,13 @@ class Executor(concurrent.futures.Executor):
     # -- queueing (caller threads) -------------------------------------------------
 
     def _enqueue(self, calls: list[Any]) -> list[TaskFuture]:
-        prepared = self._async._prepare(calls, self._options)
+        placed = []
+        inputs: list[tuple[TaskFuture, ...]] = []
+        for fn, args, kwargs in calls:
+            args, kwargs, refs = replace_refs(args, kwargs, TaskFuture, self._check_input)
+            placed.append((fn, args, kwargs))
+            inputs.append(tuple(refs))
+        prepared = self._async._prepare(placed, self._options)
         futures = [TaskFuture(self) for _ in prepared.specs]
         with self._lock:
             if self._shutdown:
@@ -185,11 +239,21 @@ class Executor(concurrent.futures.Executor):
             # Every task carries (a reference to) the payloads of functions the server may
             # lack: whichever batch goes first registers them, the others wait for that.
             functions = prepared.functions
-            self._queue.extend((fut, spec, functions) for fut, spec in zip(futures, prepared.specs))
+            self._queue.extend(
+                _Queued(fut, spec, functions, refs)
+                for fut, spec, refs in zip(futures, prepared.specs, inputs)
+            )
         for fut in futures:
             fut.add_done_callback(self._forget)
         self._loop.call_soon_threadsafe(self._kick)
         return futures
+
+    def _check_input(self, fut: TaskFuture, where: str) -> None:
+        if fut._executor is not self:
+            raise ValueError(
+                f"{where} is a future of another Executor: a task can take as input only a "
+                "future of its own Executor (or pass future.result() instead)"
+            )
 
     def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
@@ -206,23 +270,62 @@ class Executor(concurrent.futures.Executor):
             self._flushers += 1
             self._async._spawn(self._flush())
 
-    def _take_batch(self) -> tuple[list[tuple[TaskFuture, Any]], dict[str, bytes]]:
-        """Pop queued tasks up to one request's count and size."""
-        batch: list[tuple[TaskFuture, Any]] = []
+    def _take_batch(self) -> tuple[list[_Queued], dict[str, bytes]]:
+        """Pop queued tasks up to one request's count and size (parking those whose
+        inputs have no task id yet)."""
+        batch: list[_Queued] = []
         functions: dict[str, bytes] = {}
         size = 0
-        while self._queue and len(batch) < MAX_BATCH_TASKS:
-            spec_size = len(self._queue[0][1].args) + _SPEC_OVERHEAD
+        queue = self._queue
+        while queue and len(batch) < MAX_BATCH_TASKS:
+            spec_size = len(queue[0].spec.args) + _SPEC_OVERHEAD
             if batch and size + spec_size > MAX_BATCH_BYTES:
                 break
-            fut, spec, fns = self._queue.popleft()
-            if fns:
-                functions.update(fns)
-            if fut.cancelled():
-                continue  # cancelled before it was sent: never send it
-            batch.append((fut, spec))
+            queued = queue.popleft()
+            if queued.future.cancelled():
+                self._unsent(queued.future)  # cancelled before it was sent: never send it
+                continue
+            if queued.inputs and not self._inputs_ready(queued):
+                continue
+            queued.future._submission = _Submission.SENDING
+            functions.update(queued.functions)
+            batch.append(queued)
             size += spec_size
         return batch, functions
+
+    def _inputs_ready(self, queued: _Queued) -> bool:
+        """Name the inputs' task ids in the spec if they all have one; else park the
+        task on the first input still on its way, or fail it if one will never be sent."""
+        ids = []
+        for i, fut in enumerate(queued.inputs):
+            if fut._submission is _Submission.STORED:
+                ids.append(fut.task_id)
+            elif fut._submission is _Submission.UNSENT:
+                error = TaskSkippedError(
+                    "", SkipReason.INPUT_NOT_SUCCEEDED, f"its input {i} was never submitted"
+                )
+                if not fut.cancelled():
+                    error.__cause__ = fut.exception(0)
+                if queued.future.set_running_or_notify_cancel():
+                    queued.future.set_exception(error)
+                self._unsent(queued.future)
+                return False
+            else:
+                self._parked.setdefault(fut, []).append(queued)
+                return False
+        queued.spec.inputs.extend(ids)
+        return True
+
+    def _unsent(self, fut: TaskFuture) -> None:
+        fut._submission = _Submission.UNSENT
+        self._unpark(fut)
+
+    def _unpark(self, fut: TaskFuture) -> None:
+        """Put the tasks parked on ``fut`` back at the head of the queue, in their order."""
+        parked = self._parked.pop(fut, None)
+        if parked:
+            self._queue.extendleft(reversed(parked))
+            self._kick()
 
     async def _flush(self) -> None:
         try:
@@ -231,21 +334,24 @@ class Executor(concurrent.futures.Executor):
                 if not batch:
                     continue
                 self._kick()  # more queued: let another flusher send it meanwhile
-                prepared = PreparedBatch([spec for _, spec in batch], functions)
+                prepared = PreparedBatch([queued.spec for queued in batch], functions)
                 try:
                     ids = await self._async._submit_prepared(self.endpoint, prepared)
                 except Exception as exc:  # the whole batch failed: each future says why
-                    for fut, _ in batch:
-                        if fut.set_running_or_notify_cancel():
-                            fut.set_exception(exc)
+                    for queued in batch:
+                        if queued.future.set_running_or_notify_cancel():
+                            queued.future.set_exception(exc)
+                        self._unsent(queued.future)
                     continue
-                for (fut, _), tid in zip(batch, ids):
-                    self._bind(fut, tid)
+                for queued, tid in zip(batch, ids):
+                    self._bind(queued.future, tid)
         finally:
             self._flushers -= 1
 
     def _bind(self, fut: TaskFuture, task_id: str) -> None:
         fut.task_id = task_id
+        fut._submission = _Submission.STORED
+        self._unpark(fut)
         waiter: asyncio.Future[Any] | None = self._async._waiters.get(task_id)
         if waiter is None:
             # Settled at once and already dropped again (a batch of results over the
@@ -293,4 +399,3 @@ class Executor(concurrent.futures.Executor):
             await self._async.cancel(ids)
         except HeartlineError:
             pass  # e.g. already settled: the future is cancelled either way
-

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from heartline import _defaults
-from heartline._states import TaskState
+from heartline._states import CancelMode, TaskState
 
 from ._async import AsyncClient
 from ._base import Call
+from ._groups import Group, GroupInfo
 from ._types import EndpointInfo, Priority, Stats, Task, TaskUpdate
 
 T = TypeVar("T")
@@ -106,7 +107,7 @@ class Client:
             if task is not current:
                 task.cancel()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -197,3 +198,23 @@ class Client:
     def stats(self) -> Stats:
         """Task counts by state, endpoints and agents online, transitions so far."""
         return self._run(self._async.stats())
+
+    def submit_group(self, group: Group, *, endpoint: str | None = None) -> str:
+        """Submit a group in one call; return its id. See :meth:`AsyncClient.submit_group`."""
+        return self._run(self._async.submit_group(group, endpoint=endpoint))
+
+    def get_group(self, group_id: str, *, history: bool = False) -> GroupInfo:
+        """Read a group with its tasks."""
+        return self._run(self._async.get_group(group_id, history=history))
+
+    def wait_group(self, group_id: str, timeout: float | None = None) -> GroupInfo:
+        """Wait until no task of the group is pending; see :meth:`AsyncClient.wait_group`."""
+        return self._run(self._async.wait_group(group_id, timeout))
+
+    def list_groups(self, pending_only: bool = False, limit: int = 100) -> list[GroupInfo]:
+        """List up to ``limit`` groups, newest first, without their tasks."""
+        return self._run(self._async.list_groups(pending_only=pending_only, limit=limit))
+
+    def cancel_group(self, group_id: str, mode: str | CancelMode = "cancel") -> GroupInfo:
+        """Cancel or stop a group; see :meth:`AsyncClient.cancel_group`."""
+        return self._run(self._async.cancel_group(group_id, mode))

@@ -13,12 +13,12 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from heartline._errors import RemoteError, TaskFailedError
+from heartline._errors import RemoteError, TaskFailedError, TaskSkippedError
 from heartline._serialize import loads
-from heartline._states import TaskState
+from heartline._states import SkipReason, TaskState
 from heartline.v1 import task_pb2, task_service_pb2
 
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 
 
 class Priority(str, enum.Enum):
@@ -129,6 +129,10 @@ class TaskUpdate:
     attempt: int
     cause: str
     time: datetime.datetime | None
+    skip_reason: SkipReason | None = None
+    """Why the task was skipped, when SKIPPED."""
+    group_id: str | None = None
+    """The task's group; None outside one."""
 
     @classmethod
     def _from_proto(cls, msg: task_pb2.TaskUpdate) -> TaskUpdate:
@@ -139,6 +143,8 @@ class TaskUpdate:
             attempt=msg.attempt,
             cause=msg.cause,
             time=_time(msg, "time"),
+            skip_reason=SkipReason._from_proto(msg.skip_reason),
+            group_id=msg.group_id or None,
         )
 
 
@@ -150,11 +156,13 @@ def settled_outcome(
     *,
     cause: str = "",
     payload_purged: bool = False,
+    skip_reason: SkipReason | None = None,
 ) -> Any:
     """Return a settled task's value, or raise what its outcome means.
 
     Raises:
         RemoteError: the function raised (ERRORED/FAILED without a system failure kind).
+        TaskSkippedError: the task was skipped without running (the reason is named).
         TaskFailedError: any other settled state without a value.
         SerializationError: the result could not be unpickled here.
     """
@@ -162,6 +170,8 @@ def settled_outcome(
         if payload_purged or not result:
             raise TaskFailedError(task_id, state.value, "the result payload was purged")
         return loads(result)
+    if state is TaskState.SKIPPED:
+        raise TaskSkippedError(task_id, skip_reason, "" if skip_reason else cause)
     if error is not None and error.failure_kind is None and error.type_name:
         raise RemoteError(task_id, state.value, error.type_name, error.message, error.traceback)
     if error is not None:
@@ -197,7 +207,14 @@ class Task:
     settled: datetime.datetime | None
     history: tuple[TaskTransition, ...]
     """Transitions, oldest first (empty unless asked for)."""
-    group_id: str
+    group_id: str | None
+    """The group the task belongs to; None outside one."""
+    name: str | None
+    """The task's name in its group; None outside one."""
+    skip_reason: SkipReason | None
+    """Why the task was skipped, when SKIPPED."""
+    input_task_ids: tuple[str, ...]
+    """Ids of the tasks whose results it takes as arguments, in placeholder order."""
     owner: str
     waiting_reason: str
     """For a pending task, why it is waiting, e.g. ``"endpoint offline"``."""
@@ -218,6 +235,7 @@ class Task:
                 self._result,
                 self.error,
                 payload_purged=self.payload_purged,
+                skip_reason=self.skip_reason,
             )
         except TaskFailedError as exc:
             return False, exc
@@ -236,7 +254,8 @@ class Task:
 
     @property
     def exception(self) -> TaskFailedError | None:
-        """The error of a settled task without a value (a RemoteError if it raised)."""
+        """The error of a settled task without a value (a RemoteError if it raised, a
+        TaskSkippedError if it was skipped)."""
         if self.pending or self.state is TaskState.SUCCEEDED and not self.payload_purged:
             return None
         ok, value = self._outcome
@@ -258,7 +277,10 @@ class Task:
             started=_time(msg, "start_time"),
             settled=_time(msg, "settle_time"),
             history=tuple(TaskTransition._from_proto(t) for t in msg.history),
-            group_id=msg.group_id,
+            group_id=msg.group_id or None,
+            name=msg.name or None,
+            skip_reason=SkipReason._from_proto(msg.skip_reason),
+            input_task_ids=tuple(msg.input_task_ids),
             owner=msg.owner,
             waiting_reason=msg.waiting_reason,
             max_retries=msg.max_retries,

@@ -1,8 +1,10 @@
 """heartline: a self-hosted task-execution fabric for Python functions.
 
-The public face: ``Client``, ``AsyncClient``, ``Executor``, ``TaskState``, ``Task`` and
-the exception tree (see :mod:`heartline._errors`). Server, agent and client internals
-live in ``heartline.server``, ``heartline.endpoint`` and ``heartline.client``.
+The public face: ``Client``, ``AsyncClient``, ``Executor``, ``TaskState``, ``Task``,
+groups (``Group``, ``TaskRef``, ``GroupInfo``, ``GroupStatus``, ``SkipReason``,
+``CancelMode``) and the exception tree (see :mod:`heartline._errors`). Server, agent and
+client internals live in ``heartline.server``, ``heartline.endpoint`` and
+``heartline.client``.
 """
 
 import os as _os
@@ -22,20 +24,33 @@ from heartline._errors import (  # noqa: E402
     RPCError,
     SerializationError,
     TaskFailedError,
+    TaskSkippedError,
     TimeoutError,
     UnauthenticatedError,
     UnavailableError,
 )
-from heartline._states import TaskState  # noqa: E402
-from heartline.client import AsyncClient, Client, Executor, Task  # noqa: E402
+from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState  # noqa: E402
+from heartline.client import (  # noqa: E402
+    AsyncClient,
+    Client,
+    Executor,
+    Group,
+    GroupInfo,
+    Task,
+    TaskRef,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "CancelMode",
     "Client",
     "Executor",
     "FailedPreconditionError",
+    "Group",
+    "GroupInfo",
+    "GroupStatus",
     "HeartlineError",
     "InvalidArgumentError",
     "NotFoundError",
@@ -44,8 +59,11 @@ __all__ = [
     "RemoteError",
     "ResourceExhaustedError",
     "SerializationError",
+    "SkipReason",
     "Task",
     "TaskFailedError",
+    "TaskRef",
+    "TaskSkippedError",
     "TaskState",
     "TimeoutError",
     "UnauthenticatedError",

@@ -1,4 +1,4 @@
-"""Operator commands of the CLI: tasks, endpoints, stats. Tables are rich tables; an
+"""Operator commands of the CLI: tasks, endpoints, groups, stats. Tables are rich tables; an
 error is one line on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime
 import functools
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -16,7 +16,10 @@ from rich.table import Table
 
 from heartline import _defaults
 from heartline._errors import HeartlineError, TaskFailedError
-from heartline._states import TaskState
+from heartline._states import CancelMode, GroupStatus, TaskState
+
+if TYPE_CHECKING:
+    from heartline.client import GroupInfo, Task
 
 _address = click.option(
     "--server",
@@ -62,6 +65,7 @@ def _state_style(state: TaskState) -> str:
         TaskState.ERRORED: "red",
         TaskState.FAILED: "red",
         TaskState.CANCELLED: "yellow",
+        TaskState.SKIPPED: "yellow",
         TaskState.RUNNING: "cyan",
     }.get(state, "")
 
@@ -70,6 +74,7 @@ def register_operator_commands(main: click.Group) -> None:
     """Attach the operator command groups to the top-level ``heartline`` group."""
     main.add_command(tasks)
     main.add_command(endpoints)
+    main.add_command(groups)
     main.add_command(stats)
 
 
@@ -237,3 +242,180 @@ def stats(address, token) -> None:  # noqa: ANN001
         f"endpoints online: {s.endpoints_online}   agents online: {s.agents_online}   "
         f"transitions since start: {s.transitions}"
     )
+
+
+# --------------------------------------------------------------------------- groups
+
+_COUNT_WORDS = (
+    ("Succeeded", "succeeded"),
+    ("Failed", "failed"),
+    ("Skipped", "skipped"),
+    ("Cancelled", "cancelled"),
+    ("None", "pending"),
+)
+
+
+def group_counts_text(counts: Mapping[str, int]) -> str:
+    """``"2 succeeded, 1 skipped"``: a group's DAG tasks by status, zeros left out."""
+    words = dict(_COUNT_WORDS)
+    parts = [f"{n} {words.get(status, status)}" for status, n in counts.items() if n]
+    return ", ".join(parts) or "-"
+
+
+def _group_status_style(status: GroupStatus) -> str:
+    return {
+        GroupStatus.SUCCEEDED: "green",
+        GroupStatus.FAILED: "red",
+        GroupStatus.COMPLETED: "yellow",
+    }.get(status, "")
+
+
+def _task_text(task: Task | None) -> str:
+    """A group task's state with why it is so (skip reason, error type, wait), and its id."""
+    if task is None:
+        return "(no task)"
+    text = task.state.value
+    if task.skip_reason is not None:
+        text += f" ({task.skip_reason.value})"
+    elif task.error is not None and not task.pending:
+        text += f" ({task.error.type_name or task.error.message})"
+    elif task.pending and task.waiting_reason:
+        text += f" ({task.waiting_reason})"
+    return f"{text}  {task.id}"
+
+
+def group_tree(info: GroupInfo) -> list[str]:
+    """The lines that draw a group: its aggregate status on top, then each DAG task under
+    the tasks it runs after or takes inputs from, then the finally tasks.
+
+    Siblings come in submission order. A task with several parents is drawn in full the
+    first time the walk meets it, and as ``name  (shown above)`` under its other parents.
+    """
+    dag = [m for m in info.group_tasks.values() if not m.is_finally]
+    finals = [m for m in info.group_tasks.values() if m.is_finally]
+    names = {m.name for m in dag}
+    children: dict[str, list[str]] = {m.name: [] for m in dag}
+    roots = []
+    for member in dag:
+        parents = [p for p in member.parents if p in names and p != member.name]
+        for parent in parents:
+            children[parent].append(member.name)
+        if not parents:
+            roots.append(member.name)
+    # A task no root reaches (only in a cycle, which the server refuses) is a root too.
+    reached: set[str] = set()
+    for name in [*roots, *(m.name for m in dag)]:
+        if name in reached:
+            continue
+        if name not in roots:
+            roots.append(name)
+        todo = [name]
+        while todo:
+            current = todo.pop()
+            if current not in reached:
+                reached.add(current)
+                todo.extend(children[current])
+
+    head = f"{info.name} ({info.id})  {info.status.value}"
+    if info.pending:
+        head += ", pending"
+    if info.cancel_mode is not None:
+        head += f", {info.cancel_mode.value}"
+    if info.timed_out:
+        head += ", timed out"
+    lines = [head]
+    drawn: set[str] = set()
+    # (task name, the prefix its line starts with, whether it is the last of its siblings)
+    stack = [(name, "", i == len(roots) - 1 and not finals) for i, name in enumerate(roots)]
+    stack.reverse()
+    while stack:
+        name, prefix, last = stack.pop()
+        branch = prefix + ("└── " if last else "├── ")
+        if name in drawn:
+            lines.append(f"{branch}{name}  (shown above)")
+            continue
+        drawn.add(name)
+        lines.append(f"{branch}{name}  {_task_text(info.group_tasks[name].task)}")
+        below = prefix + ("    " if last else "│   ")
+        kids = children[name]
+        stack.extend((kid, below, i == 0) for i, kid in enumerate(reversed(kids)))
+    if finals:
+        lines.append("└── finally")
+        for i, member in enumerate(finals):
+            branch = "    └── " if i == len(finals) - 1 else "    ├── "
+            lines.append(f"{branch}{member.name}  {_task_text(member.task)}")
+    return lines
+
+
+@click.group()
+def groups() -> None:
+    """Inspect and cancel groups of tasks."""
+
+
+@groups.command("list")
+@click.option("--pending", is_flag=True, help="Only groups with a pending task.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@_address
+@_token
+@_fail_cleanly
+def groups_list(pending: bool, limit: int, address: str | None, token: str | None) -> None:
+    """List groups, newest first."""
+    with _client(address, token) as hc:
+        rows = hc.list_groups(pending_only=pending, limit=limit)
+    table = Table("group", "name", "status", "tasks", "submitted")
+    for g in rows:
+        style = _group_status_style(g.status)
+        status = g.status.value + (" (pending)" if g.pending else "")
+        table.add_row(
+            g.id,
+            g.name,
+            f"[{style}]{status}[/]" if style else status,
+            group_counts_text(g.counts),
+            _when(g.submit_time),
+        )
+    _console().print(table)
+    if not rows:
+        click.echo("no groups")
+
+
+@groups.command("show")
+@click.argument("group_id")
+@_address
+@_token
+@_fail_cleanly
+def groups_show(group_id: str, address: str | None, token: str | None) -> None:
+    """Show a group: its DAG as a tree, with each task's state."""
+    with _client(address, token) as hc:
+        g = hc.get_group(group_id)
+    summary = Table(show_header=False, box=None)
+    summary.add_row("endpoint", g.endpoint_name or g.endpoint_id)
+    summary.add_row("tasks", group_counts_text(g.counts) + f"; {g.finally_count} finally")
+    summary.add_row("fail fast", "yes" if g.fail_fast else "no")
+    summary.add_row("timeout", f"{g.timeout:g} s" if g.timeout else "-")
+    summary.add_row("submitted", _when(g.submit_time))
+    summary.add_row("settled", _when(g.settle_time))
+    console = _console()
+    for line in group_tree(g):  # the aggregate status on top
+        console.print(line, markup=False, highlight=False)
+    console.print(summary)
+
+
+@groups.command("cancel")
+@click.argument("group_id")
+@click.option(
+    "--mode",
+    type=click.Choice([m.value for m in CancelMode]),
+    default=CancelMode.CANCEL.value,
+    show_default=True,
+    help="cancel: cancel everything, no finally tasks; cancel_run_finally: cancel, then run "
+    "the finally tasks; stop_run_finally: start nothing new, let running tasks finish, then "
+    "run the finally tasks.",
+)
+@_address
+@_token
+@_fail_cleanly
+def groups_cancel(group_id: str, mode: str, address: str | None, token: str | None) -> None:
+    """Cancel or stop a group."""
+    with _client(address, token) as hc:
+        g = hc.cancel_group(group_id, mode)
+    click.echo(f"{g.id} {mode}: {g.status.value}, {'pending' if g.pending else 'settled'}")

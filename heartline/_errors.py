@@ -13,8 +13,10 @@
     │   └── UnavailableError          UNAVAILABLE (e.g. no server answers at the address)
     ├── SerializationError            a function, its arguments or a result could not be pickled
     ├── TaskFailedError               a task settled without a result (cancelled, failed, skipped)
-    │   └── RemoteError               the task's function raised; keeps the remote type name,
-    │                                 message and traceback text
+    │   ├── RemoteError               the task's function raised; keeps the remote type name,
+    │   │                             message and traceback text
+    │   └── TaskSkippedError          a group task (or a task taking another's result) was
+    │                                 skipped without running; .skip_reason says why
     └── TimeoutError                  (also a builtins.TimeoutError) a wait ran out
 """
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import builtins
 
 import grpc
+
+from heartline._states import SkipReason
 
 
 class HeartlineError(Exception):
@@ -114,6 +118,33 @@ class RemoteError(TaskFailedError):
         if self.remote_traceback:
             text += f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return text
+
+
+_SKIP_EXPLANATIONS: dict[SkipReason, str] = {
+    SkipReason.WHEN_FALSE: "its when expressions were false",
+    SkipReason.INPUT_NOT_SUCCEEDED: "a task whose result it takes did not succeed",
+    SkipReason.PARENT_NOT_SUCCEEDED: "a task it runs after did not succeed",
+    SkipReason.GROUP_STOPPING: "its group was stopping",
+    SkipReason.GROUP_TIMED_OUT: "its group timed out before it ran",
+}
+
+
+class TaskSkippedError(TaskFailedError):
+    """The task was skipped without running: a group task whose ``when`` was false, or a
+    task whose input or parent did not succeed, or whose group stopped or timed out.
+
+    ``skip_reason`` is the :class:`~heartline.SkipReason` (None if the server gave none).
+    """
+
+    def __init__(self, task_id: str, skip_reason: SkipReason | None, detail: str = "") -> None:
+        if skip_reason is None:
+            message = detail or "no reason given"
+        else:
+            message = f"{skip_reason.value} ({_SKIP_EXPLANATIONS[skip_reason]})"
+            if detail:
+                message = f"{message}: {detail}"
+        super().__init__(task_id or "(not submitted)", "skipped", message)
+        self.skip_reason = skip_reason
 
 
 class TimeoutError(HeartlineError, builtins.TimeoutError):  # noqa: A001 - deliberate

@@ -1,4 +1,5 @@
-"""Helpers for tests that run real heartline processes on loopback.
+"""Helpers for tests that run real heartline processes on loopback, and a fake TaskService
+for the client's unit tests (:class:`FakeTaskService`, :func:`serve_fake`).
 
 Every process :func:`start_process` starts is recorded in :data:`PROCESSES`; the fixtures in
 ``tests/conftest.py`` stop each one by PID at teardown of the test or module that owns it
@@ -7,8 +8,12 @@ and fail that test or module if the process logged a blocked event loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -17,12 +22,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
+import grpc
+
+from heartline._serialize import describe_exception, fill_inputs
+from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 if TYPE_CHECKING:
     from heartline import Client, Task, TaskState
@@ -319,3 +329,367 @@ def grpcurl(
     return subprocess.run(
         cmd, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
+
+
+# --------------------------------------------------------------------------- a fake TaskService
+# For the client's unit tests: just enough of TaskService, served by grpc.aio on its own
+# loop thread, to drive the client's requests and streams without a real server.
+
+FAKE_WAIT = 10.0  # seconds: bound of every wait on the fake
+
+
+class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
+    """Just enough of TaskService to drive the client's streams. Runs on its own loop.
+
+    With ``auto_run`` each submitted task runs at once, in the fake, taking the results of
+    its inputs (task ids, which must have settled); one whose input did not succeed is
+    SKIPPED. Groups are stored and read back; their tasks stay pending until a test
+    settles them, and :meth:`set_group` pushes a group's status to its watchers.
+    """
+
+    def __init__(self, auto_run: bool = False) -> None:
+        self.auto_run = auto_run
+        self.functions: dict[str, bytes] = {}
+        self.register_calls = 0
+        self.submit_requests: list[task_service_pb2.SubmitTasksRequest] = []
+        self.submit_answers: list[list[str]] = []
+        """The task ids each answered SubmitTasks request got, in request order."""
+        self.watch_requests: list[task_service_pb2.WatchTasksRequest] = []
+        self.cancel_requests: list[list[str]] = []
+        self.metadata: list[tuple] = []
+        self.tasks: dict[str, task_pb2.Task] = {}
+        self.session_of: dict[str, str] = {}
+        self.watchers: list[tuple[task_service_pb2.WatchTasksRequest, asyncio.Queue]] = []
+        self.gate: asyncio.Event | None = None
+        """While set to an unset Event, SubmitTasks answers wait for it (after recording)."""
+        self.group_requests: list[task_service_pb2.SubmitGroupRequest] = []
+        self.cancel_group_requests: list[task_service_pb2.CancelGroupRequest] = []
+        self.list_group_requests: list[task_service_pb2.ListGroupsRequest] = []
+        self.groups: dict[str, task_pb2.Group] = {}
+        """Each group as GetGroup answers it, without its tasks (see ``group_members``)."""
+        self.group_members: dict[str, list[tuple[str, bool, task_pb2.TaskSpec]]] = {}
+        self.page_limit = 1000
+        """ListGroups answers at most this many groups per page."""
+
+    def _note(self, context):
+        self.metadata.append(tuple(context.invocation_metadata() or ()))
+
+    async def RegisterFunction(self, request, context):
+        self._note(context)
+        self.register_calls += 1
+        fid = hashlib.sha256(request.function).hexdigest()
+        if request.function_id and request.function_id != fid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "function_id mismatch")
+        self.functions[fid] = request.function
+        return task_service_pb2.RegisterFunctionResponse(function_id=fid)
+
+    async def SubmitTasks(self, request, context):
+        self._note(context)
+        if request.endpoint == "nowhere":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "endpoint 'nowhere' is not known")
+        self.submit_requests.append(request)
+        if self.gate is not None:
+            await self.gate.wait()
+        ids = []
+        for spec in request.tasks:
+            if spec.function_id not in self.functions:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown function")
+            for input_id in spec.inputs:
+                if input_id not in self.tasks:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"input {input_id} not found")
+            tid = self._store(spec, request.endpoint, request.session_id)
+            ids.append(tid)
+            if self.auto_run:
+                self._run(tid, spec)
+        self.submit_answers.append(ids)
+        return task_service_pb2.SubmitTasksResponse(task_ids=ids)
+
+    def _store(self, spec, endpoint, session_id, group_id=""):
+        tid = uuid.uuid4().hex
+        self.session_of[tid] = session_id
+        self.tasks[tid] = task_pb2.Task(
+            task_id=tid,
+            state=task_pb2.TASK_STATE_WAITING_FOR_DEPS
+            if spec.inputs or spec.run_after
+            else task_pb2.TASK_STATE_WAITING_FOR_EP,
+            pending=True,
+            function_id=spec.function_id,
+            endpoint_name=endpoint,
+            name=spec.name,
+            group_id=group_id,
+            input_task_ids=[] if group_id else spec.inputs,
+        )
+        return tid
+
+    def _run(self, tid, spec):
+        """Run a task in the fake, as an agent would, once its inputs have settled."""
+        inputs = [self.tasks[i] for i in spec.inputs]
+        if any(t.state != task_pb2.TASK_STATE_SUCCEEDED for t in inputs):
+            self._settle_now(
+                tid,
+                task_pb2.TASK_STATE_SKIPPED,
+                skip_reason=task_pb2.SKIP_REASON_INPUT_NOT_SUCCEEDED,
+            )
+            return
+        fn = pickle.loads(self.functions[spec.function_id])
+        args, kwargs = fill_inputs(
+            *pickle.loads(spec.args), [pickle.loads(t.result) for t in inputs]
+        )
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the task's outcome, as on an agent
+            name, msg, tb = describe_exception(exc)
+            error = task_pb2.RemoteError(type_name=name, message=msg, traceback=tb)
+            self._settle_now(tid, task_pb2.TASK_STATE_ERRORED, error=error)
+        else:
+            self._settle_now(tid, task_pb2.TASK_STATE_SUCCEEDED, result=pickle.dumps(value))
+
+    def _settle_now(self, tid, state, **fields):
+        task = self.tasks[tid]
+        task.state = state
+        task.pending = False
+        for name, value in fields.items():
+            if name == "error":
+                task.error.CopyFrom(value)
+            else:
+                setattr(task, name, value)
+        update = self._update_of(task)
+        for request, outbox in self.watchers:
+            if (
+                tid in request.task_ids
+                or (request.session_id and request.session_id == self.session_of.get(tid))
+                or (task.group_id and task.group_id in request.group_ids)
+            ):
+                outbox.put_nowait(task_service_pb2.WatchTasksResponse(updates=[update]))
+
+    @staticmethod
+    def _update_of(task):
+        update = task_pb2.TaskUpdate(
+            task_id=task.task_id,
+            state=task.state,
+            pending=task.pending,
+            result=task.result,
+            skip_reason=task.skip_reason,
+            group_id=task.group_id,
+        )
+        if task.HasField("error"):
+            update.error.CopyFrom(task.error)
+        return update
+
+    def _group_update(self, group_id):
+        group = self.groups[group_id]
+        return task_pb2.GroupUpdate(group_id=group_id, status=group.status, pending=group.pending)
+
+    async def WatchTasks(self, request, context):
+        self._note(context)
+        self.watch_requests.append(request)
+        current = [
+            self._update_of(self.tasks[t])
+            for t in request.task_ids
+            if t in self.tasks and not self.tasks[t].pending
+        ]
+        groups = [self._group_update(g) for g in request.group_ids if g in self.groups]
+        outbox: asyncio.Queue = asyncio.Queue()
+        entry = (request, outbox)
+        self.watchers.append(entry)
+        try:
+            yield task_service_pb2.WatchTasksResponse(updates=current, groups=groups)
+            while True:
+                yield await outbox.get()
+        finally:
+            self.watchers.remove(entry)
+
+    async def CancelTasks(self, request, context):
+        self._note(context)
+        self.cancel_requests.append(list(request.task_ids))
+        updates = []
+        for tid in request.task_ids:
+            if tid in self.tasks and self.tasks[tid].pending:
+                self._settle_now(tid, task_pb2.TASK_STATE_CANCELLED)
+            updates.append(self._update_of(self.tasks[tid]))
+        return task_service_pb2.CancelTasksResponse(updates=updates)
+
+    async def GetTasks(self, request, context):
+        self._note(context)
+        for tid in request.task_ids:
+            if tid not in self.tasks:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"task {tid} not found")
+        return task_service_pb2.GetTasksResponse(tasks=[self.tasks[t] for t in request.task_ids])
+
+    # -- groups (stored and read back; the DAG is not run) --------------------------------
+
+    async def SubmitGroup(self, request, context):
+        self._note(context)
+        self.group_requests.append(request)
+        specs = [*request.tasks, *request.finally_tasks]
+        if any(spec.function_id not in self.functions for spec in specs):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown function")
+        gid = uuid.uuid4().hex
+        self.groups[gid] = task_pb2.Group(
+            group_id=gid,
+            name=request.name,
+            endpoint_name=request.endpoint,
+            status=task_pb2.GROUP_STATUS_NONE,
+            pending=True,
+            fail_fast=request.fail_fast,
+            timeout_seconds=request.timeout_seconds,
+            finally_count=len(request.finally_tasks),
+        )
+        members = self.group_members[gid] = []
+        ids = []
+        for spec in specs:
+            ids.append(self._store(spec, request.endpoint, request.session_id, gid))
+            members.append((ids[-1], len(ids) > len(request.tasks), spec))
+        return task_service_pb2.SubmitGroupResponse(group_id=gid, task_ids=ids)
+
+    def _group_of(self, gid, with_tasks):
+        group = task_pb2.Group()
+        group.CopyFrom(self.groups[gid])
+        if with_tasks:
+            for tid, is_finally, spec in self.group_members[gid]:
+                group.tasks.append(
+                    task_pb2.GroupTask(
+                        name=spec.name,
+                        is_finally=is_finally,
+                        run_after=spec.run_after,
+                        inputs=spec.inputs,
+                        when=spec.when,
+                        task=self.tasks[tid],
+                    )
+                )
+        return group
+
+    async def GetGroup(self, request, context):
+        self._note(context)
+        if request.group_id not in self.groups:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"group {request.group_id} not found")
+        return task_service_pb2.GetGroupResponse(group=self._group_of(request.group_id, True))
+
+    async def ListGroups(self, request, context):
+        self._note(context)
+        self.list_group_requests.append(request)
+        gids = [
+            g for g in reversed(self.groups) if self.groups[g].pending or not request.pending_only
+        ]
+        start = int(request.page_token or 0)
+        end = start + min(request.page_size or 100, self.page_limit)
+        return task_service_pb2.ListGroupsResponse(
+            groups=[self._group_of(g, False) for g in gids[start:end]],
+            next_page_token=str(end) if end < len(gids) else "",
+        )
+
+    async def CancelGroup(self, request, context):
+        self._note(context)
+        self.cancel_group_requests.append(request)
+        if request.group_id not in self.groups:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"group {request.group_id} not found")
+        group = self.groups[request.group_id]
+        if not group.pending:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"group {request.group_id} has settled"
+            )
+        group.cancel_mode = request.mode or task_pb2.CANCEL_MODE_CANCEL
+        for tid, _, _ in self.group_members[request.group_id]:
+            if self.tasks[tid].pending:
+                self._settle_now(tid, task_pb2.TASK_STATE_CANCELLED)
+        self._set_group_now(request.group_id, task_pb2.GROUP_STATUS_NONE, False)
+        return task_service_pb2.CancelGroupResponse(group=self._group_of(request.group_id, True))
+
+    def _set_group_now(self, gid, status, pending):
+        group = self.groups[gid]
+        group.status, group.pending = status, pending
+        update = task_service_pb2.WatchTasksResponse(groups=[self._group_update(gid)])
+        for request, outbox in self.watchers:
+            if gid in request.group_ids:
+                outbox.put_nowait(update)
+
+
+class FakeServer:
+    """A FakeTaskService served by grpc.aio on its own loop thread; restartable on one port."""
+
+    def __init__(self, service: FakeTaskService) -> None:
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+
+    def call(self, fn, *args):
+        """Run fn(*args) (a coroutine function or plain one) on the server's loop."""
+
+        async def run():
+            result = fn(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(FAKE_WAIT)
+
+    async def _start(self):
+        server = grpc.aio.server()
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(self.service, server)
+        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        self.server = server
+
+    def start(self):
+        self.call(self._start)
+
+    def stop(self):
+        if self.server is not None:
+            self.call(self.server.stop, None)
+            self.server = None
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def settle(self, tid, state, **fields):
+        """Settle a task as the server would, pushing the update to its watchers."""
+        self.call(lambda: self.service._settle_now(tid, state, **fields))
+
+    def set_group(self, gid, status, pending):
+        """Set a group's status and pending flag, pushing the change to its watchers."""
+        self.call(lambda: self.service._set_group_now(gid, status, pending))
+
+    def hold_submits(self):
+        """Make SubmitTasks answers wait (each is recorded first) until release_submits."""
+        self.call(lambda: setattr(self.service, "gate", asyncio.Event()))
+
+    def release_submits(self):
+        self.call(lambda: self.service.gate.set())
+
+    def close(self):
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(FAKE_WAIT)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def serve_fake(auto_run: bool = False) -> Iterator[FakeServer]:
+    """A started FakeServer for the length of the block."""
+    server = FakeServer(FakeTaskService(auto_run=auto_run))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = FAKE_WAIT) -> None:
+    """Bounded wait for a condition set by another thread (no fixed sleeps)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def wait_until_sync(predicate: Callable[[], Any], timeout: float = FAKE_WAIT) -> None:
+    """Bounded wait for a condition set by another thread, from blocking code."""
+    event = threading.Event()
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return
+        event.wait(0.005)
+    raise AssertionError("condition not met in time")

@@ -1,6 +1,7 @@
 """Unit tests of the client library: request building, batching, the function cache,
-conversions, error mapping and outcomes; and, against a tiny in-test fake TaskService,
-the handling of the watch stream (session results, named watches, reconnect).
+conversions, error mapping and outcomes; and, against the fake TaskService of
+tests/helpers.py, the handling of the watch stream (session results, named watches,
+reconnect).
 
 End-to-end tests with the real server and agents live elsewhere.
 """
@@ -19,10 +20,6 @@ from collections.abc import Iterator
 import cloudpickle
 import grpc
 import pytest
-
-import heartline
-from heartline import TaskState
-from heartline._errors import rpc_error_from_grpc
 from heartline.client import AsyncClient, Client, Executor
 from heartline.client._base import (
     MAX_BATCH_BYTES,
@@ -43,7 +40,12 @@ from heartline.client._types import (
     TaskError,
     TaskUpdate,
 )
-from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+import heartline
+from heartline import TaskState
+from heartline._errors import rpc_error_from_grpc
+from heartline.v1 import task_pb2, task_service_pb2
+from tests.helpers import FakeServer, serve_fake, wait_until, wait_until_sync
 
 WAIT = 10  # seconds: bound of every wait in these tests
 
@@ -431,215 +433,19 @@ def test_error_mapping_per_status_code(code, cls):
     assert err.code is code and err.message == "task t1 is running"
 
 
-# -- a tiny fake TaskService, for the stream handling ------------------------------------
-
-
-class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
-    """Just enough of TaskService to drive the client's streams. Runs on its own loop."""
-
-    def __init__(self, auto_run: bool = False) -> None:
-        self.auto_run = auto_run
-        self.functions: dict[str, bytes] = {}
-        self.register_calls = 0
-        self.submit_requests: list[task_service_pb2.SubmitTasksRequest] = []
-        self.watch_requests: list[task_service_pb2.WatchTasksRequest] = []
-        self.cancel_requests: list[list[str]] = []
-        self.metadata: list[tuple] = []
-        self.tasks: dict[str, task_pb2.Task] = {}
-        self.session_of: dict[str, str] = {}
-        self.watchers: list[tuple[task_service_pb2.WatchTasksRequest, asyncio.Queue]] = []
-
-    def _note(self, context):
-        self.metadata.append(tuple(context.invocation_metadata() or ()))
-
-    async def RegisterFunction(self, request, context):
-        self._note(context)
-        self.register_calls += 1
-        fid = hashlib.sha256(request.function).hexdigest()
-        if request.function_id and request.function_id != fid:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "function_id mismatch")
-        self.functions[fid] = request.function
-        return task_service_pb2.RegisterFunctionResponse(function_id=fid)
-
-    async def SubmitTasks(self, request, context):
-        self._note(context)
-        if request.endpoint == "nowhere":
-            await context.abort(grpc.StatusCode.NOT_FOUND, "endpoint 'nowhere' is not known")
-        self.submit_requests.append(request)
-        ids = []
-        for spec in request.tasks:
-            if spec.function_id not in self.functions:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown function")
-            tid = uuid.uuid4().hex
-            ids.append(tid)
-            self.session_of[tid] = request.session_id
-            self.tasks[tid] = task_pb2.Task(
-                task_id=tid,
-                state=task_pb2.TASK_STATE_WAITING_FOR_EP,
-                pending=True,
-                function_id=spec.function_id,
-                endpoint_name=request.endpoint,
-            )
-            if self.auto_run:
-                fn = pickle.loads(self.functions[spec.function_id])
-                args, kwargs = pickle.loads(spec.args)
-                try:
-                    value = fn(*args, **kwargs)
-                except Exception as exc:
-                    name, msg, tb = heartline._serialize.describe_exception(exc)
-                    self._settle_now(
-                        tid, task_pb2.TASK_STATE_ERRORED, error=task_pb2.RemoteError(
-                            type_name=name, message=msg, traceback=tb
-                        )
-                    )
-                else:
-                    self._settle_now(tid, task_pb2.TASK_STATE_SUCCEEDED, result=pickle.dumps(value))
-        return task_service_pb2.SubmitTasksResponse(task_ids=ids)
-
-    def _settle_now(self, tid, state, **fields):
-        task = self.tasks[tid]
-        task.state = state
-        task.pending = False
-        for name, value in fields.items():
-            if name == "error":
-                task.error.CopyFrom(value)
-            else:
-                setattr(task, name, value)
-        update = self._update_of(task)
-        for request, queue in self.watchers:
-            if tid in request.task_ids or (
-                request.session_id and request.session_id == self.session_of.get(tid)
-            ):
-                queue.put_nowait(task_service_pb2.WatchTasksResponse(updates=[update]))
-
-    @staticmethod
-    def _update_of(task):
-        update = task_pb2.TaskUpdate(
-            task_id=task.task_id, state=task.state, pending=task.pending, result=task.result
-        )
-        if task.HasField("error"):
-            update.error.CopyFrom(task.error)
-        return update
-
-    async def WatchTasks(self, request, context):
-        self._note(context)
-        self.watch_requests.append(request)
-        current = [
-            self._update_of(self.tasks[t])
-            for t in request.task_ids
-            if t in self.tasks and not self.tasks[t].pending
-        ]
-        queue: asyncio.Queue = asyncio.Queue()
-        entry = (request, queue)
-        self.watchers.append(entry)
-        try:
-            yield task_service_pb2.WatchTasksResponse(updates=current)
-            while True:
-                yield await queue.get()
-        finally:
-            self.watchers.remove(entry)
-
-    async def CancelTasks(self, request, context):
-        self._note(context)
-        self.cancel_requests.append(list(request.task_ids))
-        updates = []
-        for tid in request.task_ids:
-            if tid in self.tasks and self.tasks[tid].pending:
-                self._settle_now(tid, task_pb2.TASK_STATE_CANCELLED)
-            updates.append(self._update_of(self.tasks[tid]))
-        return task_service_pb2.CancelTasksResponse(updates=updates)
-
-    async def GetTasks(self, request, context):
-        self._note(context)
-        for tid in request.task_ids:
-            if tid not in self.tasks:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"task {tid} not found")
-        return task_service_pb2.GetTasksResponse(tasks=[self.tasks[t] for t in request.task_ids])
-
-
-class FakeServer:
-    """A FakeTaskService served by grpc.aio on its own loop thread; restartable on one port."""
-
-    def __init__(self, service: FakeTaskService) -> None:
-        self.service = service
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.port = 0
-        self.server: grpc.aio.Server | None = None
-
-    def call(self, fn, *args):
-        """Run fn(*args) (a coroutine function or plain one) on the server's loop."""
-
-        async def run():
-            result = fn(*args)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(WAIT)
-
-    async def _start(self):
-        server = grpc.aio.server()
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(self.service, server)
-        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await server.start()
-        self.server = server
-
-    def start(self):
-        self.call(self._start)
-
-    def stop(self):
-        if self.server is not None:
-            self.call(self.server.stop, None)
-            self.server = None
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.port}"
-
-    def settle(self, tid, state, **fields):
-        """Settle a task as the server would, pushing the update to its watchers."""
-        self.call(lambda: self.service._settle_now(tid, state, **fields))
-
-    def close(self):
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(WAIT)
-        self.loop.close()
+# -- the fake TaskService (tests/helpers.py), for the stream handling ---------------------
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeServer]:
-    server = FakeServer(FakeTaskService())
-    server.start()
-    yield server
-    server.close()
+    with serve_fake() as server:
+        yield server
 
 
 @pytest.fixture
 def fake_auto() -> Iterator[FakeServer]:
-    server = FakeServer(FakeTaskService(auto_run=True))
-    server.start()
-    yield server
-    server.close()
-
-
-async def wait_until(predicate, timeout=WAIT):
-    """Bounded wait for a condition set by another thread (no fixed sleeps)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
-def wait_until_sync(predicate, timeout=WAIT):
-    """Bounded wait for a condition set by another thread, from blocking code."""
-    event = threading.Event()
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return
-        event.wait(0.005)
-    raise AssertionError("condition not met in time")
+    with serve_fake(auto_run=True) as server:
+        yield server
 
 
 # -- AsyncClient against the fake ------------------------------------------------------
@@ -658,8 +464,11 @@ async def test_watch_opened_once_before_first_submit_and_results_resolve(fake):
         assert await client.get_result(tid, timeout=WAIT) == 9
         # a second function submit neither re-registers nor reopens the watch
         tid2 = await client.submit("local", square, 4)
-        fake.settle(tid2, task_pb2.TASK_STATE_ERRORED, error=task_pb2.RemoteError(
-            type_name="ValueError", message="nope", traceback="TB"))
+        fake.settle(
+            tid2,
+            task_pb2.TASK_STATE_ERRORED,
+            error=task_pb2.RemoteError(type_name="ValueError", message="nope", traceback="TB"),
+        )
         with pytest.raises(heartline.RemoteError) as info:
             await client.get_result(tid2, timeout=WAIT)
         assert (info.value.remote_type, info.value.message) == ("ValueError", "nope")

@@ -5,7 +5,7 @@ named, and the settled outcomes nobody asked for are kept bounded (count and byt
 
 Two tests run the real server and agent (more than MAX_IDS tasks pending across a server
 SIGKILL and restart; a client that never calls get_result); the others drive the client
-against the small fake TaskService of ``test_client_unit`` with the limits made small.
+against the small fake TaskService of ``tests/helpers.py`` with the limits made small.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from heartline.client import AsyncClient, Client, Executor
 from heartline.client._base import MAX_IDS
 from heartline.v1 import task_pb2
 from tests.conftest import ServerProc, relaunch_server
-from tests.helpers import Proc, assert_eventually
-from tests.test_client_unit import FakeServer, FakeTaskService, fake_auto  # noqa: F401 - a fixture
+from tests.helpers import FakeServer, FakeTaskService, Proc, assert_eventually
+from tests.test_client_unit import fake_auto  # noqa: F401 - a fixture
 
 # The functions below run on the agent's workers; ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

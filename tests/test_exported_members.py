@@ -1,16 +1,21 @@
 """The public names are pinned: a change here is a change of the public API."""
 
-import heartline
 import heartline.client
+
+import heartline
 
 
 def test_heartline_exported_members():
     assert heartline.__all__ == sorted(heartline.__all__)
     assert heartline.__all__ == [
         "AsyncClient",
+        "CancelMode",
         "Client",
         "Executor",
         "FailedPreconditionError",
+        "Group",
+        "GroupInfo",
+        "GroupStatus",
         "HeartlineError",
         "InvalidArgumentError",
         "NotFoundError",
@@ -19,8 +24,11 @@ def test_heartline_exported_members():
         "RemoteError",
         "ResourceExhaustedError",
         "SerializationError",
+        "SkipReason",
         "Task",
         "TaskFailedError",
+        "TaskRef",
+        "TaskSkippedError",
         "TaskState",
         "TimeoutError",
         "UnauthenticatedError",
@@ -43,14 +51,19 @@ def test_client_exported_members():
         "EndpointInfo",
         "Executor",
         "FailureKind",
+        "Group",
+        "GroupInfo",
+        "GroupTask",
         "Priority",
         "Stats",
         "SubmitOptions",
         "Task",
         "TaskError",
         "TaskFuture",
+        "TaskRef",
         "TaskTransition",
         "TaskUpdate",
+        "When",
     ]
     for name in heartline.client.__all__:
         assert getattr(heartline.client, name).__module__.startswith("heartline.client."), name
@@ -59,5 +72,10 @@ def test_client_exported_members():
 def test_same_objects_across_faces():
     assert heartline.Client is heartline.client.Client
     assert heartline.Task is heartline.client.Task
+    assert heartline.Group is heartline.client.Group
+    assert heartline.GroupInfo is heartline.client.GroupInfo
+    assert heartline.TaskRef is heartline.client.TaskRef
     assert issubclass(heartline.TimeoutError, TimeoutError)
     assert issubclass(heartline.RemoteError, heartline.TaskFailedError)
+    assert issubclass(heartline.TaskSkippedError, heartline.TaskFailedError)
+    assert not issubclass(heartline.TaskSkippedError, heartline.RemoteError)
