@@ -33,7 +33,9 @@ MAX_PAYLOAD = 10 * 1024 * 1024
 MAX_IDS = 10_000
 """Most task ids one request may name (GetTasks, WatchTasks, commands)."""
 MAX_TASKS_PER_SUBMIT = 10_000
-"""Most tasks in one SubmitTasks request."""
+"""Most tasks in one SubmitTasks request, or in one group (DAG and finally tasks)."""
+MAX_GROUP_NAME = 128
+"""Longest group name, in characters."""
 
 # Caches of pickled functions (SPEC: bounded memory for long-running processes). The
 # server remembers which functions each agent stream has been sent; the agent keeps at

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
+from collections.abc import Mapping
 
-from heartline._states import PENDING_STATES, TaskState
-from heartline.server._events import TaskChanged
-from heartline.server._model import ErrorInfo, TaskRow, TransitionRow
+from google.protobuf.timestamp_pb2 import Timestamp
+from heartline.server._events import GroupChanged, TaskChanged
+from heartline.server._groups import TASK_STATUSES
+from heartline.server._model import (
+    ErrorInfo,
+    GroupMember,
+    GroupRow,
+    GroupStateRow,
+    TaskRow,
+    TransitionRow,
+    WhenRow,
+)
+
+from heartline._states import PENDING_STATES, GroupStatus, SkipReason, TaskState
 from heartline.v1 import task_pb2
 
 _STATE_TO_PROTO = {s: s._to_proto() for s in TaskState}
@@ -19,6 +30,10 @@ def state_to_proto(state: TaskState | None) -> int:
 
 def state_from_proto(value: int) -> TaskState | None:
     return _STATE_FROM_PROTO.get(value)
+
+
+def skip_reason_to_proto(reason: SkipReason | None) -> int:
+    return reason._to_proto() if reason is not None else 0
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -85,6 +100,9 @@ def task_to_proto(
         walltime_seconds=row.walltime,
         resubmitted_from=row.resubmitted_from,
         payload_purged=row.payload_purged,
+        name=row.name,
+        skip_reason=skip_reason_to_proto(row.skip_reason),
+        input_task_ids=row.inputs,
     )
     return task
 
@@ -99,6 +117,8 @@ def change_to_proto(change: TaskChanged, include_results: bool) -> task_pb2.Task
         time=timestamp(change.time),
         result=(change.result or b"") if include_results else b"",
         error=error_to_proto(change.error),
+        skip_reason=skip_reason_to_proto(change.skip_reason),
+        group_id=change.group_id,
     )
 
 
@@ -114,4 +134,79 @@ def row_to_update(row: TaskRow, include_results: bool) -> task_pb2.TaskUpdate:
         time=timestamp(row.settle_time if settled else row.submit_time),
         result=(row.result or b"") if include_results and row.state == TaskState.SUCCEEDED else b"",
         error=error_to_proto(row.error) if settled else None,
+        skip_reason=skip_reason_to_proto(row.skip_reason) if row.state == TaskState.SKIPPED else 0,
+        group_id=row.group_id,
     )
+
+
+# ------------------------------------------------------------------------- groups
+
+
+def when_to_proto(when: WhenRow) -> task_pb2.WhenExpression:
+    return task_pb2.WhenExpression(input=when.input, operator=when.operator, values=when.values)
+
+
+def member_to_proto(member: GroupMember, task: task_pb2.Task | None = None) -> task_pb2.GroupTask:
+    return task_pb2.GroupTask(
+        name=member.name,
+        is_finally=member.is_finally,
+        run_after=member.run_after,
+        inputs=member.inputs,
+        when=[when_to_proto(w) for w in member.when],
+        task=task,
+    )
+
+
+def group_to_proto(
+    row: GroupRow,
+    state: GroupStateRow,
+    endpoint_name: str = "",
+    *,
+    tasks: Mapping[str, task_pb2.Task] | None = None,
+) -> task_pb2.Group:
+    """A group as a client sees it.
+
+    Args:
+        tasks: Each member's task by id; when given, the group carries its tasks (DAG
+            tasks in submission order, then finally tasks), as GetGroup answers.
+    """
+    group = task_pb2.Group(
+        group_id=row.group_id,
+        name=row.name,
+        endpoint_id=row.endpoint_id,
+        endpoint_name=endpoint_name,
+        owner=row.owner,
+        status=state.status._to_proto(),
+        pending=state.pending,
+        fail_fast=row.fail_fast,
+        timeout_seconds=row.timeout,
+        submit_time=timestamp(row.submit_time),
+        settle_time=timestamp(state.settle_time),
+        task_counts=dict(zip(TASK_STATUSES, state.counts, strict=True)),
+        # A listed row carries no members (the store leaves them behind): then 0.
+        finally_count=sum(m.is_finally for m in row.members),
+        cancel_mode=state.cancel_mode._to_proto() if state.cancel_mode is not None else 0,
+        timed_out=state.timed_out,
+    )
+    if tasks is not None:
+        group.tasks.extend(member_to_proto(m, tasks.get(m.task_id)) for m in row.members)
+    return group
+
+
+def _group_update(
+    group_id: str, status: GroupStatus, pending: bool, time: float | None
+) -> task_pb2.GroupUpdate:
+    return task_pb2.GroupUpdate(
+        group_id=group_id, status=status._to_proto(), pending=pending, time=timestamp(time)
+    )
+
+
+def group_change_to_proto(change: GroupChanged) -> task_pb2.GroupUpdate:
+    """A change of a group's status or pending flag, as pushed to watchers."""
+    return _group_update(change.group_id, change.status, change.pending, change.time)
+
+
+def group_row_to_update(row: GroupRow, state: GroupStateRow) -> task_pb2.GroupUpdate:
+    """The current status of a stored group, as the first message of a watch."""
+    time = row.submit_time if state.pending or state.settle_time is None else state.settle_time
+    return _group_update(row.group_id, state.status, state.pending, time)

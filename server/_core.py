@@ -12,16 +12,13 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
-from heartline._lru import LruCache
-from heartline._pacer import Pacer
-from heartline._states import PENDING_STATES
 from heartline.server._config import ServerConfig
-from heartline.server._convert import change_to_proto
+from heartline.server._convert import change_to_proto, group_change_to_proto
 from heartline.server._events import (
     CloseAgent,
     DispatchItem,
     Event,
+    GroupChanged,
     Instruction,
     NotifyWatchers,
     Persist,
@@ -32,9 +29,14 @@ from heartline.server._events import (
     Tick,
 )
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
-from heartline.server._scheduler import Scheduler, SchedulerConfig
 from heartline.server._requests import RequestMemo
+from heartline.server._scheduler import Scheduler, SchedulerConfig
 from heartline.server._store import Store, StoreClosedError
+
+from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
+from heartline._lru import LruCache
+from heartline._pacer import Pacer
+from heartline._states import PENDING_STATES
 from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
 
@@ -126,7 +128,7 @@ class AgentConnection:
         self.close_reason = reason
         self._pacer.urgent()
 
-    async def run_writer(self, write) -> None:  # noqa: ANN001 - grpc context.write
+    async def run_writer(self, write) -> None:
         """Send everything pushed, coalescing consecutive items of one kind per message."""
         while True:
             await self._pacer.wait()
@@ -148,12 +150,16 @@ class AgentConnection:
             if kind == "dispatch":
                 messages.append(
                     ep_pb2.ConnectResponse(
-                        dispatch=ep_pb2.DispatchBatch(dispatches=[await self._dispatch(i) for i in items])
+                        dispatch=ep_pb2.DispatchBatch(
+                            dispatches=[await self._dispatch(i) for i in items]
+                        )
                     )
                 )
             elif kind == "cancel":
                 messages.append(
-                    ep_pb2.ConnectResponse(cancel=ep_pb2.CancelBatch(task_ids=list(dict.fromkeys(items))))
+                    ep_pb2.ConnectResponse(
+                        cancel=ep_pb2.CancelBatch(task_ids=list(dict.fromkeys(items)))
+                    )
                 )
             else:
                 acks = [ep_pb2.Ack(task_id=tid, attempt=attempt) for tid, attempt in items]
@@ -171,7 +177,8 @@ class AgentConnection:
                 # over as a new stream would. The agent refuses the task if it lacks it.
                 log.warning(
                     "event=function-missing function_id=%s task_id=%s",
-                    item.function_id, item.task_id,
+                    item.function_id,
+                    item.task_id,
                 )
                 self._sent_functions.clear()
             else:
@@ -191,49 +198,80 @@ class Watcher:
     """One WatchTasks stream: what it wants, and the updates not yet sent."""
 
     def __init__(
-        self, task_ids: Iterable[str], session_id: str, settled_only: bool, include_results: bool
+        self,
+        task_ids: Iterable[str],
+        session_id: str,
+        settled_only: bool,
+        include_results: bool,
+        group_ids: Iterable[str] = (),
     ) -> None:
         self.task_ids = frozenset(task_ids)
         self.session_id = session_id
+        self.group_ids = frozenset(group_ids)
+        """Groups whose tasks' transitions and own status changes it gets."""
         self.settled_only = settled_only
+        """Only transitions that settle a task (a group's status changes all come)."""
         self.include_results = include_results
         self.pending: list[task_pb2.TaskUpdate] = []
+        self.pending_groups: list[task_pb2.GroupUpdate] = []
         self.wake = asyncio.Event()
 
-    def take(self) -> list[task_pb2.TaskUpdate]:
+    def take(self) -> tuple[list[task_pb2.TaskUpdate], list[task_pb2.GroupUpdate]]:
+        """The task updates and group updates not yet sent, each oldest first."""
         self.wake.clear()
         out, self.pending = self.pending, []
-        return out
+        groups, self.pending_groups = self.pending_groups, []
+        return out, groups
 
 
 class WatchRegistry:
+    """The open watches, indexed by what they watch: sessions, tasks and groups."""
+
     def __init__(self) -> None:
         self._by_session: dict[str, set[Watcher]] = {}
         self._by_task: dict[str, set[Watcher]] = {}
+        self._by_group: dict[str, set[Watcher]] = {}
+
+    def _keys(self, watcher: Watcher) -> list[tuple[str, dict[str, set[Watcher]]]]:
+        keys = [(tid, self._by_task) for tid in watcher.task_ids]
+        keys += [(gid, self._by_group) for gid in watcher.group_ids]
+        if watcher.session_id:
+            keys.append((watcher.session_id, self._by_session))
+        return keys
 
     def add(self, watcher: Watcher) -> None:
-        if watcher.session_id:
-            self._by_session.setdefault(watcher.session_id, set()).add(watcher)
-        for task_id in watcher.task_ids:
-            self._by_task.setdefault(task_id, set()).add(watcher)
+        for key, index in self._keys(watcher):
+            index.setdefault(key, set()).add(watcher)
 
     def remove(self, watcher: Watcher) -> None:
-        for key, index in [(watcher.session_id, self._by_session)] + [
-            (tid, self._by_task) for tid in watcher.task_ids
-        ]:
-            group = index.get(key)
-            if group is not None:
-                group.discard(watcher)
-                if not group:
+        for key, index in self._keys(watcher):
+            watchers = index.get(key)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
                     del index[key]
 
-    def publish(self, changes: Iterable[TaskChanged]) -> None:
-        if not self._by_session and not self._by_task:
+    def _targets(self, change: TaskChanged) -> set[Watcher] | None:
+        """The watchers of a transition: of its session, its task or its group."""
+        found: set[Watcher] | None = None
+        for key, index in (
+            (change.session_id, self._by_session),
+            (change.task_id, self._by_task),
+            (change.group_id, self._by_group),
+        ):
+            if key:
+                watchers = index.get(key)
+                if watchers:
+                    # Unions only when a transition has watchers two ways (rare).
+                    found = watchers if found is None else found | watchers
+        return found
+
+    def publish(self, changes: Iterable[TaskChanged], groups: Iterable[GroupChanged] = ()) -> None:
+        """Hand transitions and group changes to the watchers that want them."""
+        if not self._by_session and not self._by_task and not self._by_group:
             return
         for change in changes:
-            targets = self._by_session.get(change.session_id, set()) | self._by_task.get(
-                change.task_id, set()
-            )
+            targets = self._targets(change)
             if not targets:
                 continue
             settled = change.state not in PENDING_STATES
@@ -248,6 +286,13 @@ class WatchRegistry:
                     without_result = without_result or change_to_proto(change, False)
                     watcher.pending.append(without_result)
                 watcher.wake.set()
+        for group in groups:
+            watchers = self._by_group.get(group.group_id)
+            if watchers:
+                update = group_change_to_proto(group)
+                for watcher in watchers:
+                    watcher.pending_groups.append(update)
+                    watcher.wake.set()
 
 
 class ServerCore:
@@ -285,11 +330,18 @@ class ServerCore:
         rows = await self.store.load_unsettled()
         # Metrics count tasks by state from here on; only they need the settled ones.
         counts = await self.store.count_by_state() if self.config.metrics else None
-        persisted = self.execute(self.scheduler.restore(rows, time.time(), counts))
+        groups = await self.store.load_pending_groups()
+        # The results the waiting tasks take from tasks that settled before the restart.
+        held = {row.task_id for row in rows}
+        inputs = {i for row in rows for i in row.inputs if i not in held}
+        results = await self.store.load_results(sorted(inputs)) if inputs else {}
+        persisted = self.execute(
+            self.scheduler.restore(rows, time.time(), counts, groups=groups, results=results)
+        )
         if persisted is not None:
             await persisted
         if rows:
-            log.info("restored %d unsettled tasks", len(rows))
+            log.info("restored %d unsettled tasks, %d groups", len(rows), len(groups))
 
     def feed(self, *events: Event) -> asyncio.Future[None] | None:
         """Hand events to the scheduler and carry out its instructions.
@@ -379,7 +431,7 @@ class ServerCore:
             if isinstance(ins, SendAcks):
                 self._push(ins.agent_id, "ack", ins.acks)
             elif isinstance(ins, NotifyWatchers):
-                self.watchers.publish(ins.changes)
+                self.watchers.publish(ins.changes, ins.groups)
 
     def _push(self, agent_id: str, kind: str, items: tuple) -> None:
         conn = self.connections.get(agent_id)
@@ -388,7 +440,9 @@ class ServerCore:
 
     async def register_function(self, payload: bytes, function_id: str, owner: str) -> None:
         await asyncio.shield(
-            self._write(WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),)))
+            self._write(
+                WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),))
+            )
         )
         self.functions.remember(function_id, payload)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import math
 import re
@@ -12,69 +11,73 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 import grpc
-
-from heartline._serialize import function_id as hash_function
-from heartline._states import TaskState
-from heartline.server._convert import row_to_update, state_from_proto, task_to_proto
+from heartline.server._convert import row_to_update, state_from_proto, task_to_proto, timestamp
 from heartline.server._core import ServerCore, Watcher
 from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
+from heartline.server._group_service import GroupRpcs
 from heartline.server._model import PRIORITY_NORMAL, EndpointRow, RequestRow
 from heartline.server._requests import MAX_REQUEST_ID, RequestIdReused, digest
-from heartline.server._scheduler import COMMAND_WORDS, InvalidTransition, UnknownTasks
-from heartline.v1 import task_pb2, task_service_pb2 as pb, task_service_pb2_grpc
+from heartline.server._rpc import (
+    Abort,
+    check_ids,
+    decode_page_token,
+    encode_page_token,
+    is_id,
+    malformed_id,
+    page_limit,
+    refusing,
+)
+from heartline.server._scheduler import COMMAND_WORDS, InputsMoved, InvalidTransition, UnknownTasks
 
 from heartline._defaults import MAX_IDS, MAX_TASKS_PER_SUBMIT
+from heartline._serialize import function_id as hash_function
+from heartline._states import TaskState
+from heartline.v1 import task_pb2, task_service_pb2_grpc
+from heartline.v1 import task_service_pb2 as pb
 
 ANONYMOUS = "anonymous"
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_INPUT_ROUNDS = 5
+"""How often a submit reads input tasks that settled while it looked, before it gives up."""
 
 
-class Abort(Exception):
-    """A request refused with a status and a message a person can act on."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def refusing(method):  # noqa: ANN001, ANN201
-    """Turn an Abort raised by a handler into the gRPC status it names."""
-
-    async def wrapper(self, request, context):  # noqa: ANN001, ANN202
-        try:
-            return await method(self, request, context)
-        except Abort as err:
-            await context.abort(err.code, err.message)
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
-
-
-def check_ids(task_ids: Sequence[str], what: str = "task_ids") -> list[str]:
-    if not task_ids:
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is empty: name at least one task")
-    if len(task_ids) > MAX_IDS:
-        raise Abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{what} has {len(task_ids)} ids; at most {MAX_IDS}"
-        )
-    bad = [tid for tid in task_ids if not _UUID.match(tid)]
-    if bad:
-        raise Abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"malformed task id {bad[0]!r}: task ids are lowercase UUIDs "
-            f"like 8c2c0e0a-1b7e-4f5e-9a43-0d5c3a1f9b21",
-        )
-    return list(task_ids)
+def _inputs_kept_moving() -> Abort:
+    return Abort(
+        grpc.StatusCode.UNAVAILABLE,
+        "the input tasks kept settling while this request read them; send it again",
+    )
 
 
 def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
 
-class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+_GROUP_ONLY = {
+    "name": "submit the group with SubmitGroup",
+    "run_after": "outside a group, a task waits only for the tasks named in its inputs",
+    "when": "submit the group with SubmitGroup",
+}
+
+
+def _check_plain_task(index: int, spec: task_pb2.TaskSpec) -> None:
+    """Refuse the group fields of a task submitted outside a group, and malformed inputs."""
+    for field_name, hint in _GROUP_ONLY.items():
+        if getattr(spec, field_name):
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"task {index}: {field_name} is only for group tasks: {hint}",
+            )
+    if len(spec.inputs) > MAX_IDS:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"task {index}: inputs has {len(spec.inputs)} ids; at most {MAX_IDS}",
+        )
+    bad = next((value for value in spec.inputs if not is_id(value)), None)
+    if bad is not None:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: inputs: {malformed_id(bad)}")
+
+
+class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     def __init__(self, core: ServerCore) -> None:
         self.core = core
 
@@ -111,28 +114,46 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     f"unknown function {fid}: register it with RegisterFunction first",
                 )
 
-    def _new_task(self, index: int, spec: task_pb2.TaskSpec) -> NewTask:
+    def _new_task(
+        self,
+        label: str,
+        spec: task_pb2.TaskSpec,
+        *,
+        task_id: str | None = None,
+        inputs: tuple[str, ...] = (),
+    ) -> NewTask:
+        """A checked task of a submission.
+
+        Args:
+            label: How messages name it: "task 3" (its index), "task 'parse'" (its name).
+            task_id: Its id, when the caller made one; else a new one.
+            inputs: Ids of the tasks whose results it takes, in placeholder order.
+        """
         limit = self.core.config.max_payload
         if len(spec.args) > limit:
             raise Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"task {index}: its arguments are {_mib(len(spec.args))}, over the payload "
+                f"{label}: its arguments are {_mib(len(spec.args))}, over the payload "
                 f"limit of {_mib(limit)}",
             )
         if spec.priority not in (0, 1, 2, 3):
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: unknown priority {spec.priority}")
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{label}: unknown priority {spec.priority}"
+            )
         if spec.max_retries < 0:
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: max_retries is negative")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{label}: max_retries is negative")
         system = spec.max_system_retries if spec.HasField("max_system_retries") else 3
         if system < 0:
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {index}: max_system_retries is negative")
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{label}: max_system_retries is negative"
+            )
         if not math.isfinite(spec.walltime_seconds) or spec.walltime_seconds < 0:
             raise Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"task {index}: walltime_seconds must be a finite number >= 0",
+                f"{label}: walltime_seconds must be a finite number >= 0",
             )
         return NewTask(
-            task_id=str(uuid.uuid4()),
+            task_id=task_id or str(uuid.uuid4()),
             function_id=spec.function_id,
             args=spec.args,
             priority=spec.priority or PRIORITY_NORMAL,
@@ -140,6 +161,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             max_system_retries=system,
             walltime=spec.walltime_seconds,
             held=spec.held,
+            name=spec.name,
+            inputs=inputs,
         )
 
     async def _durable(self, future: asyncio.Future[None] | None) -> None:
@@ -149,7 +172,9 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 # whose callbacks carry the step's acks and watcher pushes.
                 await asyncio.shield(future)
             except Exception as exc:  # the store could not commit; the server stops (fail-stop)
-                raise Abort(grpc.StatusCode.UNAVAILABLE, f"the store could not commit: {exc}") from exc
+                raise Abort(
+                    grpc.StatusCode.UNAVAILABLE, f"the store could not commit: {exc}"
+                ) from exc
 
     async def _earlier(
         self, request_id: str, owner: str, method: str, parts: Iterable[bytes]
@@ -220,7 +245,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     # ---------------------------------------------------------------- RPCs
 
     @refusing
-    async def RegisterFunction(self, request, context):  # noqa: N802, ANN001
+    async def RegisterFunction(self, request, context):
         limit = self.core.config.max_payload
         if not request.function:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "function is empty")
@@ -239,38 +264,108 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         return pb.RegisterFunctionResponse(function_id=fid)
 
     @refusing
-    async def SubmitTasks(self, request, context):  # noqa: N802, ANN001
+    async def SubmitTasks(self, request, context):
         owner = self._owner(context)
         endpoint = self.resolve_endpoint(request.endpoint, owner)
         if not request.tasks:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "tasks is empty: submit at least one")
         if len(request.tasks) > MAX_TASKS_PER_SUBMIT:
             raise Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{len(request.tasks)} tasks in one request; at most {MAX_TASKS_PER_SUBMIT}",
             )
+        for i, spec in enumerate(request.tasks):
+            _check_plain_task(i, spec)
         await self._check_functions({spec.function_id for spec in request.tasks})
-        tasks = tuple(self._new_task(i, spec) for i, spec in enumerate(request.tasks))
+        tasks = tuple(
+            self._new_task(f"task {i}", spec, inputs=tuple(spec.inputs))
+            for i, spec in enumerate(request.tasks)
+        )
+        inputs = list(dict.fromkeys(tid for task in tasks for tid in task.inputs))
+        if len(inputs) > MAX_IDS:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the tasks take the results of {len(inputs)} tasks in all; at most {MAX_IDS}",
+            )
         parts = [endpoint.endpoint_id.encode()]
         if request.request_id:
             parts += [spec.SerializeToString(deterministic=True) for spec in request.tasks]
-        earlier, body = await self._earlier(request.request_id, owner, "SubmitTasks", parts)
-        if earlier is not None:
-            return pb.SubmitTasksResponse(task_ids=earlier.task_ids)
-        # No await from here to the feed: a concurrent copy finds this one remembered.
         ids = [t.task_id for t in tasks]
-        row = self._request_row(request.request_id, owner, "SubmitTasks", body, ids)
-        future = self.core.feed(
-            TasksSubmitted(
-                endpoint.endpoint_id, owner, tasks, request.session_id, time.time(), request=row
-            )
-        )
-        self._remember(row, future)
-        await self._durable(future)
-        return pb.SubmitTasksResponse(task_ids=ids)
+        settled: dict[str, tuple[TaskState, bytes | None]] = {}
+        for _ in range(_INPUT_ROUNDS):
+            await self._read_inputs(inputs, owner, settled)
+            earlier, body = await self._earlier(request.request_id, owner, "SubmitTasks", parts)
+            if earlier is not None:
+                return pb.SubmitTasksResponse(task_ids=earlier.task_ids)
+            # No await from here to the feed: a concurrent copy finds this one remembered.
+            if self._inputs_moved(inputs, settled):
+                continue
+            row = self._request_row(request.request_id, owner, "SubmitTasks", body, ids)
+            try:
+                future = self.core.feed(
+                    TasksSubmitted(
+                        endpoint.endpoint_id,
+                        owner,
+                        tasks,
+                        request.session_id,
+                        time.time(),
+                        request=row,
+                        settled_inputs=settled or None,
+                    )
+                )
+            except InputsMoved:  # checked just above; kept in case the scheduler's rule grows
+                continue
+            self._remember(row, future)
+            await self._durable(future)
+            return pb.SubmitTasksResponse(task_ids=ids)
+        raise _inputs_kept_moving()
+
+    def _inputs_moved(
+        self, task_ids: list[str], settled: dict[str, tuple[TaskState, bytes | None]]
+    ) -> bool:
+        """Some input settled and left the scheduler since it was looked at: the feed
+        would be refused (InputsMoved), so read it first. Called in the same loop
+        iteration as the feed, so nothing can move in between."""
+        held = self.core.scheduler.tasks
+        return any(tid not in held and tid not in settled for tid in task_ids)
+
+    async def _read_inputs(
+        self, task_ids: list[str], owner: str, settled: dict[str, tuple[TaskState, bytes | None]]
+    ) -> None:
+        """Check that the owner's input tasks exist; add to ``settled`` the state and result
+        of each one the scheduler no longer holds (it settled), read from the store.
+
+        Raises:
+            Abort: NOT_FOUND for an unknown task or another owner's (as if it did not
+                exist); FAILED_PRECONDITION for a succeeded one whose result was purged.
+        """
+        held = self.core.scheduler.tasks
+        missing = []
+        for tid in task_ids:
+            if tid in settled:
+                continue
+            task = held.get(tid)
+            if task is None:
+                missing.append(tid)
+            elif task.owner != owner:
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {tid}")
+        if not missing:
+            return
+        rows = await self.core.store.get_tasks(missing)
+        for tid in missing:
+            found = rows.get(tid)
+            if found is None or found[0].owner != owner:
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {tid}")
+            row = found[0]
+            if row.state == TaskState.SUCCEEDED and row.payload_purged:
+                raise Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"task {tid} cannot be an input: its result was purged after retention",
+                )
+            settled[tid] = (row.state, row.result)
 
     @refusing
-    async def GetTasks(self, request, context):  # noqa: N802, ANN001
+    async def GetTasks(self, request, context):
         ids = check_ids(request.task_ids)
         rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
         missing = [tid for tid in ids if tid not in rows]
@@ -278,7 +373,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         return pb.GetTasksResponse(tasks=[self._task(*rows[tid]) for tid in ids])
 
-    def _task(self, row, history=None, *, include_result: bool = True):  # noqa: ANN001, ANN202
+    def _task(self, row, history=None, *, include_result: bool = True):
         endpoint = self.core.endpoints.get(row.endpoint_id)
         return task_to_proto(
             row,
@@ -289,7 +384,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         )
 
     @refusing
-    async def ListTasks(self, request, context):  # noqa: N802, ANN001
+    async def ListTasks(self, request, context):
         owner = self._owner(context)
         states = []
         for value in request.states:
@@ -297,76 +392,111 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             if state is None:
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {value}")
             states.append(state)
-        endpoint_id = self.resolve_endpoint(request.endpoint, owner).endpoint_id if request.endpoint else None
-        if request.page_size < 0:
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size is negative")
-        limit = min(request.page_size or 100, 1000)
-        after = _decode_token(request.page_token) if request.page_token else None
+        endpoint_id = (
+            self.resolve_endpoint(request.endpoint, owner).endpoint_id if request.endpoint else None
+        )
+        limit = page_limit(request.page_size)
+        after = decode_page_token(request.page_token) if request.page_token else None
         rows = await self.core.store.list_tasks(
             states=states or None, endpoint_id=endpoint_id, limit=limit + 1, after=after
         )
         token = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            token = _encode_token(rows[-1].submit_time, rows[-1].task_id)
+            token = encode_page_token(rows[-1].submit_time, rows[-1].task_id)
         return pb.ListTasksResponse(
             tasks=[self._task(r, include_result=False) for r in rows], next_page_token=token
         )
 
-    async def WatchTasks(self, request, context):  # noqa: N802, ANN001
+    async def WatchTasks(self, request, context):
+        owner = self._owner(context)
         try:
             ids = check_ids(request.task_ids) if request.task_ids else []
-            if not ids and not request.session_id:
-                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "name task_ids or a session_id to watch")
+            group_ids = (
+                list(dict.fromkeys(check_ids(request.group_ids, "group_ids", "group")))
+                if request.group_ids
+                else []
+            )
+            if not ids and not group_ids and not request.session_id:
+                raise Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "name task_ids, group_ids or a session_id to watch",
+                )
         except Abort as err:
             await context.abort(err.code, err.message)
             return
-        watcher = Watcher(ids, request.session_id, request.settled_only, request.include_results)
+        watcher = Watcher(
+            ids, request.session_id, request.settled_only, request.include_results, group_ids
+        )
         # Register before reading the current states, so no transition falls in between
         # (a change may then arrive twice; watchers treat updates as idempotent).
         self.core.watchers.add(watcher)
         try:
-            rows = await self.core.store.get_tasks(ids) if ids else {}
-            missing = [tid for tid in ids if tid not in rows]
-            if missing:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
+            try:
+                groups = await self._watched_groups(group_ids, owner) if group_ids else []
+                rows = await self.core.store.get_tasks(ids) if ids else {}
+                missing = [tid for tid in ids if tid not in rows]
+                if missing:
+                    raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
+            except Abort as err:
+                await context.abort(err.code, err.message)
                 return
             first = [
                 row_to_update(rows[tid][0], request.include_results)
                 for tid in ids
                 if not request.settled_only or not rows[tid][0].state.pending
             ]
-            yield pb.WatchTasksResponse(updates=first)
+            yield pb.WatchTasksResponse(updates=first, groups=groups)
             while True:
                 await watcher.wake.wait()
-                updates = watcher.take()
-                if updates:
-                    yield pb.WatchTasksResponse(updates=updates)
+                updates, group_updates = watcher.take()
+                if updates or group_updates:
+                    yield pb.WatchTasksResponse(updates=updates, groups=group_updates)
         finally:
             self.core.watchers.remove(watcher)
 
     @refusing
-    async def CancelTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.CancelTasksResponse(updates=await self._command("cancel", request.task_ids, request.request_id, self._owner(context)))
+    async def CancelTasks(self, request, context):
+        return pb.CancelTasksResponse(
+            updates=await self._command(
+                "cancel", request.task_ids, request.request_id, self._owner(context)
+            )
+        )
 
     @refusing
-    async def HoldTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.HoldTasksResponse(updates=await self._command("hold", request.task_ids, request.request_id, self._owner(context)))
+    async def HoldTasks(self, request, context):
+        return pb.HoldTasksResponse(
+            updates=await self._command(
+                "hold", request.task_ids, request.request_id, self._owner(context)
+            )
+        )
 
     @refusing
-    async def ReleaseTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.ReleaseTasksResponse(updates=await self._command("release", request.task_ids, request.request_id, self._owner(context)))
+    async def ReleaseTasks(self, request, context):
+        return pb.ReleaseTasksResponse(
+            updates=await self._command(
+                "release", request.task_ids, request.request_id, self._owner(context)
+            )
+        )
 
     @refusing
-    async def RetryTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.RetryTasksResponse(updates=await self._command("retry", request.task_ids, request.request_id, self._owner(context)))
+    async def RetryTasks(self, request, context):
+        return pb.RetryTasksResponse(
+            updates=await self._command(
+                "retry", request.task_ids, request.request_id, self._owner(context)
+            )
+        )
 
     @refusing
-    async def GiveUpTasks(self, request, context):  # noqa: N802, ANN001
-        return pb.GiveUpTasksResponse(updates=await self._command("give-up", request.task_ids, request.request_id, self._owner(context)))
+    async def GiveUpTasks(self, request, context):
+        return pb.GiveUpTasksResponse(
+            updates=await self._command(
+                "give-up", request.task_ids, request.request_id, self._owner(context)
+            )
+        )
 
     @refusing
-    async def ResubmitTasks(self, request, context):  # noqa: N802, ANN001
+    async def ResubmitTasks(self, request, context):
         requested = check_ids(request.task_ids)
         ids = list(dict.fromkeys(requested))  # one new task per old one, named once
         rows = await self.core.store.get_tasks(ids)
@@ -389,49 +519,60 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 )
             by_endpoint.setdefault(row.endpoint_id, []).append(row)
         owner = self._owner(context)
+        # A task that took results takes the same ones again (SPEC section 4); a group
+        # task comes back as a plain task.
+        inputs = list(dict.fromkeys(i for tid in ids for i in rows[tid][0].inputs))
         parts = [" ".join(requested).encode()]
-        earlier, body = await self._earlier(request.request_id, owner, "ResubmitTasks", parts)
-        if earlier is not None:
-            return pb.ResubmitTasksResponse(task_ids=earlier.task_ids)
-        # No await from here to the feed (see server/_requests.py).
-        new_ids: dict[str, str] = {}
-        events = []
-        for endpoint_id, group in by_endpoint.items():
-            tasks = tuple(
-                NewTask(
-                    task_id=str(uuid.uuid4()),
-                    function_id=r.function_id,
-                    args=r.args,
-                    priority=r.priority,
-                    max_retries=r.max_retries,
-                    max_system_retries=r.max_system_retries,
-                    walltime=r.walltime,
+        settled: dict[str, tuple[TaskState, bytes | None]] = {}
+        for _ in range(_INPUT_ROUNDS):
+            await self._read_inputs(inputs, owner, settled)
+            earlier, body = await self._earlier(request.request_id, owner, "ResubmitTasks", parts)
+            if earlier is not None:
+                return pb.ResubmitTasksResponse(task_ids=earlier.task_ids)
+            # No await from here to the feed (see server/_requests.py).
+            if self._inputs_moved(inputs, settled):
+                continue
+            new_ids: dict[str, str] = {}
+            events = []
+            for endpoint_id, group in by_endpoint.items():
+                tasks = tuple(
+                    NewTask(
+                        task_id=str(uuid.uuid4()),
+                        function_id=r.function_id,
+                        args=r.args,
+                        priority=r.priority,
+                        max_retries=r.max_retries,
+                        max_system_retries=r.max_system_retries,
+                        walltime=r.walltime,
+                        inputs=r.inputs,
+                    )
+                    for r in group
                 )
-                for r in group
-            )
-            new_ids.update({r.task_id: t.task_id for r, t in zip(group, tasks, strict=True)})
-            events.append(
-                TasksSubmitted(
-                    endpoint_id,
-                    group[0].owner,
-                    tasks,
-                    request.session_id,
-                    time.time(),
-                    resubmitted_from=tuple(r.task_id for r in group),
+                new_ids.update({r.task_id: t.task_id for r, t in zip(group, tasks, strict=True)})
+                events.append(
+                    TasksSubmitted(
+                        endpoint_id,
+                        group[0].owner,
+                        tasks,
+                        request.session_id,
+                        time.time(),
+                        resubmitted_from=tuple(r.task_id for r in group),
+                        settled_inputs=settled or None,
+                    )
                 )
-            )
-        answer = [new_ids[tid] for tid in requested]
-        row = self._request_row(request.request_id, owner, "ResubmitTasks", body, answer)
-        if row is not None:
-            events[0] = dataclasses.replace(events[0], request=row)
-        # One step, so one store batch: all the new tasks and the request id, or none.
-        future = self.core.feed(*events)
-        self._remember(row, future)
-        await self._durable(future)
-        return pb.ResubmitTasksResponse(task_ids=answer)
+            answer = [new_ids[tid] for tid in requested]
+            row = self._request_row(request.request_id, owner, "ResubmitTasks", body, answer)
+            if row is not None:
+                events[0] = dataclasses.replace(events[0], request=row)
+            # One step, so one store batch: all the new tasks and the request id, or none.
+            future = self.core.feed(*events)
+            self._remember(row, future)
+            await self._durable(future)
+            return pb.ResubmitTasksResponse(task_ids=answer)
+        raise _inputs_kept_moving()
 
     @refusing
-    async def ListEndpoints(self, request, context):  # noqa: N802, ANN001
+    async def ListEndpoints(self, request, context):
         scheduler = self.core.scheduler
         out = []
         for row in sorted(self.core.endpoints.values(), key=lambda r: r.name):
@@ -446,20 +587,20 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                             agent_id=a.agent_id,
                             capacity=a.capacity,
                             in_flight=len(a.in_flight),
-                            last_heartbeat=_ts(a.last_seen),
+                            last_heartbeat=timestamp(a.last_seen),
                             version=a.version,
                             hostname=a.hostname,
                         )
                         for a in agents
                     ],
                     queued=scheduler.queued(row.endpoint_id),
-                    registered_time=_ts(row.register_time),
+                    registered_time=timestamp(row.register_time),
                 )
             )
         return pb.ListEndpointsResponse(endpoints=out)
 
     @refusing
-    async def GetStats(self, request, context):  # noqa: N802, ANN001
+    async def GetStats(self, request, context):
         counts = await self.core.store.count_by_state()
         scheduler = self.core.scheduler
         online = {a.endpoint_id for a in scheduler.agents.values()}
@@ -468,24 +609,5 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             endpoints_online=len(online),
             agents_online=len(scheduler.agents),
             transitions=scheduler.transitions_total,
-            start_time=_ts(self.core.start_time),
+            start_time=timestamp(self.core.start_time),
         )
-
-
-def _ts(seconds: float):  # noqa: ANN202
-    from heartline.server._convert import timestamp
-
-    return timestamp(seconds)
-
-
-def _encode_token(submit_time: float, task_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{submit_time!r}|{task_id}".encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[float, str]:
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-        when, task_id = text.split("|", 1)
-        return float(when), task_id
-    except Exception:
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed page_token {token!r}") from None
