@@ -191,6 +191,7 @@ class AgentConnection:
             function=function,
             args=item.args,
             walltime_seconds=item.walltime,
+            inputs=item.inputs,
         )
 
 
