@@ -143,6 +143,11 @@ def main() -> int:
             agent_args = ["endpoint", "start", "--name", "local", "--server", address, "--workers", str(opts.workers)]
             agent = _start(agent_args, env, home / "agent.log")
             _wait_for(lambda: "connected" in (home / "agent.log").read_text(), 30, "agent")
+            # An endpoint with no agent, for the time-to-stored figure: registered by an
+            # agent that then stops.
+            offline = _start(["endpoint", "start", "--name", "offline", "--server", address], env, home / "offline.log")
+            _wait_for(lambda: "connected" in (home / "offline.log").read_text(), 30, "offline agent")
+            _stop(offline)
             figures = asyncio.run(_measure(address, opts))
         finally:
             if agent is not None:
