@@ -11,7 +11,6 @@ from heartline import _defaults
 from heartline._figures import parse_address
 
 
-
 def _default_workers() -> int:
     return os.cpu_count() or 1
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path

@@ -20,7 +20,12 @@ from heartline.server._core import ServerCore
 from heartline.server._endpoint_service import EndpointServicer
 from heartline.server._store import SqliteStore, Store
 from heartline.server._task_service import ANONYMOUS, TaskServicer
-from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc, task_service_pb2, task_service_pb2_grpc
+from heartline.v1 import (
+    endpoint_service_pb2,
+    endpoint_service_pb2_grpc,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
 
 if TYPE_CHECKING:
     from heartline._metrics import MetricsServer

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from heartline._states import PENDING_STATES, GroupStatus, SkipReason, TaskState
 from heartline.server._events import GroupChanged, TaskChanged
 from heartline.server._groups import TASK_STATUSES
 from heartline.server._model import (
@@ -16,8 +18,6 @@ from heartline.server._model import (
     TransitionRow,
     WhenRow,
 )
-
-from heartline._states import PENDING_STATES, GroupStatus, SkipReason, TaskState
 from heartline.v1 import task_pb2
 
 _STATE_TO_PROTO = {s: s._to_proto() for s in TaskState}

@@ -12,6 +12,10 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
+from heartline._lru import LruCache
+from heartline._pacer import Pacer
+from heartline._states import PENDING_STATES
 from heartline.server._config import ServerConfig
 from heartline.server._convert import change_to_proto, group_change_to_proto
 from heartline.server._events import (
@@ -32,11 +36,6 @@ from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._requests import RequestMemo
 from heartline.server._scheduler import Scheduler, SchedulerConfig
 from heartline.server._store import Store, StoreClosedError
-
-from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
-from heartline._lru import LruCache
-from heartline._pacer import Pacer
-from heartline._states import PENDING_STATES
 from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
 

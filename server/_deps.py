@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
 from heartline.server._groups import (
     CANCELLED,
     FAILED,
@@ -27,8 +28,6 @@ from heartline.server._groups import (
     status_of,
 )
 from heartline.server._model import GroupRow, GroupStateRow
-
-from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
 
 __all__ = ["Dependencies", "GroupRecord", "group_task_of"]
 

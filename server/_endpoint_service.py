@@ -20,7 +20,8 @@ from heartline.server._events import (
     StatusReport,
 )
 from heartline.server._task_service import ANONYMOUS
-from heartline.v1 import endpoint_service_pb2 as pb, endpoint_service_pb2_grpc
+from heartline.v1 import endpoint_service_pb2 as pb
+from heartline.v1 import endpoint_service_pb2_grpc
 
 log = logging.getLogger("heartline.server")
 MAX_CAPACITY = 100_000

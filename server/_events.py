@@ -6,10 +6,9 @@ events it is fed, and its only output is the instructions it returns.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
-
-from collections.abc import Mapping
 
 from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
 from heartline.server._model import ErrorInfo, GroupMember, RequestRow, TaskRow, WriteBatch

@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import grpc
+
+from heartline._defaults import MAX_GROUP_NAME, MAX_TASKS_PER_SUBMIT
+from heartline._states import CancelMode
 from heartline.server._convert import group_row_to_update, group_to_proto
 from heartline.server._events import GroupCommanded, NewGroup, NewTask, TasksSubmitted
 from heartline.server._groups import GroupError, GroupTask, When, validate
@@ -29,9 +32,6 @@ from heartline.server._rpc import (
     refusing,
 )
 from heartline.server._scheduler import UnknownGroup
-
-from heartline._defaults import MAX_GROUP_NAME, MAX_TASKS_PER_SUBMIT
-from heartline._states import CancelMode
 from heartline.v1 import task_pb2
 from heartline.v1 import task_service_pb2 as pb
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from heartline._states import ON_AGENT_STATES, PENDING_STATES, CancelMode, SkipReason, TaskState
 from heartline.server._deps import Dependencies, GroupRecord
 from heartline.server._events import GroupCommanded
 from heartline.server._groups import FAILED, next_step, status_of
 from heartline.server._lifecycle import UnknownGroup
 from heartline.server._model import FAILURE_SERIALIZATION, ErrorInfo, TaskRecord
-
-from heartline._states import ON_AGENT_STATES, PENDING_STATES, CancelMode, SkipReason, TaskState
 
 if TYPE_CHECKING:
     from heartline.server._scheduler import SchedulerConfig, _Step

@@ -18,9 +18,8 @@ import enum
 from collections.abc import Callable
 from typing import NamedTuple
 
-from heartline.server._model import ErrorInfo, Standing, TaskRecord
-
 from heartline._states import ON_AGENT_STATES, PENDING_STATES, SkipReason, TaskState
+from heartline.server._model import ErrorInfo, Standing, TaskRecord
 
 S = TaskState
 

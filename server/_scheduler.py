@@ -19,6 +19,9 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from heartline import _defaults
+from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
+from heartline._states import ON_AGENT_STATES, PENDING_STATES, SkipReason, TaskState
 from heartline.server._deps import Dependencies, GroupRecord
 from heartline.server._dispatch import AgentState, Dispatcher, EndpointQueue
 from heartline.server._events import (
@@ -72,10 +75,6 @@ from heartline.server._model import (
     TransitionRow,
     WriteBatch,
 )
-
-from heartline import _defaults
-from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
-from heartline._states import ON_AGENT_STATES, PENDING_STATES, SkipReason, TaskState
 
 __all__ = [
     "COMMANDS",

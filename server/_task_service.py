@@ -11,6 +11,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 import grpc
+
+from heartline._defaults import MAX_IDS, MAX_TASKS_PER_SUBMIT
+from heartline._serialize import function_id as hash_function
+from heartline._states import TaskState
 from heartline.server._convert import row_to_update, state_from_proto, task_to_proto, timestamp
 from heartline.server._core import ServerCore, Watcher
 from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
@@ -28,10 +32,6 @@ from heartline.server._rpc import (
     refusing,
 )
 from heartline.server._scheduler import COMMAND_WORDS, InputsMoved, InvalidTransition, UnknownTasks
-
-from heartline._defaults import MAX_IDS, MAX_TASKS_PER_SUBMIT
-from heartline._serialize import function_id as hash_function
-from heartline._states import TaskState
 from heartline.v1 import task_pb2, task_service_pb2_grpc
 from heartline.v1 import task_service_pb2 as pb
 

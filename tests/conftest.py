@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from heartline.server._scheduler import Scheduler
-from heartline.server._store import SqliteStore
 
 from heartline import Client
 from heartline._watchdog import watch_loop
+from heartline.server._scheduler import Scheduler
+from heartline.server._store import SqliteStore
 from tests.helpers import (
     PROCESSES,
     Proc,

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
-from heartline.client import GroupInfo
 
 from heartline import Client, Group
 from heartline._cli import main
 from heartline._cli_ops import group_counts_text, group_tree
+from heartline.client import GroupInfo
 from heartline.v1 import task_pb2
 from tests.helpers import FakeServer, serve_fake
 

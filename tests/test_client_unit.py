@@ -20,6 +20,10 @@ from collections.abc import Iterator
 import cloudpickle
 import grpc
 import pytest
+
+import heartline
+from heartline import TaskState
+from heartline._errors import rpc_error_from_grpc
 from heartline.client import AsyncClient, Client, Executor
 from heartline.client._base import (
     MAX_BATCH_BYTES,
@@ -40,10 +44,6 @@ from heartline.client._types import (
     TaskError,
     TaskUpdate,
 )
-
-import heartline
-from heartline import TaskState
-from heartline._errors import rpc_error_from_grpc
 from heartline.v1 import task_pb2, task_service_pb2
 from tests.helpers import FakeServer, serve_fake, wait_until, wait_until_sync
 

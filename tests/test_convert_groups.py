@@ -5,6 +5,8 @@ how the watch registry routes group tasks' transitions and group changes
 from __future__ import annotations
 
 import pytest
+
+from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
 from heartline.server._convert import (
     change_to_proto,
     group_change_to_proto,
@@ -17,8 +19,6 @@ from heartline.server._core import Watcher, WatchRegistry
 from heartline.server._events import GroupChanged, TaskChanged
 from heartline.server._model import GroupMember, GroupRow, GroupStateRow, TaskRow, WhenRow
 from heartline.server._rpc import Abort, check_group_id, decode_page_token, encode_page_token
-
-from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
 from heartline.v1 import task_pb2
 
 GID = "8c2c0e0a-1b7e-4f5e-9a43-0d5c3a1f9b21"

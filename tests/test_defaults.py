@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+from heartline import _defaults
+from heartline._cli import main
 from heartline.client._base import MAX_IDS as CLIENT_MAX_IDS
 from heartline.client._base import resolve_address, resolve_metadata
 from heartline.endpoint import AgentConfig
 from heartline.server import ServerConfig
 from heartline.server._scheduler import SchedulerConfig
 from heartline.server._task_service import MAX_IDS as SERVER_MAX_IDS
-
-from heartline import _defaults
-from heartline._cli import main
 
 
 def test_server_agent_client_and_cli_share_the_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,8 +1,7 @@
 """The public names are pinned: a change here is a change of the public API."""
 
-import heartline.client
-
 import heartline
+import heartline.client
 
 
 def test_heartline_exported_members():

@@ -16,9 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from heartline.client import When
-from heartline.client._base import ClientBase, outcome_of_update
-from heartline.client._types import Task
 
 import heartline
 from heartline import (
@@ -35,6 +32,9 @@ from heartline import (
     TaskState,
 )
 from heartline._serialize import TaskInput
+from heartline.client import When
+from heartline.client._base import ClientBase, outcome_of_update
+from heartline.client._types import Task
 from heartline.v1 import task_pb2
 from tests.helpers import FakeServer, serve_fake, wait_until, wait_until_sync
 

@@ -4,6 +4,10 @@ its parents settled, and the aggregate status kept by counts."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from heartline._states import TaskState
 from heartline.server._groups import (
     CANCELLED,
     COMPLETED,
@@ -23,10 +27,6 @@ from heartline.server._groups import (
     status_of,
     validate,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-from heartline._states import TaskState
 
 
 def t(name: str, *, after=(), inputs=(), when=(), final=False) -> GroupTask:  # noqa: ANN001

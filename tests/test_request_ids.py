@@ -13,14 +13,14 @@ from pathlib import Path
 import cloudpickle
 import grpc
 import pytest
-from heartline.server._events import NewTask, Persist, TasksCommanded, TasksSubmitted
-from heartline.server._model import RequestRow, WriteBatch
-from heartline.server._scheduler import Scheduler
-from heartline.server._store import SqliteStore
 
 import heartline
 from heartline import Client, Executor, TaskState
 from heartline._serialize import dumps_args, dumps_function, function_id
+from heartline.server._events import NewTask, Persist, TasksCommanded, TasksSubmitted
+from heartline.server._model import RequestRow, WriteBatch
+from heartline.server._scheduler import Scheduler
+from heartline.server._store import SqliteStore
 from heartline.v1 import task_pb2, task_service_pb2_grpc
 from heartline.v1 import task_service_pb2 as pb
 from tests.conftest import ServerProc, launch_agent, launch_server, relaunch_server

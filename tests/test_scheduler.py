@@ -11,6 +11,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+
+from heartline._states import TaskState
 from heartline.server._events import (
     AgentLost,
     AgentSeen,
@@ -40,8 +42,6 @@ from heartline.server._scheduler import (
     Scheduler,
     UnknownTasks,
 )
-
-from heartline._states import TaskState
 from tests.scheduler_kit import (
     EP,
     OTHER_EP,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-
 from heartline._states import TaskState
 from heartline.server._model import FunctionRow, TaskRow, TransitionRow, WriteBatch
 from heartline.server._store import SqliteStore
