@@ -217,9 +217,18 @@ class Scheduler(GroupSteps):
         for event in events:
             self._now = event.time
             self._handlers[type(event)](self, event)
-        self._settle_dependants()
-        for endpoint_id in sorted(self._step.endpoints):
-            self._dispatch(endpoint_id)
+        step = self._step
+        while True:
+            self._settle_dependants()
+            for endpoint_id in sorted(step.endpoints):
+                self._dispatch(endpoint_id)
+                if step.settled:
+                    break
+            # A task that errors at dispatch (its inputs refused, its lost attempts used
+            # up) settles: its dependants and group move (a fail_fast group stops) before
+            # anything more is dispatched.
+            if not step.settled:
+                break
         self._dispatched_to = set(self._step.dispatches)
         instructions = self._finish_step()
         if self.config.validate:
@@ -651,12 +660,16 @@ class Scheduler(GroupSteps):
                     FAILURE_ENDPOINT_LOST,
                 )
                 self._transition(task, S.ERRORED, "endpoint-lost", now, error=error)
+                if step.settled:
+                    return  # its dependants and group move first (handle() dispatches again)
                 continue
             inputs: tuple[bytes, ...] = ()
             if task.inputs:
                 inputs, error = self._inputs_of(task)
                 if error is not None:
                     self._transition(task, S.ERRORED, "inputs-refused", now, error=error)
+                    if step.settled:
+                        return  # as above: a fail_fast group stops before more start
                     continue
             self._transition(task, S.DISPATCHED, "dispatch", now, agent=agent)
             self.dispatch_latency.observe(now - task.submit_time)
@@ -800,10 +813,14 @@ class Scheduler(GroupSteps):
         )
         if batch:
             out.append(Persist(batch))
-        for agent_id, items in step.dispatches.items():
-            out.append(SendDispatches(agent_id, tuple(items)))
+        # Cancels before dispatches: a cancel always concerns an attempt older than any
+        # dispatch of the same step, and the agent cancels by task id, so the other
+        # order would end the attempt just sent (a reconnecting agent that claims an old
+        # attempt of a task that is dispatched to it again).
         for agent_id, task_ids in step.cancels.items():
             out.append(SendCancels(agent_id, tuple(dict.fromkeys(task_ids))))
+        for agent_id, items in step.dispatches.items():
+            out.append(SendDispatches(agent_id, tuple(items)))
         out.extend(step.closes)
         for agent_id, acks in step.acks.items():
             out.append(SendAcks(agent_id, tuple(acks)))

@@ -681,8 +681,8 @@ def test_reconnect_reclaims_held_tasks_and_dispatches_the_rest_again(sched: Sche
                 tr("t3", S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 3.0, attempt=2),
             ),
         ),
-        SendDispatches("A", (item("t3", 2),)),
         SendCancels("A", ("ghost",)),
+        SendDispatches("A", (item("t3", 2),)),
         NotifyWatchers(
             (
                 changed("t1", S.RUNNING, "agent-reconnected", 3.0),
@@ -937,8 +937,8 @@ def test_cancel_of_a_running_task_kills_it_on_its_agent_and_frees_the_credit(
                 tr("t2", S.WAITING_FOR_EP, S.DISPATCHED, "dispatch", 3.0),
             ),
         ),
-        SendDispatches("A", (item("t2"),)),
         SendCancels("A", ("t1",)),
+        SendDispatches("A", (item("t2"),)),
         NotifyWatchers(
             (
                 changed("t1", S.CANCELLED, "cancel", 3.0),
