@@ -47,7 +47,7 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
     )
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -91,11 +91,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def _measure(address: str, n: int, batch: int, rtt_count: int) -> dict[str, float]:
+async def _measure(
+    address: str, n: int, batch: int, rtt_count: int, token: str | None = None
+) -> dict[str, float]:
     from heartline import AsyncClient
 
     cpu0 = time.process_time()
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, token=token) as client:
         # Warm up: function registration, the watch stream, worker imports.
         warm = await client.submit_batch("local", [(noop, (i,), {}) for i in range(200)])
         await asyncio.gather(*(client.get_result(t, timeout=60) for t in warm))
@@ -167,6 +169,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50591, help="loopback port for the server")
     parser.add_argument("--metrics", action="store_true", help="serve and scrape metrics")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds per scrape")
+    parser.add_argument("--no-auth", action="store_true", help="server --insecure-no-auth")
     opts = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="heartline-bench-") as tmp:
@@ -177,6 +180,8 @@ def main() -> int:
         server_args = ["server", "--listen", address, "--db", str(home / "heartline.db")]
         if metrics:
             server_args += ["--metrics", metrics[0]]
+        if opts.no_auth:
+            server_args += ["--insecure-no-auth"]
         server = _start(server_args, env, home / "server.log")
         agent = None
         try:
@@ -193,7 +198,9 @@ def main() -> int:
             before = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
             urls = [f"http://{m}/metrics" for m in metrics]
             with _Scraper(urls, opts.scrape_interval) as scraper:
-                figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt))
+                # The admin token the server's first start wrote (none without auth).
+                token = None if opts.no_auth else (home / "token").read_text().strip()
+                figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt, token))
             if metrics:
                 figures["scrapes"] = scraper.scrapes
             after = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
@@ -212,6 +219,7 @@ def main() -> int:
                 "workers": opts.workers,
                 "durable_store": True,
                 "metrics": opts.metrics,
+                "auth": not opts.no_auth,
                 **figures,
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),

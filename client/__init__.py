@@ -1,6 +1,7 @@
 """The heartline client: ``Client`` (blocking), ``AsyncClient`` (asyncio) and ``Executor``
 (``concurrent.futures``), plus the value types they return."""
 
+from ._admin import TokenInfo
 from ._async import AsyncClient
 from ._base import SubmitOptions
 from ._executor import Executor, TaskFuture
@@ -37,5 +38,6 @@ __all__ = [
     "TaskRef",
     "TaskTransition",
     "TaskUpdate",
+    "TokenInfo",
     "When",
 ]

@@ -36,11 +36,14 @@ from heartline._errors import (
     RPCError,
     TimeoutError,
     rpc_error_from_grpc,
+    tls_failure,
     unreachable_message,
 )
 from heartline._states import CancelMode, TaskState
+from heartline._tls import TLS, channel_credentials
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
+from ._admin import AdminCalls
 from ._base import (
     MAX_IDS,
     MAX_KEPT_BYTES,
@@ -100,15 +103,22 @@ def _backoff(attempt: int) -> float:
     return min(0.05 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(AdminCalls, ClientBase):
     """Submit and control tasks from asyncio code.
 
     Args:
         address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
             ``127.0.0.1:50051``.
-        token: bearer token; default ``$HEARTLINE_TOKEN``.
+        token: bearer token; default ``$HEARTLINE_TOKEN``, else the token file
+            ``$HEARTLINE_HOME/token`` (the server's first start writes it).
+        tls: connect over TLS (see :class:`~heartline.TLS`; ``True`` trusts the system's
+            CAs, ``False`` is plaintext); default from ``$HEARTLINE_TLS_CA`` (and
+            ``$HEARTLINE_TLS_CERT``, ``$HEARTLINE_TLS_KEY``), else plaintext.
 
     Use as ``async with AsyncClient() as client:`` or call :meth:`close`.
+
+    Raises:
+        HeartlineError: a TLS file is missing, unreadable or not PEM (the message names it).
     """
 
     def __init__(
@@ -117,8 +127,11 @@ class AsyncClient(ClientBase):
         *,
         token: str | None = None,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
+        tls: TLS | bool | None = None,
     ) -> None:
-        super().__init__(address, token=token, retry_timeout=retry_timeout)
+        super().__init__(address, token=token, retry_timeout=retry_timeout, tls=tls)
+        # Read now, so a bad file is said at once rather than at the first call.
+        self._credentials = channel_credentials(self.tls)
         self._state = ClientState.UNOPENED
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
@@ -164,7 +177,12 @@ class AsyncClient(ClientBase):
             return self._stub
         if self._state is ClientState.CLOSED:
             raise HeartlineError("the client is closed")
-        self._channel = grpc.aio.insecure_channel(self.address, options=channel_options())
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=channel_options())
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.address, self._credentials, options=channel_options()
+            )
         self._stub = task_service_pb2_grpc.TaskServiceStub(self._channel)
         self._watch_lock = asyncio.Lock()
         self._submit_limit = asyncio.Semaphore(_MAX_SUBMITS_IN_FLIGHT)
@@ -181,15 +199,20 @@ class AsyncClient(ClientBase):
             try:
                 return await getattr(stub, name)(request, metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
-                raise rpc_error_from_grpc(err, self.address) from err
+                raise self._rpc_error(err) from err
 
         return await self._retrying(call)
+
+    def _rpc_error(self, err: grpc.RpcError) -> RPCError:
+        """``err`` as a heartline error, in plain words if the server can't be reached."""
+        return rpc_error_from_grpc(err, self.address, tls=self.tls is not None)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call()``, again with jittered backoff while the server is away, for up
         to ``retry_timeout`` seconds. A client that never reached its server gives up at
         once when nothing answers at the address: that is a wrong address or a server not
-        started, which waiting would only hide."""
+        started, which waiting would only hide. A failed TLS handshake (the server's
+        certificate not trusted) is given up at once, always."""
         attempt = 0
         deadline: float | None = None
         while True:
@@ -200,6 +223,8 @@ class AsyncClient(ClientBase):
                     raise
                 if not self._reached and unreachable_message(self.address, err.details):
                     raise
+                if tls_failure(err.details):
+                    raise  # a certificate that is not trusted stays so
                 now = asyncio.get_running_loop().time()
                 if deadline is None:
                     deadline = now + self.retry_timeout
@@ -487,7 +512,7 @@ class AsyncClient(ClientBase):
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
-                error = rpc_error_from_grpc(err, self.address)
+                error = self._rpc_error(err)
                 if err.code() in _FATAL_WATCH_CODES and named:
                     self._fail_waiters(error, self._waiting(named))
                 raise error from err
@@ -597,8 +622,8 @@ class AsyncClient(ClientBase):
                     if not left:
                         return
             except grpc.aio.AioRpcError as err:
-                if err.code() in _FATAL_WATCH_CODES:
-                    self._fail_waiters(rpc_error_from_grpc(err, self.address), waiting)
+                if err.code() in _FATAL_WATCH_CODES or tls_failure(err.details() or ""):
+                    self._fail_waiters(self._rpc_error(err), waiting)
                     return
             finally:
                 call.cancel()
@@ -690,12 +715,14 @@ class AsyncClient(ClientBase):
         return (await self.get_tasks([task_id], history=history))[0]
 
     async def get_tasks(self, task_ids: Iterable[str], *, history: bool = False) -> list[Task]:
-        """Read tasks by id, in the order given."""
+        """Read tasks by id, in the order given (a repeated id gives the same task again)."""
+        ids = self._ids_request(task_ids)
         request = task_service_pb2.GetTasksRequest(
-            task_ids=self._ids_request(task_ids), include_history=history
+            task_ids=list(dict.fromkeys(ids)), include_history=history
         )
         response = await self._unary("GetTasks", request)
-        return [Task._from_proto(t) for t in response.tasks]
+        by_id = {t.task_id: Task._from_proto(t) for t in response.tasks}
+        return [by_id[i] for i in ids]
 
     async def list_tasks(
         self,
@@ -857,9 +884,11 @@ class AsyncClient(ClientBase):
                         if update.group_id == group_id and not update.pending:
                             return
             except grpc.aio.AioRpcError as err:
-                error = rpc_error_from_grpc(err, self.address)
-                if err.code() in _FATAL_WATCH_CODES or (
-                    not self._reached and unreachable_message(self.address, error.details)
+                error = self._rpc_error(err)
+                if (
+                    err.code() in _FATAL_WATCH_CODES
+                    or tls_failure(error.details)
+                    or (not self._reached and unreachable_message(self.address, error.details))
                 ):
                     raise error from err
             finally:

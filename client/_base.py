@@ -25,6 +25,8 @@ from heartline.v1 import task_pb2, task_service_pb2
 from ._types import Priority, TaskError, settled_outcome
 
 if TYPE_CHECKING:
+    from heartline._tls import TLS
+
     from ._groups import Group, _Member
 
 MAX_BATCH_TASKS = 1000
@@ -56,7 +58,8 @@ def resolve_address(address: str | None) -> str:
 
 
 def resolve_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    """Call metadata carrying the bearer token (argument, else ``$HEARTLINE_TOKEN``)."""
+    """Call metadata carrying the bearer token (argument, else ``$HEARTLINE_TOKEN``, else
+    the file ``$HEARTLINE_HOME/token``)."""
     return _defaults.bearer_metadata(_defaults.token(token))
 
 
@@ -211,9 +214,12 @@ class ClientBase:
         *,
         token: str | None = None,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
+        tls: TLS | bool | None = None,
     ) -> None:
         self.address = resolve_address(address)
         """The server's ``host:port``."""
+        self.tls = _defaults.tls(tls)
+        """How the client reaches the server: a :class:`~heartline.TLS`, or None (plaintext)."""
         if (
             isinstance(retry_timeout, bool)
             or not isinstance(retry_timeout, (int, float))

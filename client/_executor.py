@@ -29,6 +29,7 @@ from typing import Any
 from heartline import _defaults
 from heartline._errors import HeartlineError, TaskSkippedError
 from heartline._states import SkipReason
+from heartline._tls import TLS
 from heartline.v1 import task_pb2
 
 from ._base import (
@@ -103,12 +104,14 @@ class Executor(concurrent.futures.Executor):
     Args:
         endpoint: endpoint name or id.
         address: server ``host:port``; default ``$HEARTLINE_ADDRESS`` or ``127.0.0.1:50051``.
-        token: bearer token; default ``$HEARTLINE_TOKEN``.
+        token: bearer token; default ``$HEARTLINE_TOKEN``, else the token file
+            ``$HEARTLINE_HOME/token`` (the server's first start writes it).
         client: an existing Client to use (not closed on shutdown) instead of a new one.
         priority, max_retries, max_system_retries, walltime, held: submit options applied
             to every task (see :meth:`AsyncClient.submit`).
         retry_timeout: seconds a call keeps trying while the server is away (see
             :class:`Client`); futures survive a server restart within it.
+        tls: how to reach the server over TLS (see :class:`Client`).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class Executor(concurrent.futures.Executor):
         walltime: float | None = None,
         held: bool = False,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
+        tls: TLS | bool | None = None,
     ) -> None:
         _check_endpoint(endpoint)
         self.endpoint = endpoint
@@ -138,7 +142,7 @@ class Executor(concurrent.futures.Executor):
         self.client = (
             client
             if client is not None
-            else Client(address, token=token, retry_timeout=retry_timeout)
+            else Client(address, token=token, retry_timeout=retry_timeout, tls=tls)
         )
         self._async = self.client._async
         self._loop = self.client._loop

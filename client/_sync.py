@@ -13,7 +13,9 @@ from typing import Any, Self, TypeVar
 
 from heartline import _defaults
 from heartline._states import CancelMode, TaskState
+from heartline._tls import TLS
 
+from ._admin import TokenInfo
 from ._async import AsyncClient
 from ._base import Call
 from ._groups import Group, GroupInfo
@@ -28,10 +30,15 @@ class Client:
     Args:
         address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
             ``127.0.0.1:50051``.
-        token: bearer token; default ``$HEARTLINE_TOKEN``.
+        token: bearer token; default ``$HEARTLINE_TOKEN``, else the token file
+            ``$HEARTLINE_HOME/token`` (the server's first start writes it).
         retry_timeout: seconds a call keeps trying while the server it reached is away
             (e.g. restarting); submits and commands carry request ids, so a repeat is
             never applied twice.
+        tls: connect over TLS, e.g. ``TLS(ca="ca.pem")`` (see :class:`~heartline.TLS`;
+            ``True`` trusts the system's CAs, ``False`` is plaintext); default from
+            ``$HEARTLINE_TLS_CA`` (and ``$HEARTLINE_TLS_CERT``, ``$HEARTLINE_TLS_KEY``),
+            else plaintext.
 
     Use as ``with Client() as hc:`` or call :meth:`close`. Thread-safe.
     """
@@ -42,8 +49,9 @@ class Client:
         *,
         token: str | None = None,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
+        tls: TLS | bool | None = None,
     ) -> None:
-        self._async = AsyncClient(address, token=token, retry_timeout=retry_timeout)
+        self._async = AsyncClient(address, token=token, retry_timeout=retry_timeout, tls=tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="heartline-client", daemon=True
@@ -55,6 +63,11 @@ class Client:
     def address(self) -> str:
         """The server's ``host:port``."""
         return self._async.address
+
+    @property
+    def tls(self) -> TLS | None:
+        """How the client reaches the server: a TLS, or None (plaintext)."""
+        return self._async.tls
 
     @property
     def retry_timeout(self) -> float:
@@ -218,3 +231,19 @@ class Client:
     def cancel_group(self, group_id: str, mode: str | CancelMode = "cancel") -> GroupInfo:
         """Cancel or stop a group; see :meth:`AsyncClient.cancel_group`."""
         return self._run(self._async.cancel_group(group_id, mode))
+
+    def create_token(self, user: str, *, endpoint: str | None = None) -> tuple[str, TokenInfo]:
+        """Create a token for ``user``; see :meth:`AsyncClient.create_token`."""
+        return self._run(self._async.create_token(user, endpoint=endpoint))
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Tokens, oldest first: everyone's for an admin, else yours."""
+        return self._run(self._async.list_tokens())
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        """Revoke a token: its calls and open streams end."""
+        return self._run(self._async.revoke_token(token_id))
+
+    def share_endpoint(self, endpoint: str, user: str) -> list[str]:
+        """Let ``user`` submit to ``endpoint``; return every user it is shared with."""
+        return self._run(self._async.share_endpoint(endpoint, user))

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING
 import grpc
 
 from heartline import _defaults
-from heartline._errors import HeartlineError, rpc_error_from_grpc
+from heartline._errors import HeartlineError, rpc_error_from_grpc, tls_failure
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
 from heartline._states import TaskState
+from heartline._tls import channel_credentials, describe
 from heartline._watchdog import watch_loop
 from heartline.endpoint._config import AgentConfig, Identity
 from heartline.endpoint._outbox import Outbox
@@ -132,6 +133,8 @@ class Agent:
         # Terminal reports made, by wire state (metrics).
         self._finished: dict[int, int] = {}
         self._metrics: MetricsServer | None = None
+        # The channel's TLS credentials, read from config.tls's files when run() starts.
+        self._credentials: grpc.ChannelCredentials | None = None
 
     @property
     def agent_id(self) -> str:
@@ -188,11 +191,18 @@ class Agent:
             ready: Set each time the server welcomes the agent.
 
         Raises:
-            HeartlineError: The server refused the agent's credentials, or the metrics
-                address (``config.metrics``) cannot be bound.
+            HeartlineError: The server refused the agent's credentials, its TLS
+                certificate is not trusted, a TLS file of ``config.tls`` can't be read,
+                or the metrics address (``config.metrics``) cannot be bound.
         """
         if self._state is not AgentState.NEW:
             raise RuntimeError(f"an agent runs once; this one is {self._state.value}")
+        try:
+            self._credentials = channel_credentials(self._config.tls)
+        except HeartlineError:
+            self._state = AgentState.STOPPED
+            self._stopped.set()
+            raise
         self._start_metrics()
         self._state = AgentState.CONNECTING
         self._unacked.update(self._disk.open())
@@ -255,17 +265,19 @@ class Agent:
             except _Reregister:
                 continue
             except grpc.aio.AioRpcError as err:
-                if err.code() in _FATAL_CODES:
-                    self._fatal = rpc_error_from_grpc(err)
+                # A server certificate not trusted (or for another host, or no TLS at all)
+                # stays so: like a refused token, waiting will not fix it.
+                if err.code() in _FATAL_CODES or tls_failure(err.details() or ""):
+                    self._fatal = rpc_error_from_grpc(err, self._config.server, tls=self._uses_tls)
                     logger.error(
                         "event=refused server=%s error=%s", self._config.server, self._fatal
                     )
                     self._stop_requested.set()
                     return
-                reason = str(rpc_error_from_grpc(err, self._config.server))
+                reason = str(rpc_error_from_grpc(err, self._config.server, tls=self._uses_tls))
             except _StreamLost as exc:
                 reason = str(exc)
-            except Exception as exc:  # noqa: BLE001 - a bug must not end the agent
+            except Exception as exc:
                 logger.exception("event=stream-error server=%s", self._config.server)
                 reason = repr(exc)
             was_connected = self._state is AgentState.CONNECTED
@@ -287,7 +299,19 @@ class Agent:
             await asyncio.sleep(delay)
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
-        return _defaults.bearer_metadata(self._config.token)
+        # Resolved again at each (re)connect: a token given as None still finds the
+        # token file a server wrote since (`heartline up` starts its agent that way).
+        return _defaults.bearer_metadata(_defaults.token(self._config.token))
+
+    @property
+    def _uses_tls(self) -> bool:
+        return self._config.tls is not None
+
+    def _channel(self) -> grpc.aio.Channel:
+        server = self._config.server
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(server, options=_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(server, self._credentials, options=_CHANNEL_OPTIONS)
 
     async def _register(self, stub: pb_grpc.EndpointServiceStub) -> tuple[Identity, bool]:
         """The endpoint's identity, and whether it was registered just now."""
@@ -315,9 +339,7 @@ class Agent:
 
     async def _session(self, ready: asyncio.Event | None) -> None:
         """One connection: hello, welcome, then stream until it breaks."""
-        async with grpc.aio.insecure_channel(
-            self._config.server, options=_CHANNEL_OPTIONS
-        ) as channel:
+        async with self._channel() as channel:
             stub = pb_grpc.EndpointServiceStub(channel)
             identity, fresh = await self._register(stub)
             call = stub.Connect(metadata=self._metadata())
@@ -665,9 +687,10 @@ async def _serve_foreground(config: AgentConfig, stop_with_fd: int | None = None
 
     async def announce() -> None:
         await ready.wait()
+        over = "" if config.tls is None else f" over {describe(config.tls)}"
         print(
             f"heartline endpoint {config.name!r} (id {agent.endpoint_id}) connected to "
-            f"{config.server} with {config.workers} workers",
+            f"{config.server}{over} with {config.workers} workers",
             file=sys.stderr,
             flush=True,
         )

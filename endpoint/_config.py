@@ -9,6 +9,7 @@ from pathlib import Path
 
 from heartline import _defaults
 from heartline._figures import parse_address
+from heartline._tls import TLS
 
 
 def _default_workers() -> int:
@@ -40,7 +41,12 @@ class AgentConfig:
 
     token: str | None = field(default_factory=_defaults.token)
     """Bearer token sent as ``authorization: Bearer <token>``; default
-    ``$HEARTLINE_TOKEN`` or none."""
+    ``$HEARTLINE_TOKEN``, else the file ``$HEARTLINE_HOME/token``, else none."""
+
+    tls: TLS | None = field(default_factory=_defaults.tls)
+    """How the agent reaches the server over TLS (a :class:`~heartline.TLS`); default
+    from ``$HEARTLINE_TLS_CA`` (and ``$HEARTLINE_TLS_CERT``, ``$HEARTLINE_TLS_KEY``), else
+    None: plaintext."""
 
     reconnect_min: float = 0.1
     """Smallest reconnect backoff in seconds."""
@@ -70,6 +76,8 @@ class AgentConfig:
             )
         if self.metrics is not None:
             parse_address(self.metrics)  # ValueError when malformed
+        if self.tls is not None and not isinstance(self.tls, TLS):
+            raise ValueError(f"tls must be a heartline.TLS or None, not {self.tls!r}")
         object.__setattr__(self, "home", Path(self.home).expanduser())
         if self.allowed_functions is not None:
             object.__setattr__(self, "allowed_functions", frozenset(self.allowed_functions))

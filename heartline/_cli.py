@@ -13,7 +13,13 @@ from pathlib import Path
 import click
 
 from heartline import _defaults
-from heartline._cli_ops import register_operator_commands
+from heartline._cli_admin import register_admin_commands
+from heartline._cli_ops import (
+    cli_tls,
+    keep_in_context,
+    register_operator_commands,
+    tls_client_options,
+)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -31,10 +37,13 @@ def main() -> None:
     """heartline: run Python functions on your own machines, through one server."""
 
 
-def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics=None):  # noqa: ANN001, ANN202
+def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics=None):
     from heartline.server import ServerConfig
 
+    meta = click.get_current_context().meta
+    tls = {f: Path(v) if (v := meta.get(f"heartline.{f}")) else None for f in _SERVER_TLS_FIELDS}
     return ServerConfig(
+        **tls,
         listen=listen,
         db_path=Path(db) if db else None,
         heartbeat_interval=heartbeat_interval,
@@ -45,7 +54,7 @@ def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_n
     )
 
 
-def _metrics_address(ctx, param, value):  # noqa: ANN001, ANN202
+def _metrics_address(ctx, param, value):
     """Check a --metrics HOST:PORT before anything starts (binding it is checked later)."""
     from heartline._figures import parse_address
 
@@ -63,19 +72,30 @@ _metrics_option = click.option(
 )  # fmt: skip
 
 
+# The server's TLS. The values wait in the click context for _server_config, so the
+# options change no command's parameters; no environment variable sets them
+# (HEARTLINE_TLS_CERT is a client's certificate).
+_SERVER_TLS_FIELDS = ("tls_cert", "tls_key", "tls_client_ca")
+_server_tls_options = [
+    click.option("--tls-cert", type=click.Path(dir_okay=False), expose_value=False, callback=keep_in_context, help="Serve TLS with this certificate (PEM; with --tls-key)."),
+    click.option("--tls-key", type=click.Path(dir_okay=False), expose_value=False, callback=keep_in_context, help="Private key (PEM) of --tls-cert."),
+    click.option("--tls-client-ca", type=click.Path(dir_okay=False), expose_value=False, callback=keep_in_context, help="Require client certificates signed by this CA (PEM): mutual TLS."),
+]  # fmt: skip
+
 _server_options = [
     click.option("--listen", default=_defaults.DEFAULT_ADDRESS, show_default=True, help="HOST:PORT to serve on."),
     click.option("--db", type=click.Path(dir_okay=False), help="SQLite store [default: $HEARTLINE_HOME/heartline.db]."),
     click.option("--heartbeat-interval", type=float, default=_defaults.HEARTBEAT_INTERVAL, show_default=True, help="Seconds between agent heartbeats."),
     click.option("--heartbeat-timeout", type=float, default=None, help=f"Seconds of silence before an agent is lost [default: {_defaults.HEARTBEAT_TIMEOUT_FACTOR} x interval]."),
-    click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback address without authentication."),
+    click.option("--insecure-no-auth", is_flag=True, help="Turn authentication off: every caller is 'anonymous', an admin, and needs no token."),
     click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug)."),
     click.option("--validate", is_flag=True, hidden=True, help="Check scheduler invariants every step (tests)."),
     _metrics_option,
+    *_server_tls_options,
 ]
 
 
-def _with_server_options(fn):  # noqa: ANN001, ANN202
+def _with_server_options(fn):
     for option in reversed(_server_options):
         fn = option(fn)
     return fn
@@ -83,7 +103,7 @@ def _with_server_options(fn):  # noqa: ANN001, ANN202
 
 @main.command()
 @_with_server_options
-def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics) -> None:  # noqa: ANN001
+def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics) -> None:
     """Run the heartline server."""
     from heartline.server import run_server
 
@@ -91,17 +111,22 @@ def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, 
     config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics)
 
     def ready(address: str, metrics: str | None) -> None:
-        click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
+        click.echo(f"heartline server listening on {address}{_tls_note(config)} (store {config.effective_db_path})")
         if metrics:
             click.echo(f"metrics at http://{metrics}/metrics")
 
     sys.exit(run_server(config, ready))
 
 
+def _tls_note(config) -> str:
+    return "" if config.tls_mode == "plaintext" else f" ({config.tls_mode})"
+
+
 @main.command()
 @_with_server_options
 @click.option("--workers", type=int, default=None, help="Worker processes of the local endpoint [default: CPU count].")
-def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics, workers) -> None:  # noqa: ANN001
+@click.option("--tls-ca", type=click.Path(dir_okay=False), expose_value=False, callback=keep_in_context, help="CA (PEM) the local endpoint trusts --tls-cert by [default: --tls-cert itself, right for a self-signed one].")
+def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics, workers) -> None:
     """Run the server and one local endpoint named 'local', in one command."""
     from heartline.server import run_server
 
@@ -110,6 +135,20 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
         _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics),
         endpoints=("local",),  # registered before health says SERVING: a submit is queued at once
     )
+    if config.tls_client_ca is not None:
+        raise click.UsageError(
+            "up does not take --tls-client-ca: its local endpoint has no client certificate. "
+            "Run `heartline server ... --tls-client-ca F` and `heartline endpoint start "
+            "--tls-ca F --tls-cert F --tls-key F` instead."
+        )
+    # Its agent trusts the server's certificate, and takes no TLS setting of a client's
+    # from the environment (HEARTLINE_TLS_CA could name another server's CA).
+    agent_ca = click.get_current_context().meta.get("heartline.tls_ca")
+    if agent_ca is not None and config.tls_cert is None:
+        raise click.UsageError("--tls-ca (what the local endpoint trusts) needs --tls-cert and --tls-key")
+    agent_ca = agent_ca or config.tls_cert
+    agent_tls = [] if agent_ca is None else ["--tls-ca", str(agent_ca)]
+    agent_env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTLINE_TLS_")}
     agent: list[subprocess.Popen] = []
     # The agent watches the read end of this pipe; the write end closes when this process
     # ends, however it ends (SIGKILL included), and the agent then stops.
@@ -122,10 +161,11 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
         ]  # fmt: skip
         if workers:
             cmd += ["--workers", str(workers)]
+        cmd += agent_tls
         # The agent gets its own process group so a Ctrl-C reaches it only through us.
-        agent.append(subprocess.Popen(cmd, start_new_session=True, pass_fds=(lifeline,)))
+        agent.append(subprocess.Popen(cmd, start_new_session=True, pass_fds=(lifeline,), env=agent_env))
         os.close(lifeline)
-        click.echo(f"heartline server listening on {address} (store {config.effective_db_path})")
+        click.echo(f"heartline server listening on {address}{_tls_note(config)} (store {config.effective_db_path})")
         if metrics:
             click.echo(f"metrics at http://{metrics}/metrics")
         click.echo("endpoint 'local' starting; submit with Executor(endpoint=\"local\"). Ctrl-C stops both.")
@@ -163,12 +203,13 @@ def endpoint() -> None:
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("--stop-with-fd", type=int, default=None, hidden=True, help="Stop when this pipe closes (heartline up).")
 @_metrics_option
-def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd, metrics) -> None:  # noqa: ANN001
+@tls_client_options
+def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd, metrics) -> None:
     """Start an endpoint agent that runs tasks on this machine."""
     from heartline.endpoint import AgentConfig, run_agent
 
     _setup_logging(verbose)
-    kwargs = {"name": name, "token": token, "metrics": metrics}
+    kwargs = {"name": name, "token": token, "metrics": metrics, "tls": cli_tls()}
     kwargs["server"] = _defaults.address(server_address)
     if workers is not None:
         if workers < 1:
@@ -182,3 +223,4 @@ def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop
 
 
 register_operator_commands(main)
+register_admin_commands(main)

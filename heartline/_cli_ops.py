@@ -19,15 +19,62 @@ from heartline._errors import HeartlineError, TaskFailedError
 from heartline._states import CancelMode, GroupStatus, TaskState
 
 if TYPE_CHECKING:
+    from heartline._tls import TLS
     from heartline.client import GroupInfo, Task
 
-_address = click.option(
+_server_address = click.option(
     "--server",
     "address",
     default=None,
     envvar=_defaults.ENV_ADDRESS,
     help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].",
 )
+
+
+def keep_in_context(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option's callback that keeps its value in ``ctx.meta["heartline.<name>"]``."""
+    ctx.meta[f"heartline.{param.name}"] = value
+    return value
+
+
+# How a command reaches the server over TLS. The values wait in the click context for
+# cli_tls(), so the options join every command without changing its parameters.
+_tls_client_options = [
+    click.option("--tls-ca", envvar=_defaults.ENV_TLS_CA, expose_value=False, callback=keep_in_context, metavar="FILE", help=f"Trust the server's certificate by this CA (PEM); connects over TLS [env: {_defaults.ENV_TLS_CA}]."),
+    click.option("--tls-cert", envvar=_defaults.ENV_TLS_CERT, expose_value=False, callback=keep_in_context, metavar="FILE", help=f"Client certificate (PEM) for a mutual-TLS server; with --tls-key [env: {_defaults.ENV_TLS_CERT}]."),
+    click.option("--tls-key", envvar=_defaults.ENV_TLS_KEY, expose_value=False, callback=keep_in_context, metavar="FILE", help=f"Private key (PEM) of --tls-cert [env: {_defaults.ENV_TLS_KEY}]."),
+]  # fmt: skip
+
+
+def tls_client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` to a command (see :func:`cli_tls`)."""
+    for option in reversed(_tls_client_options):
+        fn = option(fn)
+    return fn
+
+
+def cli_tls() -> TLS | None:
+    """The TLS the running command's ``--tls-*`` options (or their environment) ask for;
+    None: plaintext."""
+    meta = click.get_current_context().meta
+    ca, cert, key = (meta.get(f"heartline.tls_{name}") for name in ("ca", "cert", "key"))
+    if ca is None and cert is None and key is None:
+        return None
+    from heartline._tls import TLS
+
+    try:
+        return TLS(ca=ca, cert=cert, key=key)
+    except ValueError:
+        raise click.UsageError(
+            "--tls-cert and --tls-key go together: give both or neither"
+        ) from None
+
+
+def _address(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--server HOST:PORT``, and the TLS options to reach it."""
+    return _server_address(tls_client_options(fn))
+
+
 _token = click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 
 
@@ -49,10 +96,10 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _client(address: str | None, token: str | None):  # noqa: ANN202
+def _client(address: str | None, token: str | None):
     from heartline.client import Client
 
-    return Client(address, token=token)
+    return Client(address, token=token, tls=cli_tls() or False)
 
 
 def _when(value: datetime.datetime | None) -> str:
@@ -90,7 +137,7 @@ def tasks() -> None:
 @_address
 @_token
 @_fail_cleanly
-def tasks_list(states, endpoint, limit, address, token) -> None:  # noqa: ANN001
+def tasks_list(states, endpoint, limit, address, token) -> None:
     """List tasks, newest first."""
     with _client(address, token) as hc:
         rows = hc.list_tasks(states=list(states) or None, endpoint=endpoint, limit=limit)
@@ -116,7 +163,7 @@ def tasks_list(states, endpoint, limit, address, token) -> None:  # noqa: ANN001
 @_address
 @_token
 @_fail_cleanly
-def tasks_show(task_id, address, token) -> None:  # noqa: ANN001
+def tasks_show(task_id, address, token) -> None:
     """Show one task with its history of transitions."""
     with _client(address, token) as hc:
         t = hc.get_task(task_id)
@@ -157,7 +204,7 @@ def _command(name: str, method: str, help_text: str) -> None:
     @_address
     @_token
     @_fail_cleanly
-    def command(task_ids, address, token) -> None:  # noqa: ANN001
+    def command(task_ids, address, token) -> None:
         with _client(address, token) as hc:
             updates = getattr(hc, method)(list(task_ids))
         if method == "resubmit":
@@ -182,7 +229,7 @@ _command("resubmit", "resubmit", "Submit failed or cancelled tasks again as new 
 @_address
 @_token
 @_fail_cleanly
-def tasks_wait(task_ids, timeout, address, token) -> None:  # noqa: ANN001
+def tasks_wait(task_ids, timeout, address, token) -> None:
     """Wait until tasks settle, with a progress bar; exit 1 if any did not succeed."""
     failed = 0
     columns = (TextColumn("settled"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -207,7 +254,7 @@ def endpoints() -> None:
 @_address
 @_token
 @_fail_cleanly
-def endpoints_list(address, token) -> None:  # noqa: ANN001
+def endpoints_list(address, token) -> None:
     """List endpoints with their agents and queues."""
     with _client(address, token) as hc:
         rows = hc.list_endpoints()
@@ -229,7 +276,7 @@ def endpoints_list(address, token) -> None:  # noqa: ANN001
 @_address
 @_token
 @_fail_cleanly
-def stats(address, token) -> None:  # noqa: ANN001
+def stats(address, token) -> None:
     """Task counts by state, endpoints online, transitions so far."""
     with _client(address, token) as hc:
         s = hc.stats()

@@ -8,10 +8,20 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from heartline._tls import TLS
 
 ENV_ADDRESS = "HEARTLINE_ADDRESS"
 ENV_TOKEN = "HEARTLINE_TOKEN"
 ENV_HOME = "HEARTLINE_HOME"
+ENV_TLS_CA = "HEARTLINE_TLS_CA"
+"""PEM file of the CA that clients, agents and the CLI trust the server's certificate by."""
+ENV_TLS_CERT = "HEARTLINE_TLS_CERT"
+"""PEM file of the client certificate they present to a mutual-TLS server."""
+ENV_TLS_KEY = "HEARTLINE_TLS_KEY"
+"""PEM file of that client certificate's private key."""
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 """Where the server listens, and where clients, agents and the CLI look for it."""
@@ -24,12 +34,21 @@ HEARTBEAT_INTERVAL = 5.0
 """Seconds between agent heartbeats; the server sends its own value in the welcome."""
 HEARTBEAT_TIMEOUT_FACTOR = 3
 """Silence of this many heartbeat intervals loses an agent, unless a timeout is given."""
+HELLO_TIMEOUT = 5.0
+"""Seconds the server waits for an agent's hello on a new Connect stream, then closes it."""
+HELLO_TAKEOVER_SILENCE = 2
+"""A hello naming a connected agent's id is refused unless that agent's stream has been
+silent this many heartbeat intervals (it missed a heartbeat: a cut the server has not
+noticed yet); then the new stream takes over."""
 
 RETRY_TIMEOUT = 60.0
 """Seconds a client call keeps trying while the server it reached is away (restarting)."""
 
 MAX_PAYLOAD = 10 * 1024 * 1024
 """Largest function, arguments or result payload in bytes (SPEC section 6)."""
+MAX_FUNCTION_BYTES_PER_USER = 1024 * 1024 * 1024
+"""Most bytes of stored functions one user may have (RESOURCE_EXHAUSTED past it); a
+function no kept task uses goes with the result retention's purge."""
 MAX_IDS = 10_000
 """Most task ids one request may name (GetTasks, WatchTasks, commands)."""
 MAX_TASKS_PER_SUBMIT = 10_000
@@ -42,8 +61,11 @@ MAX_GROUP_NAME = 128
 # least as much as the server assumes it has (twice the count and the bytes), so a
 # dispatch that leaves the function out always finds it on the agent. The same rule
 # holds between an agent's worker pool and each worker process.
-SERVER_FUNCTION_CACHE = (4096, 256 * 1024 * 1024)
-"""(count, bytes) of the server's in-memory cache of pickled functions (the store has all)."""
+SERVER_FUNCTION_CACHE = (4096, 64 * 1024 * 1024)
+"""(count, bytes) of the server's in-memory cache of pickled functions (the store has all).
+
+Its bytes bound the server's memory for functions, however many are registered: a
+register or a dispatch that misses it reads the store (see server/_core.py FunctionCache)."""
 STREAM_SENT_FUNCTIONS = (1024, 64 * 1024 * 1024)
 """(count, bytes) of functions the server counts on one agent stream to still hold."""
 AGENT_FUNCTION_CACHE = (2 * STREAM_SENT_FUNCTIONS[0], 2 * STREAM_SENT_FUNCTIONS[1])
@@ -60,8 +82,41 @@ def address(explicit: str | None = None) -> str:
 
 
 def token(explicit: str | None = None) -> str | None:
-    """The bearer token: ``explicit``, else ``$HEARTLINE_TOKEN``, else none."""
-    return explicit or os.environ.get(ENV_TOKEN) or None
+    """The bearer token: ``explicit``, else ``$HEARTLINE_TOKEN``, else the content of
+    ``$HEARTLINE_HOME/token`` (the admin token a server's first start wrote), else none."""
+    value = explicit or os.environ.get(ENV_TOKEN)
+    if value:
+        return value
+    try:
+        return token_file().read_text().strip() or None
+    except OSError:  # none there, or not ours to read: as if there were none
+        return None
+
+
+def token_file() -> Path:
+    """Where a server's first start writes the admin token: ``$HEARTLINE_HOME/token``."""
+    return home() / "token"
+
+
+def tls(explicit: TLS | bool | None = None) -> TLS | None:
+    """How a client, agent or CLI connects: ``explicit`` (a :class:`~heartline.TLS`;
+    ``True`` is ``TLS()``, the system's CAs; ``False`` is plaintext), else a TLS of
+    ``$HEARTLINE_TLS_CA``, ``$HEARTLINE_TLS_CERT`` and ``$HEARTLINE_TLS_KEY`` when any is
+    set, else None (plaintext)."""
+    from heartline._tls import TLS
+
+    if isinstance(explicit, TLS):
+        return explicit
+    if explicit is True:
+        return TLS()
+    if explicit is False:
+        return None
+    if explicit is not None:
+        raise TypeError(f"tls must be a heartline.TLS, True, False or None, not {explicit!r}")
+    ca, cert, key = (os.environ.get(n) or None for n in (ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY))
+    if ca is None and cert is None and key is None:
+        return None
+    return TLS(ca=ca, cert=cert, key=key)
 
 
 def home() -> Path:

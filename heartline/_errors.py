@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 
 import grpc
 
@@ -147,7 +148,7 @@ class TaskSkippedError(TaskFailedError):
         self.skip_reason = skip_reason
 
 
-class TimeoutError(HeartlineError, builtins.TimeoutError):  # noqa: A001 - deliberate
+class TimeoutError(HeartlineError, builtins.TimeoutError):
     """A wait for a task ran out of time."""
 
 
@@ -176,9 +177,99 @@ _UNREACHABLE = (
 )
 
 
-def unreachable_message(address: str, details: str) -> str | None:
-    """A message a newcomer can act on when no server answers at ``address``; None when
-    ``details`` (gRPC's text of an UNAVAILABLE) says something else."""
+# What gRPC says when a TLS handshake fails where this client sees it (looked for in this
+# order), what that means, and what to do. Waiting cures none of these: see tls_failure.
+_NOT_TRUSTED = "the server's certificate is not trusted"
+_TLS_FAILURES: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (
+        ("wrong_version_number",),
+        "the server does not speak TLS",
+        "connect without TLS (no tls=, --tls-ca or HEARTLINE_TLS_CA), or start the server "
+        "with --tls-cert and --tls-key",
+    ),
+    (
+        ("hostname verification", "is not in peer certificate"),
+        "the server's certificate is not issued for {host}",
+        "connect by a name or address the certificate lists",
+    ),
+    (
+        # The server's alert about this client's certificate (TLS 1.3 says it after the
+        # handshake instead: the connection is closed, see _CLOSED_AT_CONNECT).
+        (
+            "alert_certificate_required",
+            "alert_bad_certificate",
+            "alert_unknown_ca",
+            "alert_certificate_unknown",
+        ),
+        "the server refused this client's certificate, or its lack of one",
+        "pass one signed by a CA the server trusts: tls=TLS(cert=..., key=...), or "
+        "--tls-cert and --tls-key",
+    ),
+    (
+        ("tls handshake failed", "ssl handshake failed"),
+        _NOT_TRUSTED,
+        "pass the CA that signed it: tls=TLS(ca=...), --tls-ca or HEARTLINE_TLS_CA",
+    ),
+    (
+        ("failed to create security handshaker",),
+        "the TLS settings are not usable",
+        "check the files given to tls=TLS(...) or --tls-*",
+    ),
+)
+# OpenSSL's own reason after its error code, e.g. "...:CERTIFICATE_VERIFY_FAILED: unable
+# to get local issuer certificate".
+_OPENSSL_REASON = re.compile(r"OPENSSL_internal:[A-Z0-9_]+: ([^:]+)")
+# A connection closed while it was being set up: what a TLS server does to a plaintext
+# client, and a mutual-TLS server to a client without a certificate it trusts.
+_CLOSED_AT_CONNECT = "socket closed"
+
+
+def tls_failure(details: str) -> bool:
+    """Whether gRPC's text of an UNAVAILABLE says a TLS handshake failed in a way that
+    waiting does not cure (the server's certificate not trusted or not for this host, a
+    server without TLS, the server's alert refusing this client's certificate)."""
+    return _tls_failure(details.lower()) is not None
+
+
+def _tls_failure(lowered: str) -> tuple[tuple[str, ...], str, str] | None:
+    if "failed to connect" not in lowered:
+        return None
+    return next((f for f in _TLS_FAILURES if any(n in lowered for n in f[0])), None)
+
+
+def _tls_message(address: str, details: str, tls: bool | None) -> str | None:
+    lowered = details.lower()
+    failure = _tls_failure(lowered)
+    if failure is not None:
+        _, why, hint = failure
+        why = why.format(host=address.rsplit(":", 1)[0].strip("[]"))
+        reason = _OPENSSL_REASON.search(details)
+        if reason and why == _NOT_TRUSTED:
+            why = f"{why} ({reason.group(1).strip()})"
+        return f"cannot connect to {address} over TLS: {why}; {hint}"
+    if "failed to connect" not in lowered or _CLOSED_AT_CONNECT not in lowered or tls is None:
+        return None
+    if tls:
+        return (
+            f"cannot connect to {address} over TLS: the server closed the connection in the "
+            "handshake; it may want a client certificate signed by a CA it trusts "
+            "(tls=TLS(cert=..., key=...), or --tls-cert and --tls-key)"
+        )
+    return (
+        f"cannot connect to {address}: the server closed the connection at once; if it "
+        "serves TLS, pass the CA that signed its certificate: tls=TLS(ca=...), --tls-ca or "
+        "HEARTLINE_TLS_CA"
+    )
+
+
+def unreachable_message(address: str, details: str, *, tls: bool | None = None) -> str | None:
+    """A message a newcomer can act on when no server answers at ``address``, or none that
+    it can talk to (a failed TLS handshake); None when ``details`` (gRPC's text of an
+    UNAVAILABLE) says something else. ``tls`` says whether the client used TLS (None:
+    unknown), which tells what a connection closed at once means."""
+    tls_message = _tls_message(address, details, tls)
+    if tls_message is not None:
+        return tls_message
     lowered = details.lower()
     reason = next((why for needle, why in _UNREACHABLE if needle in lowered), None)
     if reason is None:
@@ -190,18 +281,21 @@ def unreachable_message(address: str, details: str) -> str | None:
     )
 
 
-def rpc_error_from_grpc(err: grpc.RpcError, address: str | None = None) -> RPCError:
+def rpc_error_from_grpc(
+    err: grpc.RpcError, address: str | None = None, *, tls: bool | None = None
+) -> RPCError:
     """Map a grpc error (sync or aio) to the matching :class:`RPCError` subclass.
 
-    With the ``address`` called, a server that is not there is said in plain words
-    (gRPC's own text stays in ``.details``).
+    With the ``address`` called, a server that is not there, or a TLS handshake that
+    failed, is said in plain words (gRPC's own text stays in ``.details``); ``tls`` says
+    whether the call went over TLS.
     """
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     details = details or ""
     message = details or code.name
     if address is not None and code == grpc.StatusCode.UNAVAILABLE:
-        message = unreachable_message(address, details) or message
+        message = unreachable_message(address, details, tls=tls) or message
     cls = _BY_CODE.get(code, RPCError)
     error = cls(message, code)
     error.details = details

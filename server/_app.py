@@ -14,13 +14,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from heartline._errors import HeartlineError
+from heartline._tls import server_credentials
 from heartline._watchdog import watch_loop
+from heartline.server._admin_service import AdminServicer
+from heartline.server._auth import ADMIN, ANONYMOUS, AuthInterceptor
 from heartline.server._config import ServerConfig
 from heartline.server._core import ServerCore
+from heartline.server._decode import DecodeInterceptor
 from heartline.server._endpoint_service import EndpointServicer
+from heartline.server._memory import return_large_frees
 from heartline.server._store import SqliteStore, Store
-from heartline.server._task_service import ANONYMOUS, TaskServicer
+from heartline.server._task_service import TaskServicer
 from heartline.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     endpoint_service_pb2,
     endpoint_service_pb2_grpc,
     task_service_pb2,
@@ -55,11 +63,6 @@ class Server:
     """One heartline server: ``await start()`` then ``await wait_closed()`` or ``stop()``."""
 
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
-        if not is_loopback(config.listen) and not config.insecure_no_auth:
-            raise ConfigError(
-                f"refusing to listen on {config.listen} without authentication: "
-                "pass --insecure-no-auth to do it anyway"
-            )
         self.config = config
         self.store = store or SqliteStore(config.effective_db_path)
         self.core = ServerCore(config, self.store)
@@ -81,14 +84,26 @@ class Server:
         are registered and ``before_serving(address)`` (if given) has returned: a probe
         that sees SERVING may submit at once.
         """
+        try:
+            credentials = server_credentials(
+                self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca
+            )
+        except HeartlineError as err:
+            raise ConfigError(str(err)) from None
         self.config.effective_db_path.parent.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         await self.core.open()
+        auth = not self.config.insecure_no_auth
         await self._start_metrics()
+        if auth:
+            await self.core.tokens.first_start(self.config.effective_token_file)
         for name in self.config.endpoints:
-            await self.core.ensure_endpoint(name, ANONYMOUS)
+            # `heartline up`'s local endpoint: the admin's (its agent uses the admin token).
+            await self.core.ensure_endpoint(name, ADMIN if auth else ANONYMOUS)
         limit = self.config.max_payload + _MESSAGE_HEADROOM
         server = grpc.aio.server(
+            # DecodeInterceptor stays last: it runs after authentication (see _decode.py).
+            interceptors=[AuthInterceptor(self.core.tokens if auth else None), DecodeInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
@@ -101,6 +116,7 @@ class Server:
         endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(
             EndpointServicer(self.core), server
         )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         # The servicer starts out SERVING for "": not before we say so.
@@ -108,20 +124,27 @@ class Server:
         names = (
             task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
             endpoint_service_pb2.DESCRIPTOR.services_by_name["EndpointService"].full_name,
+            admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(self.config.listen)
+        if credentials is None:
+            self.port = server.add_insecure_port(self.config.listen)
+        else:
+            try:
+                self.port = server.add_secure_port(self.config.listen, credentials)
+            except RuntimeError:  # gRPC refused the credentials or the address
+                self.port = 0
         if not self.port:
             raise ConfigError(f"cannot listen on {self.config.listen}")
         await server.start()
         self._grpc = server
         self._timers = asyncio.create_task(self._run_timers())
-        log.info("listening on %s", self.address)
+        log.info("listening on %s (%s)", self.address, self.config.tls_mode)
         if before_serving is not None:
             before_serving(self.address)
-        for name in ("", *names[:2]):
+        for name in ("", *names[:3]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -178,7 +201,7 @@ class Server:
         return self.core.failed
 
 
-async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:  # noqa: ANN001
+async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:
     """Run a server until SIGINT or SIGTERM.
 
     ``ready(address, metrics_address)`` is called once it listens (the second is None
@@ -207,8 +230,9 @@ async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:  # 
     return not server.failed.is_set()
 
 
-def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:  # noqa: ANN001
+def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:
     """Blocking entry of ``heartline server``: uvloop, signals, exit code."""
+    return_large_frees()  # the process's big payloads go back to the system (_memory.py)
     try:
         import uvloop
 

@@ -20,6 +20,8 @@ class ServerConfig:
     """Seconds of silence after which an agent is lost; None means 3 x heartbeat_interval."""
     max_payload: int = _defaults.MAX_PAYLOAD
     """Largest function, argument or result payload, in bytes (RESOURCE_EXHAUSTED above)."""
+    max_function_bytes: int = _defaults.MAX_FUNCTION_BYTES_PER_USER
+    """Most bytes of stored functions per user (RESOURCE_EXHAUSTED past it)."""
     errored_retention: float = 7 * 24 * 3600.0
     """Seconds an ERRORED task waits for a retry before it becomes FAILED."""
     result_retention: float = 7 * 24 * 3600.0
@@ -28,16 +30,39 @@ class ServerConfig:
     """Endpoint names registered at start, before health says SERVING (``heartline up``:
     ``("local",)``), so a submit to them is queued even before their agent connects."""
     insecure_no_auth: bool = False
-    """Allow listening on a non-loopback address without authentication."""
+    """Turn authentication off: every caller is ``anonymous``, an admin, and needs no
+    token. Also allows listening on a non-loopback address that way."""
+    token_file: Path | None = None
+    """Where the first start (a store without users) writes the admin token, mode 0600;
+    None means ``$HEARTLINE_HOME/token``, where clients, agents and the CLI look."""
     metrics: str | None = None
     """``HOST:PORT`` to serve Prometheus metrics on (path ``/metrics``); None serves
     none. Port 0 picks a free port (logged as ``event=metrics-listening``)."""
     validate: bool = False
     """Check the scheduler's invariants after every step (tests)."""
+    tls_cert: Path | None = None
+    """PEM file of the server's certificate (chain); with ``tls_key`` the server serves
+    TLS only. None serves plaintext."""
+    tls_key: Path | None = None
+    """PEM file of the private key of ``tls_cert`` (unencrypted)."""
+    tls_client_ca: Path | None = None
+    """PEM file of the CA(s) whose client certificates the server accepts; given, every
+    client must present one (mutual TLS). Needs ``tls_cert`` and ``tls_key``."""
+
+    @property
+    def tls_mode(self) -> str:
+        """How clients connect: ``"plaintext"``, ``"TLS"`` or ``"mutual TLS"``."""
+        if self.tls_cert is None:
+            return "plaintext"
+        return "TLS" if self.tls_client_ca is None else "mutual TLS"
 
     @property
     def effective_heartbeat_timeout(self) -> float:
         return _defaults.heartbeat_timeout(self.heartbeat_interval, self.heartbeat_timeout)
+
+    @property
+    def effective_token_file(self) -> Path:
+        return Path(self.token_file) if self.token_file else _defaults.token_file()
 
     @property
     def effective_db_path(self) -> Path:

@@ -12,10 +12,13 @@ import time
 import uuid
 from collections.abc import Iterable
 
+import grpc
+
 from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
 from heartline._states import PENDING_STATES
+from heartline.server._auth import Tokens
 from heartline.server._config import ServerConfig
 from heartline.server._convert import change_to_proto, group_change_to_proto
 from heartline.server._events import (
@@ -34,12 +37,17 @@ from heartline.server._events import (
 )
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._requests import RequestMemo
+from heartline.server._rpc import Abort
 from heartline.server._scheduler import Scheduler, SchedulerConfig
 from heartline.server._store import Store, StoreClosedError
 from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
 
 log = logging.getLogger("heartline.server")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
 
 
 class FunctionCache:
@@ -73,6 +81,10 @@ class FunctionCache:
                 payload = row.payload
                 self._payloads.put(function_id, payload, len(payload))
         return payload
+
+    def has(self, function_id: str) -> bool:
+        """The function is in memory (so in the store too)."""
+        return function_id in self._payloads
 
     def held(self) -> set[str]:
         """Ids in memory or on their way there: what a store purge must keep."""
@@ -115,6 +127,8 @@ class AgentConnection:
         # tests/test_caches.py drives both pairs far past their bounds.
         self._sent_functions: LruCache[str, None] = LruCache(*STREAM_SENT_FUNCTIONS)
         self.close_reason: str | None = None
+        self.last_heard = time.monotonic()
+        """When the agent last sent a message on this stream (``time.monotonic()``)."""
 
     def push(self, kind: str, items: tuple) -> None:
         self._outbox.append((kind, items))
@@ -310,10 +324,18 @@ class ServerCore:
             )
         )
         self.functions = FunctionCache(store)
+        self.function_bytes: dict[str, int] = {}
+        """Bytes of stored functions by owner (config.max_function_bytes bounds each)."""
+        self._registering: set[str] = set()
         self.connections: dict[str, AgentConnection] = {}
         self.watchers = WatchRegistry()
         self.requests = RequestMemo(store)
         self.endpoints: dict[str, EndpointRow] = {}
+        self.tokens = Tokens(store)
+        """Users and live tokens (server/_auth.py): AdminService changes them."""
+        self.shares: dict[str, set[str]] = {}
+        """endpoint_id -> the users besides its owner who may use it (kept in step with
+        the store by AdminService.ShareEndpoint)."""
         self.start_time = time.time()
         self._later: list[Event] = []
         # The newest store write: writes commit in order, so once it has committed every
@@ -327,6 +349,10 @@ class ServerCore:
         """Load endpoints and unsettled tasks from the store; resume where it stopped."""
         for row in await self.store.list_endpoints():
             self.endpoints[row.endpoint_id] = row
+        await self.tokens.load()
+        self.function_bytes = await self.store.function_bytes_by_owner()
+        for endpoint_id, user in await self.store.load_shares():
+            self.shares.setdefault(endpoint_id, set()).add(user)
         rows = await self.store.load_unsettled()
         # Metrics count tasks by state from here on; only they need the settled ones.
         counts = await self.store.count_by_state() if self.config.metrics else None
@@ -439,6 +465,42 @@ class ServerCore:
             conn.push(kind, items)
 
     async def register_function(self, payload: bytes, function_id: str, owner: str) -> None:
+        """Store the function (once: a known id costs its owner nothing more).
+
+        Raises:
+            Abort: RESOURCE_EXHAUSTED, a new function past the owner's byte budget
+                (``config.max_function_bytes``).
+        """
+        if function_id in self._registering or self.functions.has(function_id):
+            await self._store_function(payload, function_id, owner)
+            return
+        # The running count may count a function twice (one stored already, not in
+        # memory): it is made exact from the store when it reaches the limit, so the
+        # common register asks the store nothing.
+        self._registering.add(function_id)  # a concurrent register of it counts nothing
+        try:
+            size, limit = len(payload), self.config.max_function_bytes
+            used = self.function_bytes.get(owner, 0)
+            if used + size > limit:
+                if await self.store.function_size(function_id) is not None:
+                    size = 0  # stored already: it costs nothing more
+                else:
+                    counted = await self.store.function_bytes_by_owner(owner)
+                    used = self.function_bytes[owner] = counted.get(owner, 0)
+                    if used + size > limit:
+                        raise Abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the functions {owner!r} stored take {_mib(used)}; this one "
+                            f"({_mib(size)}) would pass the limit of {_mib(limit)} of stored "
+                            "functions per user: reuse the functions registered (those no "
+                            "kept task uses go with the result retention's purge)",
+                        )
+            self.function_bytes[owner] = used + size
+            await self._store_function(payload, function_id, owner)
+        finally:
+            self._registering.discard(function_id)
+
+    async def _store_function(self, payload: bytes, function_id: str, owner: str) -> None:
         await asyncio.shield(
             self._write(
                 WriteBatch(functions=(FunctionRow(function_id, payload, owner, time.time()),))
@@ -451,10 +513,22 @@ class ServerCore:
         self.endpoints[row.endpoint_id] = row
 
     def endpoint_named(self, name: str, owner: str) -> EndpointRow | None:
-        """The owner's endpoint of this name, if registered."""
-        return next(
-            (r for r in self.endpoints.values() if r.name == name and r.owner == owner), None
-        )
+        """The endpoint of this name the user may submit to: its own, else one shared
+        with it (the oldest, if several users shared one of that name)."""
+        rows = [r for r in self.endpoints.values() if r.name == name]
+        own = next((r for r in rows if r.owner == owner), None)
+        if own is not None:
+            return own
+        shared = [r for r in rows if owner in self.shared_with(r.endpoint_id)]
+        return min(shared, key=lambda r: r.register_time) if shared else None
+
+    def may_use_endpoint(self, row: EndpointRow, user: str) -> bool:
+        """The user owns the endpoint, or its owner shared it with the user."""
+        return row.owner == user or user in self.shared_with(row.endpoint_id)
+
+    def shared_with(self, endpoint_id: str) -> frozenset[str] | set[str]:
+        """The users an endpoint is shared with (see ``heartline endpoints share``)."""
+        return self.shares.get(endpoint_id, frozenset())
 
     async def ensure_endpoint(self, name: str, owner: str) -> EndpointRow:
         """The owner's endpoint of this name, registered (durably) if it is new."""
@@ -486,3 +560,7 @@ class ServerCore:
                 else:
                     if purged:
                         log.info("event=purged tasks=%d", purged)
+                    try:  # purged functions no longer count against their owners
+                        self.function_bytes = await self.store.function_bytes_by_owner()
+                    except Exception as exc:  # noqa: BLE001 - counted again next hour
+                        log.error("event=function-bytes-failed error=%r", exc)

@@ -8,7 +8,13 @@ import time
 
 import grpc
 
-from heartline._defaults import ENDPOINT_NAME, ENDPOINT_NAME_RULE
+from heartline._defaults import (
+    ENDPOINT_NAME,
+    ENDPOINT_NAME_RULE,
+    HELLO_TAKEOVER_SILENCE,
+    HELLO_TIMEOUT,
+)
+from heartline.server._auth import caller, registering_refusal, serving_refusal
 from heartline.server._convert import error_from_proto, state_from_proto
 from heartline.server._core import AgentConnection, ServerCore
 from heartline.server._events import (
@@ -19,12 +25,12 @@ from heartline.server._events import (
     HeldTask,
     StatusReport,
 )
-from heartline.server._task_service import ANONYMOUS
 from heartline.v1 import endpoint_service_pb2 as pb
 from heartline.v1 import endpoint_service_pb2_grpc
 
 log = logging.getLogger("heartline.server")
 MAX_CAPACITY = 100_000
+MAX_AGENT_ID = 128
 
 
 class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
@@ -32,35 +38,56 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
         self.core = core
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
-        return ANONYMOUS
+        """The calling user: an endpoint belongs to the user who registered it."""
+        return caller().user
 
-    async def RegisterEndpoint(self, request, context):  # noqa: N802, ANN001
+    async def RegisterEndpoint(self, request, context):
         owner = self._owner(context)
         if not ENDPOINT_NAME.match(request.name):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"invalid endpoint name {request.name[:80]!r}: {ENDPOINT_NAME_RULE}",
             )
+        refusal = registering_refusal(caller(), request.name)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         row = await self.core.ensure_endpoint(request.name, owner)
         return pb.RegisterEndpointResponse(endpoint_id=row.endpoint_id, name=row.name)
 
-    async def Connect(self, request_iterator, context):  # noqa: N802, ANN001
-        first = await context.read()
+    async def Connect(self, request_iterator, context):
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no hello within {HELLO_TIMEOUT:g}s: an agent's first message on Connect is its hello",
+            )
         if first is grpc.aio.EOF:
             return
         if first.WhichOneof("message") != "hello":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a hello")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message on Connect must be a hello, not {first.WhichOneof('message') or 'an empty message'}",
+            )
         hello = first.hello
         endpoint = self.core.endpoints.get(hello.endpoint_id)
         if endpoint is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown endpoint id {hello.endpoint_id!r}: register the endpoint again",
+                f"unknown endpoint id {hello.endpoint_id[:80]!r}: register the endpoint again",
             )
-        if not hello.agent_id or not 0 < hello.capacity <= MAX_CAPACITY or hello.prefetch < 0:
+        refusal = serving_refusal(caller(), endpoint)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        if (
+            not 0 < len(hello.agent_id) <= MAX_AGENT_ID
+            or not 0 < hello.capacity <= MAX_CAPACITY
+            or hello.prefetch < 0
+        ):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"hello needs an agent_id, a capacity in 1..{MAX_CAPACITY} and a prefetch >= 0",
+                f"hello needs an agent_id of 1-{MAX_AGENT_ID} characters, a capacity in "
+                f"1..{MAX_CAPACITY} and a prefetch >= 0",
             )
         held = []
         for h in hello.held_tasks:
@@ -71,6 +98,18 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
         conn = AgentConnection(agent_id, endpoint.endpoint_id, self.core.functions)
         previous = self.core.connections.get(agent_id)
         if previous is not None:
+            # A live agent's id is not up for grabs: another stream may take it over only
+            # once the old one has missed heartbeats (a reconnect after a network cut the
+            # server has not noticed yet); until then it is refused, and an agent retries.
+            silence = time.monotonic() - previous.last_heard
+            limit = HELLO_TAKEOVER_SILENCE * self.core.config.heartbeat_interval
+            if silence < limit:
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"agent id {agent_id[:80]!r} is connected on another stream (heard from "
+                    f"{silence:.1f}s ago): a new agent takes a new id; an agent reconnecting "
+                    f"is let in once its old stream is closed or silent for {limit:g}s",
+                )
             previous.close("the agent opened a new stream")
         self.core.connections[agent_id] = conn
         await context.write(
@@ -107,7 +146,10 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if not task.cancelled() and task.exception() is not None:
+                # An abort (e.g. a message that does not decode) has said why already.
+                if not task.cancelled() and not isinstance(
+                    task.exception(), (type(None), grpc.aio.AbortError)
+                ):
                     log.warning("agent stream %s ended: %r", agent_id, task.exception())
         finally:
             for task in (reader, writer):
@@ -118,7 +160,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 self.core.feed_soon(AgentLost(agent_id, time.time(), "stream-closed", conn.stream_id))
                 log.info("agent disconnected agent=%s", agent_id)
 
-    async def _read(self, conn: AgentConnection, context) -> None:  # noqa: ANN001
+    async def _read(self, conn: AgentConnection, context) -> None:
         core = self.core
         agent_id = conn.agent_id
         while True:
@@ -127,6 +169,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 return
             if conn.close_reason is not None:
                 return
+            conn.last_heard = time.monotonic()
             kind = message.WhichOneof("message")
             if kind == "status":
                 reports = []

@@ -134,6 +134,10 @@ class TasksCommanded:
     time: float
     request: RequestRow | None = None
     """The client's request id, stored in the same batch as the command's transitions."""
+    owner: str | None = None
+    """Whose tasks the caller may command; None: anyone's (an admin, or auth off). A task
+    of another owner is refused as unknown (its id answers NOT_FOUND, as if it did not
+    exist)."""
 
 
 @dataclass(frozen=True, slots=True)

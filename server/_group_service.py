@@ -116,17 +116,18 @@ class GroupRpcs:
 
     # ------------------------------------------------------------ shared with watches
 
-    async def _own_group(self, group_id: str, owner: str) -> tuple[GroupRow, GroupStateRow]:
-        """The stored group; NOT_FOUND if there is none, or it is another owner's."""
+    async def _own_group(self, group_id: str, scope: str | None) -> tuple[GroupRow, GroupStateRow]:
+        """The stored group; NOT_FOUND if there is none, or the caller does not see it
+        (``scope``: the user whose groups it sees, None for all)."""
         found = await self.core.store.get_group(group_id)
-        if found is None or found[0].owner != owner:
+        if found is None or (scope is not None and found[0].owner != scope):
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no group {group_id}")
         return found
 
-    async def _watched_groups(self, group_ids: list[str], owner: str) -> list[task_pb2.GroupUpdate]:
+    async def _watched_groups(self, group_ids: list[str], scope: str | None) -> list[task_pb2.GroupUpdate]:
         """Each group's current status, the first message of a watch; NOT_FOUND as
         GetGroup for one that is unknown or another owner's."""
-        found = await asyncio.gather(*(self._own_group(gid, owner) for gid in group_ids))
+        found = await asyncio.gather(*(self._own_group(gid, scope) for gid in group_ids))
         return [group_row_to_update(row, state) for row, state in found]
 
     def _group(
@@ -192,7 +193,7 @@ class GroupRpcs:
                 endpoint.endpoint_id,
                 owner,
                 tuple(tasks),
-                request.session_id,
+                self._watch_key(owner, request.session_id),
                 time.time(),
                 request=row,
                 group=group,
@@ -205,7 +206,7 @@ class GroupRpcs:
     @refusing
     async def GetGroup(self, request, context):
         group_id = check_group_id(request.group_id)
-        row, state = await self._own_group(group_id, self._owner(context))
+        row, state = await self._own_group(group_id, self._scope(context))
         ids = [m.task_id for m in row.members]
         rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
         tasks = {tid: self._task(*rows[tid]) for tid in ids if tid in rows}
@@ -216,7 +217,7 @@ class GroupRpcs:
         limit = page_limit(request.page_size)
         after = decode_page_token(request.page_token) if request.page_token else None
         found = await self.core.store.list_groups(
-            owner=self._owner(context),
+            owner=self._scope(context),
             pending_only=request.pending_only,
             limit=limit + 1,
             after=after,
@@ -235,7 +236,8 @@ class GroupRpcs:
         group_id = check_group_id(request.group_id)
         mode = _cancel_mode(request.mode)
         owner = self._owner(context)
-        await self._own_group(group_id, owner)
+        scope = self._scope(context)
+        await self._own_group(group_id, scope)
         parts = [group_id.encode(), mode.value.encode()]
         earlier, digest = await self._earlier(request.request_id, owner, "CancelGroup", parts)
         if earlier is None:
@@ -245,7 +247,7 @@ class GroupRpcs:
                 future = self.core.feed(GroupCommanded(group_id, mode, time.time(), request=row))
             except UnknownGroup:
                 # Read after the write that settled it (reads queue behind writes).
-                _, state = await self._own_group(group_id, owner)
+                _, state = await self._own_group(group_id, scope)
                 raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"group {group_id} has settled (status {state.status.value}); "
@@ -253,7 +255,7 @@ class GroupRpcs:
                 ) from None
             self._remember(row, future)
             await self._durable(future)
-        return pb.CancelGroupResponse(group=self._group(*await self._own_group(group_id, owner)))
+        return pb.CancelGroupResponse(group=self._group(*await self._own_group(group_id, scope)))
 
 
 __all__ = ["GroupRpcs"]

@@ -195,6 +195,18 @@ class EndpointRow:
     register_time: float
 
 
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """A token as the store lists it: never the secret, nor its hash."""
+
+    token_id: str
+    user: str
+    endpoint: str | None
+    """An agent token's endpoint name (all it may register and serve); None for a user token."""
+    created: float
+    revoked: float | None = None
+
+
 class RequestRow(NamedTuple):
     """A client's request id, remembered so a repeat answers as the first one did."""
 

@@ -77,10 +77,15 @@ def is_id(value: str) -> bool:
     return _UUID.match(value) is not None
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A client's value as an error message may echo it: quoted, and cut short (a long
+    echo could overflow the client's metadata limit and hide the real error)."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
 def malformed_id(value: str, kind: str = "task") -> str:
     """The message for a malformed id; the value is cut short (it came from a client)."""
-    shown = repr(value[:80]) + ("..." if len(value) > 80 else "")
-    return f"malformed {kind} id {shown}: {kind} ids are lowercase UUIDs like {_EXAMPLE_UUID}"
+    return f"malformed {kind} id {shown(value)}: {kind} ids are lowercase UUIDs like {_EXAMPLE_UUID}"
 
 
 def encode_page_token(submit_time: float, row_id: str) -> str:
@@ -95,8 +100,7 @@ def decode_page_token(token: str) -> tuple[float, str]:
         when, row_id = text.split("|", 1)
         return float(when), row_id
     except ValueError:  # bad base64, bad UTF-8, no "|", or not a number
-        shown = repr(token[:80]) + ("..." if len(token) > 80 else "")
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed page_token {shown}") from None
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed page_token {shown(token)}") from None
 
 
 def page_limit(page_size: int) -> int:

@@ -570,7 +570,11 @@ class Scheduler(GroupSteps):
             self._transition(task, S.ERRORED, cause, now, error=final)
 
     def _on_commanded(self, event: TasksCommanded) -> None:
-        unknown = [tid for tid in event.task_ids if tid not in self.tasks]
+        tasks = self.tasks
+        owner = event.owner
+        unknown = [
+            tid for tid in event.task_ids if tid not in tasks or (owner is not None and tasks[tid].owner != owner)
+        ]
         if unknown:
             raise UnknownTasks(unknown)
         refusals: list[tuple[str, TaskState, str]] = []

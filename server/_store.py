@@ -49,6 +49,7 @@ from heartline.server._model import (
     GroupStateRow,
     RequestRow,
     TaskRow,
+    TokenRow,
     TransitionRow,
     WhenRow,
     WriteBatch,
@@ -58,7 +59,7 @@ __all__ = ["SqliteStore", "Store", "StoreClosedError", "StoreFigures"]
 
 _log = logging.getLogger("heartline.server.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MAX_GROUP = 4096
 """Most queue items applied in one transaction: bounds the latency of a group under load."""
 _MAX_VARS = 500
@@ -173,6 +174,14 @@ class Store(abc.ABC):
         """A registered function, or None."""
 
     @abc.abstractmethod
+    async def function_size(self, function_id: str) -> int | None:
+        """The size in bytes of a registered function (without reading it), or None."""
+
+    @abc.abstractmethod
+    async def function_bytes_by_owner(self, owner: str | None = None) -> dict[str, int]:
+        """Bytes of the stored functions of each owner that has some (or of one)."""
+
+    @abc.abstractmethod
     async def get_request(self, request_id: str) -> RequestRow | None:
         """A committed client request id (see RequestRow), or None.
 
@@ -212,6 +221,34 @@ class Store(abc.ABC):
         vouched for to a submit). A client that names a purged function is refused
         ``NOT_FOUND`` and registers it again. Returns how many tasks were purged.
         """
+
+    # -- users, tokens and shares (server/_auth.py keeps them in memory) ---------------
+
+    @abc.abstractmethod
+    async def create_token(self, row: TokenRow, secret_hash: str) -> None:
+        """Store a new token (``secret_hash``: sha256 of its secret, hex), and its user if new."""
+
+    @abc.abstractmethod
+    async def list_tokens(self, user: str | None = None) -> list[TokenRow]:
+        """Tokens (of one user, or all), revoked ones included, oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str, when: float) -> TokenRow | None:
+        """Mark a token revoked (once: a revoked token keeps its first time); the row
+        after, or None if there is no such token."""
+
+    @abc.abstractmethod
+    async def load_tokens(self) -> tuple[list[str], list[tuple[TokenRow, str]]]:
+        """Every user name, and every live token with its secret hash: what the server
+        authenticates against, from memory."""
+
+    @abc.abstractmethod
+    async def share_endpoint(self, endpoint_id: str, user: str) -> None:
+        """Let ``user`` use the endpoint (sharing twice is sharing once)."""
+
+    @abc.abstractmethod
+    async def load_shares(self) -> list[tuple[str, str]]:
+        """Every ``(endpoint_id, user)`` share."""
 
     def figures(self) -> StoreFigures | None:
         """A copy of the store's figures for metrics (callable from any thread); None
@@ -339,6 +376,24 @@ CREATE INDEX IF NOT EXISTS groups_submit ON groups (submit_time, group_id);
 -- 48 us without). JSON, one array per GroupMember in its field order:
 -- [name, task_id, is_finally, [run_after...], [inputs...], [[input, operator, [values...]]...]].
 CREATE TABLE IF NOT EXISTS group_members (group_id TEXT PRIMARY KEY, members TEXT NOT NULL);
+-- Users and their tokens (server/_auth.py): a token is hl_<token_id>_<secret>, and only
+-- sha256(secret) is kept (the secret is 256 random bits: a plain hash is enough).
+-- endpoint is set for an agent token (the one endpoint it serves); revoked is a time.
+CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    endpoint TEXT,
+    created REAL NOT NULL,
+    revoked REAL
+);
+-- Users besides the owner who may submit to an endpoint.
+CREATE TABLE IF NOT EXISTS endpoint_shares (
+    endpoint_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    PRIMARY KEY (endpoint_id, user)
+);
 """
 
 _TASK_COLUMNS = (
@@ -690,6 +745,16 @@ class SqliteStore(Store):
         rows = await self._submit(_select, (sql, (function_id,)))
         return FunctionRow(*rows[0]) if rows else None
 
+    async def function_size(self, function_id: str) -> int | None:
+        sql = "SELECT length(payload) FROM functions WHERE function_id = ?"
+        rows = await self._submit(_select, (sql, (function_id,)))
+        return int(rows[0][0]) if rows else None
+
+    async def function_bytes_by_owner(self, owner: str | None = None) -> dict[str, int]:
+        where, params = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        sql = f"SELECT owner, SUM(length(payload)) FROM functions {where} GROUP BY owner"
+        return {o: int(total) for o, total in await self._submit(_select, (sql, params))}
+
     async def get_request(self, request_id: str) -> RequestRow | None:
         if self._state is not _State.OPEN:
             raise StoreClosedError(f"store {self._path} is {self._state.value}")
@@ -739,6 +804,35 @@ class SqliteStore(Store):
         self, settled_before: float, keep_functions: Collection[str] = ()
     ) -> int:
         return await self._submit(_purge, (settled_before, frozenset(keep_functions)))
+
+    # Users, tokens and shares are rare writes: each is a small op of its own on the
+    # writer thread's queue (a WriteBatch is the scheduler's), committed in its group.
+
+    async def create_token(self, row: TokenRow, secret_hash: str) -> None:
+        await self._submit(_create_token, (row, secret_hash))
+
+    async def list_tokens(self, user: str | None = None) -> list[TokenRow]:
+        sql = f"SELECT {_TOKEN_COLUMNS} FROM tokens"
+        params: tuple[Any, ...] = ()
+        if user is not None:
+            sql += " WHERE user = ?"
+            params = (user,)
+        rows = await self._submit(_select, (sql + " ORDER BY created, token_id", params))
+        return [TokenRow(*r) for r in rows]
+
+    async def revoke_token(self, token_id: str, when: float) -> TokenRow | None:
+        return await self._submit(_revoke_token, (token_id, when))
+
+    async def load_tokens(self) -> tuple[list[str], list[tuple[TokenRow, str]]]:
+        return await self._submit(_load_tokens, None)
+
+    async def share_endpoint(self, endpoint_id: str, user: str) -> None:
+        sql = "INSERT OR IGNORE INTO endpoint_shares (endpoint_id, user) VALUES (?, ?)"
+        await self._submit(_execute, (sql, (endpoint_id, user)))
+
+    async def load_shares(self) -> list[tuple[str, str]]:
+        sql = "SELECT endpoint_id, user FROM endpoint_shares ORDER BY endpoint_id, user"
+        return [(e, u) for e, u in await self._submit(_select, (sql, ()))]
 
     def figures(self) -> StoreFigures:
         with self._figures_lock:
@@ -1014,6 +1108,46 @@ def _load_pending_groups(
     for group_id, task_id, state, skip in conn.execute(_PENDING_GROUP_TASKS):
         tasks[group_id][task_id] = (_STATE_OF[state], None if skip is None else _SKIP_OF[skip])
     return [(*_group_rows(c), tasks[c[0]]) for c in groups]
+
+
+def _execute(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> None:
+    sql, params = arg
+    conn.execute(sql, params)
+
+
+_TOKEN_COLUMNS = "token_id, user, endpoint, created, revoked"
+"""TokenRow's columns, in its order (never the hash)."""
+
+
+def _create_token(conn: sqlite3.Connection, arg: tuple[TokenRow, str]) -> None:
+    row, secret_hash = arg
+    conn.execute(
+        "INSERT OR IGNORE INTO users (name, created) VALUES (?, ?)", (row.user, row.created)
+    )
+    conn.execute(
+        "INSERT INTO tokens (token_id, user, secret_hash, endpoint, created, revoked)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (row.token_id, row.user, secret_hash, row.endpoint, row.created, row.revoked),
+    )
+
+
+def _revoke_token(conn: sqlite3.Connection, arg: tuple[str, float]) -> TokenRow | None:
+    token_id, when = arg
+    conn.execute(
+        "UPDATE tokens SET revoked = ? WHERE token_id = ? AND revoked IS NULL", (when, token_id)
+    )
+    found = conn.execute(
+        f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+    ).fetchone()
+    return None if found is None else TokenRow(*found)
+
+
+def _load_tokens(
+    conn: sqlite3.Connection, arg: None
+) -> tuple[list[str], list[tuple[TokenRow, str]]]:
+    users = [name for (name,) in conn.execute("SELECT name FROM users ORDER BY name")]
+    sql = f"SELECT {_TOKEN_COLUMNS}, secret_hash FROM tokens WHERE revoked IS NULL"
+    return users, [(TokenRow(*c[:5]), c[5]) for c in conn.execute(sql)]
 
 
 def _purge(conn: sqlite3.Connection, arg: tuple[float, frozenset[str]]) -> int:

@@ -15,6 +15,7 @@ import grpc
 from heartline._defaults import MAX_IDS, MAX_TASKS_PER_SUBMIT
 from heartline._serialize import function_id as hash_function
 from heartline._states import TaskState
+from heartline.server._auth import caller
 from heartline.server._convert import row_to_update, state_from_proto, task_to_proto, timestamp
 from heartline.server._core import ServerCore, Watcher
 from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
@@ -30,6 +31,7 @@ from heartline.server._rpc import (
     malformed_id,
     page_limit,
     refusing,
+    shown,
 )
 from heartline.server._scheduler import COMMAND_WORDS, InputsMoved, InvalidTransition, UnknownTasks
 from heartline.v1 import task_pb2, task_service_pb2_grpc
@@ -84,19 +86,38 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     # ---------------------------------------------------------------- helpers
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
-        return ANONYMOUS
+        """The calling user: the owner of what the call makes."""
+        return caller().user
+
+    def _scope(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Whose tasks, groups and endpoints the caller sees: its own (the user), or
+        everyone's (None: an admin, or any caller when auth is off)."""
+        me = caller()
+        return None if me.admin else me.user
+
+    def _sees(self, owner: str, scope: str | None) -> bool:
+        return scope is None or owner == scope
+
+    def _watch_key(self, owner: str, session_id: str) -> str:
+        """A session's key among the watchers: sessions are the client's ids, so one
+        user's watch never reaches another user's session of the same id."""
+        return f"{owner}\x1f{session_id}" if session_id else ""
 
     def resolve_endpoint(self, ref: str, owner: str) -> EndpointRow:
+        """An endpoint the user may submit to (its own, or one shared with it), by id or
+        name; another user's answers NOT_FOUND, as if it did not exist."""
         if not ref:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "endpoint is empty: give its name or id")
         row = self.core.endpoints.get(ref)
+        if row is not None and not self.core.may_use_endpoint(row, owner):
+            row = None
         if row is None:
             row = self.core.endpoint_named(ref, owner)
         if row is None:
             raise Abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown endpoint {ref!r}: start an agent for it with "
-                f"`heartline endpoint start --name {ref}`",
+                f"unknown endpoint {shown(ref)}: start an agent for it with "
+                f"`heartline endpoint start --name {ref[:80]}`",
             )
         return row
 
@@ -105,7 +126,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             if not _SHA256.match(fid):
                 raise Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"malformed function_id {fid!r}: expected the sha256 hex digest "
+                    f"malformed function_id {shown(fid)}: expected the sha256 hex digest "
                     "returned by RegisterFunction",
                 )
             if await self.core.functions.get(fid) is None:
@@ -208,8 +229,10 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             self.core.requests.remember(row, future)
 
     async def _command(
-        self, command: str, task_ids: Sequence[str], request_id: str, owner: str
+        self, command: str, task_ids: Sequence[str], request_id: str, context: grpc.aio.ServicerContext
     ) -> list[task_pb2.TaskUpdate]:
+        owner = self._owner(context)
+        scope = self._scope(context)
         ids = check_ids(task_ids)
         method = f"command:{command}"
         earlier, body = await self._earlier(request_id, owner, method, [" ".join(ids).encode()])
@@ -219,10 +242,10 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             request = self._request_row(request_id, owner, method, body, ids)
             try:
                 future = self.core.feed(
-                    TasksCommanded(command, tuple(ids), time.time(), request=request)
+                    TasksCommanded(command, tuple(ids), time.time(), request=request, owner=scope)
                 )
             except UnknownTasks as err:
-                raise await self._explain_unknown(err.task_ids, command) from None
+                raise await self._explain_unknown(err.task_ids, command, scope) from None
             except InvalidTransition as err:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
             self._remember(request, future)
@@ -230,9 +253,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         rows = await self.core.store.get_tasks(ids)
         return [row_to_update(rows[tid][0], False) for tid in dict.fromkeys(ids) if tid in rows]
 
-    async def _explain_unknown(self, task_ids: list[str], command: str) -> Abort:
+    async def _explain_unknown(self, task_ids: list[str], command: str, scope: str | None) -> Abort:
         rows = await self.core.store.get_tasks(task_ids)
-        missing = [tid for tid in task_ids if tid not in rows]
+        missing = [tid for tid in task_ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]
         if missing:
             return Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         tid = task_ids[0]
@@ -247,20 +270,21 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     @refusing
     async def RegisterFunction(self, request, context):
         limit = self.core.config.max_payload
-        if not request.function:
+        payload = request.function  # each read of a bytes field copies it: read it once
+        if not payload:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "function is empty")
-        if len(request.function) > limit:
+        if len(payload) > limit:
             raise Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the function is {_mib(len(request.function))}, over the payload limit of {_mib(limit)}",
+                f"the function is {_mib(len(payload))}, over the payload limit of {_mib(limit)}",
             )
-        fid = hash_function(request.function)
+        fid = hash_function(payload)
         if request.function_id and request.function_id != fid:
             raise Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"function_id {request.function_id} does not match the payload's sha256 {fid}",
+                f"function_id {shown(request.function_id)} does not match the payload's sha256 {fid}",
             )
-        await self.core.register_function(request.function, fid, self._owner(context))
+        await self.core.register_function(payload, fid, self._owner(context))
         return pb.RegisterFunctionResponse(function_id=fid)
 
     @refusing
@@ -307,7 +331,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                         endpoint.endpoint_id,
                         owner,
                         tasks,
-                        request.session_id,
+                        self._watch_key(owner, request.session_id),
                         time.time(),
                         request=row,
                         settled_inputs=settled or None,
@@ -366,9 +390,12 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
 
     @refusing
     async def GetTasks(self, request, context):
-        ids = check_ids(request.task_ids)
+        # Each task once, in the order first named: a request naming one id 10,000 times
+        # costs one conversion, not 10,000 (SPEC section 6: heavy reads are bounded).
+        ids = list(dict.fromkeys(check_ids(request.task_ids)))
         rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
-        missing = [tid for tid in ids if tid not in rows]
+        scope = self._scope(context)
+        missing = [tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]
         if missing:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         return pb.GetTasksResponse(tasks=[self._task(*rows[tid]) for tid in ids])
@@ -398,7 +425,11 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         limit = page_limit(request.page_size)
         after = decode_page_token(request.page_token) if request.page_token else None
         rows = await self.core.store.list_tasks(
-            states=states or None, endpoint_id=endpoint_id, limit=limit + 1, after=after
+            states=states or None,
+            endpoint_id=endpoint_id,
+            owner=self._scope(context),
+            limit=limit + 1,
+            after=after,
         )
         token = ""
         if len(rows) > limit:
@@ -425,17 +456,24 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         except Abort as err:
             await context.abort(err.code, err.message)
             return
+        scope = self._scope(context)
         watcher = Watcher(
-            ids, request.session_id, request.settled_only, request.include_results, group_ids
+            ids,
+            self._watch_key(owner, request.session_id),
+            request.settled_only,
+            request.include_results,
+            group_ids,
         )
         # Register before reading the current states, so no transition falls in between
         # (a change may then arrive twice; watchers treat updates as idempotent).
         self.core.watchers.add(watcher)
         try:
             try:
-                groups = await self._watched_groups(group_ids, owner) if group_ids else []
+                groups = await self._watched_groups(group_ids, scope) if group_ids else []
                 rows = await self.core.store.get_tasks(ids) if ids else {}
-                missing = [tid for tid in ids if tid not in rows]
+                missing = [
+                    tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)
+                ]
                 if missing:
                     raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
             except Abort as err:
@@ -459,7 +497,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     async def CancelTasks(self, request, context):
         return pb.CancelTasksResponse(
             updates=await self._command(
-                "cancel", request.task_ids, request.request_id, self._owner(context)
+                "cancel", request.task_ids, request.request_id, context
             )
         )
 
@@ -467,7 +505,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     async def HoldTasks(self, request, context):
         return pb.HoldTasksResponse(
             updates=await self._command(
-                "hold", request.task_ids, request.request_id, self._owner(context)
+                "hold", request.task_ids, request.request_id, context
             )
         )
 
@@ -475,7 +513,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     async def ReleaseTasks(self, request, context):
         return pb.ReleaseTasksResponse(
             updates=await self._command(
-                "release", request.task_ids, request.request_id, self._owner(context)
+                "release", request.task_ids, request.request_id, context
             )
         )
 
@@ -483,7 +521,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     async def RetryTasks(self, request, context):
         return pb.RetryTasksResponse(
             updates=await self._command(
-                "retry", request.task_ids, request.request_id, self._owner(context)
+                "retry", request.task_ids, request.request_id, context
             )
         )
 
@@ -491,7 +529,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     async def GiveUpTasks(self, request, context):
         return pb.GiveUpTasksResponse(
             updates=await self._command(
-                "give-up", request.task_ids, request.request_id, self._owner(context)
+                "give-up", request.task_ids, request.request_id, context
             )
         )
 
@@ -500,7 +538,8 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         requested = check_ids(request.task_ids)
         ids = list(dict.fromkeys(requested))  # one new task per old one, named once
         rows = await self.core.store.get_tasks(ids)
-        missing = [tid for tid in ids if tid not in rows]
+        scope = self._scope(context)
+        missing = [tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]
         if missing:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         by_endpoint: dict[str, list] = {}
@@ -554,7 +593,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                         endpoint_id,
                         group[0].owner,
                         tasks,
-                        request.session_id,
+                        self._watch_key(owner, request.session_id),
                         time.time(),
                         resubmitted_from=tuple(r.task_id for r in group),
                         settled_inputs=settled or None,
@@ -574,8 +613,11 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     @refusing
     async def ListEndpoints(self, request, context):
         scheduler = self.core.scheduler
+        scope = self._scope(context)
         out = []
         for row in sorted(self.core.endpoints.values(), key=lambda r: r.name):
+            if scope is not None and not self.core.may_use_endpoint(row, scope):
+                continue
             agents = [a for a in scheduler.agents.values() if a.endpoint_id == row.endpoint_id]
             out.append(
                 pb.Endpoint(
@@ -601,7 +643,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
 
     @refusing
     async def GetStats(self, request, context):
-        counts = await self.core.store.count_by_state()
+        counts = await self.core.store.count_by_state(self._scope(context))
         scheduler = self.core.scheduler
         online = {a.endpoint_id for a in scheduler.agents.values()}
         return pb.GetStatsResponse(

@@ -298,6 +298,18 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     _loopback_only(monkeypatch)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ``$HEARTLINE_HOME`` for tests that set none (in-process servers write their
+    admin token there, and clients read it), so no test reads or writes ``~/.heartline``.
+    The ``home`` fixture and module stacks set their own on top of it."""
+    path = tmp_path_factory.mktemp("session-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEARTLINE_HOME", str(path))
+        mp.delenv("HEARTLINE_TOKEN", raising=False)
+        yield path
+
+
 # --------------------------------------------------------------------------- per test
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cloudpickle
 import grpc
 
+from heartline import _defaults
 from heartline._serialize import describe_exception, fill_inputs
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
@@ -320,15 +321,61 @@ def grpcurl(
     data: Any = None,
     options: tuple[str, ...] = (),
     timeout: float = 30.0,
+    token: str | bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real grpcurl binary; ``options`` go before the address."""
-    cmd = [grpcurl_path(), "-plaintext", *options]
+    """Run the real grpcurl binary; ``options`` go before the address. It speaks plaintext
+    unless ``options`` set up TLS (``-cacert``, ``-cert``/``-key`` or ``-insecure``).
+
+    ``token``: True sends the token a client would (``$HEARTLINE_TOKEN``, else the token
+    file in ``$HEARTLINE_HOME``) as ``-H 'authorization: Bearer ...'``; a string sends
+    that one; False sends none.
+    """
+    tls = any(flag in options for flag in ("-cacert", "-cert", "-insecure"))
+    cmd = [grpcurl_path(), *(() if tls else ("-plaintext",)), *options]
+    bearer = _defaults.token() if token is True else token or None
+    if bearer:
+        cmd += ["-H", f"authorization: Bearer {bearer}"]
     if data is not None:
         cmd += ["-d", data if isinstance(data, str) else json.dumps(data)]
     cmd += [address, *args]
     return subprocess.run(
         cmd, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+def authed_channel(address: str, token: str | None = None) -> grpc.Channel:
+    """A plaintext (blocking) channel whose calls carry ``token``, else the token a
+    client would send (``$HEARTLINE_TOKEN``, else the token file in ``$HEARTLINE_HOME``)."""
+    channel = grpc.insecure_channel(address)
+    bearer = token or _defaults.token()
+    return grpc.intercept_channel(channel, _Bearer(bearer)) if bearer else channel
 
 
 # --------------------------------------------------------------------------- a fake TaskService

@@ -18,7 +18,7 @@ import heartline
 from heartline import Client, Executor, TaskState
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from tests.conftest import Stack
-from tests.helpers import start_blocker
+from tests.helpers import authed_channel, start_blocker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -61,7 +61,7 @@ def total_tasks(hc: Client) -> int:
 
 @pytest.fixture
 def stub(stack: Stack) -> Iterator[task_service_pb2_grpc.TaskServiceStub]:
-    with grpc.insecure_channel(stack.address) as channel:
+    with authed_channel(stack.address) as channel:
         yield task_service_pb2_grpc.TaskServiceStub(channel)
 
 
@@ -302,3 +302,28 @@ def test_server_still_answers_after_all_of_it(stack: Stack, hc: Client, canaries
     assert hc.get_result(hc.submit("local", square, 12), timeout=TIMEOUT) == 144
     assert time.monotonic() - t0 < TIMEOUT
     assert_nothing_lost(hc, canaries)
+
+
+def test_a_huge_unknown_endpoint_name_is_not_found_and_not_echoed_whole(
+    stack: Stack, hc: Client, canaries: dict[str, object]
+) -> None:
+    name = "x" * 10_000
+    with pytest.raises(heartline.NotFoundError) as info:
+        hc.submit(name, pow, 2, 3)
+    assert len(str(info.value)) < 400 and "unknown endpoint 'xxx" in str(info.value)
+    assert_nothing_lost(hc, canaries)
+
+
+def test_get_tasks_naming_one_id_many_times_answers_it_once_per_distinct_id(
+    stack: Stack, hc: Client, canaries: dict[str, object]
+) -> None:
+    first, second = list(canaries)[:2]
+    with authed_channel(stack.address) as channel:
+        stub = task_service_pb2_grpc.TaskServiceStub(channel)
+        reply = stub.GetTasks(
+            task_service_pb2.GetTasksRequest(task_ids=[first] * 5000 + [second, first], include_history=True),
+            timeout=TIMEOUT,
+        )
+    assert [t.task_id for t in reply.tasks] == [first, second]
+    # The client keeps the order given, repeats included.
+    assert [t.id for t in hc.get_tasks([second, first, second])] == [second, first, second]

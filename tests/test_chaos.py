@@ -289,6 +289,7 @@ def test_chaos_settles_every_task_exactly_once(
     print(f"chaos seed {seed} (replay with HEARTLINE_CHAOS_SEED={seed})")
     chaos = Chaos(tmp_path, random.Random(seed))
     monkeypatch.setenv("HEARTLINE_ADDRESS", chaos.address)
+    monkeypatch.setenv("HEARTLINE_HOME", str(chaos.home))  # its server's token file
     try:
         run_chaos(chaos, seed)
     except Exception as exc:

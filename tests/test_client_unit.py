@@ -61,9 +61,10 @@ def boom(msg):
 # -- configuration -----------------------------------------------------------------
 
 
-def test_address_and_token_from_environment(monkeypatch):
+def test_address_and_token_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("HEARTLINE_ADDRESS", raising=False)
     monkeypatch.delenv("HEARTLINE_TOKEN", raising=False)
+    monkeypatch.setenv("HEARTLINE_HOME", str(tmp_path))  # no token file there
     assert resolve_address(None) == "127.0.0.1:50051"
     assert resolve_metadata(None) is None
     monkeypatch.setenv("HEARTLINE_ADDRESS", "10.0.0.1:6000")
@@ -247,7 +248,7 @@ def test_task_from_proto_every_field():
         payload_purged=False,
     )
     task = Task._from_proto(msg)
-    utc = datetime.timezone.utc
+    utc = datetime.UTC
     assert task.id == "t1"
     assert task.state is TaskState.ERRORED and not task.pending
     assert (task.endpoint, task.endpoint_id, task.function_id) == ("local", "e1", "f1")
@@ -587,9 +588,8 @@ def test_executor_submit_map_and_errors(fake_auto):
 
 
 def test_executor_unknown_endpoint_fails_futures(fake):
-    with Executor("nowhere", fake.address) as ex:
-        with pytest.raises(heartline.NotFoundError):
-            ex.submit(square, 1).result(WAIT)
+    with Executor("nowhere", fake.address) as ex, pytest.raises(heartline.NotFoundError):
+        ex.submit(square, 1).result(WAIT)
 
 
 def test_executor_cancel_sends_cancel(fake):

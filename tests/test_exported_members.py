@@ -24,6 +24,7 @@ def test_heartline_exported_members():
         "ResourceExhaustedError",
         "SerializationError",
         "SkipReason",
+        "TLS",
         "Task",
         "TaskFailedError",
         "TaskRef",
@@ -62,6 +63,7 @@ def test_client_exported_members():
         "TaskRef",
         "TaskTransition",
         "TaskUpdate",
+        "TokenInfo",
         "When",
     ]
     for name in heartline.client.__all__:

@@ -12,6 +12,7 @@ from tests.helpers import grpcurl
 SERVICES = {
     "heartline.v1.TaskService",
     "heartline.v1.EndpointService",
+    "heartline.v1.AdminService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
 }
@@ -39,7 +40,7 @@ def test_health_check_serves(server: ServerProc) -> None:
     assert json.loads(out.stdout) == {"status": "SERVING"}
 
 
-def test_read_rpcs_in_json_form(server: ServerProc, agent) -> None:  # noqa: ANN001
+def test_read_rpcs_in_json_form(server: ServerProc, agent) -> None:
     with Client(server.address) as hc:
         tid = hc.submit("local", pow, 2, 5)
         assert hc.get_result(tid, timeout=30) == 32
@@ -72,7 +73,7 @@ def test_read_rpcs_in_json_form(server: ServerProc, agent) -> None:  # noqa: ANN
     assert stats["agents_online"] == "1"
 
 
-def test_watch_tasks_streams_current_state(server: ServerProc, agent) -> None:  # noqa: ANN001
+def test_watch_tasks_streams_current_state(server: ServerProc, agent) -> None:
     with Client(server.address) as hc:
         tid = hc.submit("local", abs, -3)
         assert hc.get_result(tid, timeout=30) == 3

@@ -130,18 +130,22 @@ def test_buf_lint_fails_on_a_broken_copy(tmp_path: Path, breakage: str) -> None:
     assert rule in {f["type"] for f in findings}, findings or stderr
 
 
-def _services():  # noqa: ANN202
-    from heartline.v1 import endpoint_service_pb2, task_service_pb2
+def _services():
+    from heartline.v1 import admin_service_pb2, endpoint_service_pb2, task_service_pb2
 
     return {
         "heartline.v1.TaskService": task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
         "heartline.v1.EndpointService": endpoint_service_pb2.DESCRIPTOR.services_by_name[
             "EndpointService"
         ],
+        "heartline.v1.AdminService": admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
     }
 
 
-@pytest.mark.parametrize("service", ["heartline.v1.TaskService", "heartline.v1.EndpointService"])
+@pytest.mark.parametrize(
+    "service",
+    ["heartline.v1.TaskService", "heartline.v1.EndpointService", "heartline.v1.AdminService"],
+)
 def test_every_rpc_has_its_own_request_and_response(service: str) -> None:
     descriptor = _services()[service]
     assert descriptor.full_name == service

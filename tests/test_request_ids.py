@@ -24,7 +24,7 @@ from heartline.server._store import SqliteStore
 from heartline.v1 import task_pb2, task_service_pb2_grpc
 from heartline.v1 import task_service_pb2 as pb
 from tests.conftest import ServerProc, launch_agent, launch_server, relaunch_server
-from tests.helpers import Proc, agents_online, assert_eventually
+from tests.helpers import Proc, agents_online, assert_eventually, authed_channel
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -47,7 +47,7 @@ def specs(stub: task_service_pb2_grpc.TaskServiceStub, n: int, base: int = 2) ->
 def test_a_repeated_submit_answers_the_same_ids_even_after_a_restart(
     server: ServerProc, agent: Proc
 ) -> None:
-    with grpc.insecure_channel(server.address) as channel:
+    with authed_channel(server.address) as channel:
         stub = task_service_pb2_grpc.TaskServiceStub(channel)
         request = pb.SubmitTasksRequest(endpoint="local", tasks=specs(stub, 5), request_id="job-1")
         first = list(stub.SubmitTasks(request).task_ids)
@@ -77,7 +77,7 @@ def test_a_repeated_submit_answers_the_same_ids_even_after_a_restart(
 
     server.proc.kill()
     restarted = relaunch_server(server)
-    with grpc.insecure_channel(restarted.address) as channel:
+    with authed_channel(restarted.address) as channel:
         stub = task_service_pb2_grpc.TaskServiceStub(channel)
         assert list(stub.SubmitTasks(request).task_ids) == first  # read back from the store
     with Client(restarted.address) as hc:
@@ -85,7 +85,7 @@ def test_a_repeated_submit_answers_the_same_ids_even_after_a_restart(
 
 
 def test_a_repeated_command_is_answered_not_applied_again(server: ServerProc, agent: Proc) -> None:
-    with grpc.insecure_channel(server.address) as channel:
+    with authed_channel(server.address) as channel:
         stub = task_service_pb2_grpc.TaskServiceStub(channel)
         [tid] = stub.SubmitTasks(pb.SubmitTasksRequest(endpoint="local", tasks=specs(stub, 1))).task_ids
         release = pb.ReleaseTasksRequest(task_ids=[tid], request_id="release-1")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from heartline import AsyncClient, HeartlineError
+from heartline import AsyncClient, HeartlineError, _defaults
 from heartline.server import Server, ServerConfig
 
 # The server runs on the test's own event loop: the watchdog checks that nothing blocks it.
@@ -57,7 +57,10 @@ async def test_a_client_giving_up_on_a_command_does_not_drop_its_announcement(
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = endpoint_service_pb2_grpc.EndpointServiceStub(channel)
-            await stub.RegisterEndpoint(endpoint_service_pb2.RegisterEndpointRequest(name="nobody"))
+            await stub.RegisterEndpoint(
+                endpoint_service_pb2.RegisterEndpointRequest(name="nobody"),
+                metadata=_defaults.bearer_metadata(_defaults.token()),
+            )
         async with AsyncClient(server.address) as client, AsyncClient(server.address) as watcher:
             tid = await client.submit("nobody", pow, 2, 3, held=True)
             waiting = asyncio.ensure_future(watcher.get_result(tid, timeout=30))

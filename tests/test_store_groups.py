@@ -294,9 +294,9 @@ async def test_a_file_of_schema_version_2_is_refused_untouched(tmp_path: Path) -
         "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, group_id TEXT NOT NULL);"
     )
     conn.close()
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     s = SqliteStore(path)
-    with pytest.raises(sqlite3.DatabaseError, match=r"schema version 2, this heartline reads 3"):
+    with pytest.raises(sqlite3.DatabaseError, match=r"schema version 2, this heartline reads 4"):
         await s.open()
     conn = sqlite3.connect(path)
     try:

@@ -114,7 +114,8 @@ def test_health_serving_means_a_submit_to_local_works_ten_fresh_starts(tmp_path:
                 assert proc.popen.poll() is None, f"run {run}: up exited:\n{proc.text()}"
                 assert time.monotonic() < deadline, f"run {run}: never SERVING:\n{proc.text()}"
                 time.sleep(0.02)
-            with Client(address) as hc:
+            # The admin token `up` wrote, as a client with this HEARTLINE_HOME reads it.
+            with Client(address, token=(home / "token").read_text().strip()) as hc:
                 tid = hc.submit("local", pow, 2, run)
                 assert hc.get_result(tid, timeout=TIMEOUT) == 2**run, f"run {run}"
             _stop(proc)
