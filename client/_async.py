@@ -319,6 +319,23 @@ class AsyncClient(AdminCalls, ClientBase):
         )
         return await self._submit_prepared(endpoint, self._prepare(calls, options))
 
+    async def register_function(self, function: Any, /) -> str:
+        """Send ``function`` to the server (once per client, as a submit does) and return
+        its id: the sha256 of its pickle, what an endpoint's allow-list names
+        (``heartline endpoint start --allow-function ID``). The same function object
+        gives the same id for as long as this process keeps it; an edited function
+        gets a new one.
+
+        Raises:
+            SerializationError: the function can't be pickled (nothing sent).
+            ResourceExhaustedError: it is over the payload limit, or the functions you
+                stored would pass the server's byte budget per user.
+        """
+        fid, payload = self._functions.lookup(function)
+        self._open()
+        await self._register({fid: payload})
+        return fid
+
     async def _submit_prepared(self, endpoint: str, prepared: PreparedBatch) -> list[str]:
         requests = list(self._submit_requests(endpoint, prepared.specs))
         if not requests:

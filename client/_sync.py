@@ -158,6 +158,12 @@ class Client:
         """Submit many ``(function, args, kwargs)`` calls; see :meth:`AsyncClient.submit_batch`."""
         return self._run(self._async.submit_batch(endpoint, calls, **options))
 
+    def register_function(self, function: Any, /) -> str:
+        """Send ``function`` to the server and return its id (for an endpoint's allow-list:
+        ``heartline endpoint start --allow-function ID``); see
+        :meth:`AsyncClient.register_function`."""
+        return self._run(self._async.register_function(function))
+
     def get_result(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for a task's value or error; see :meth:`AsyncClient.get_result`."""
         return self._run(self._async.get_result(task_id, timeout))

@@ -410,6 +410,11 @@ class Agent:
                 for task_id, attempt in self._unacked
             ],
             hostname=socket.gethostname(),
+            allowed_functions=(
+                None
+                if self._config.allowed_functions is None
+                else pb.AllowedFunctions(function_ids=sorted(self._config.allowed_functions))
+            ),
         )
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +57,12 @@ class AgentConfig:
     """Largest reconnect backoff in seconds (full jitter below it)."""
 
     allowed_functions: frozenset[str] | None = None
-    """Function ids this endpoint runs; None allows all. A task whose function is not
-    allowed is reported ERRORED and never run."""
+    """Function ids this endpoint runs (its allow-list; ``Client.register_function(fn)``
+    returns a function's id); None allows all. The agent tells the server in its hello,
+    so a submit of another function is refused (PERMISSION_DENIED); a task of another
+    function that reaches the agent anyway is reported ERRORED and never run.
+    ``heartline endpoint start`` takes it from ``--allow-function``, else from the
+    endpoint's config file (:func:`read_endpoint_file`)."""
 
     metrics: str | None = None
     """``HOST:PORT`` to serve Prometheus metrics on (path ``/metrics``); None serves
@@ -80,7 +86,13 @@ class AgentConfig:
             raise ValueError(f"tls must be a heartline.TLS or None, not {self.tls!r}")
         object.__setattr__(self, "home", Path(self.home).expanduser())
         if self.allowed_functions is not None:
-            object.__setattr__(self, "allowed_functions", frozenset(self.allowed_functions))
+            if isinstance(self.allowed_functions, str):
+                raise ValueError(
+                    "allowed_functions must be a collection of function ids, not one string"
+                )
+            allowed = frozenset(self.allowed_functions)
+            check_function_ids(allowed, "allowed_functions")
+            object.__setattr__(self, "allowed_functions", allowed)
 
     @property
     def effective_prefetch(self) -> int:
@@ -91,6 +103,79 @@ class AgentConfig:
     def endpoint_dir(self) -> Path:
         """This endpoint's folder under ``home``."""
         return self.home / "endpoints" / self.name
+
+    @property
+    def endpoint_file(self) -> Path:
+        """This endpoint's config file: ``<home>/endpoints/<name>/config.toml`` (see
+        :func:`read_endpoint_file`)."""
+        return self.endpoint_dir / _defaults.ENDPOINT_CONFIG_FILE
+
+
+def check_function_ids(ids: Iterable[object], where: str) -> None:
+    """Raise ValueError unless every id is a function id (a sha256 hex digest) and there
+    are at most ``MAX_ALLOWED_FUNCTIONS``."""
+    count = 0
+    for fid in ids:
+        count += 1
+        if not isinstance(fid, str) or not _defaults.FUNCTION_ID.match(fid):
+            raise ValueError(
+                f"{where}: {str(fid)[:80]!r} is not a function id (the 64 lowercase hex "
+                "digits Client.register_function returns)"
+            )
+    if count > _defaults.MAX_ALLOWED_FUNCTIONS:
+        raise ValueError(
+            f"{where}: {count} function ids; at most {_defaults.MAX_ALLOWED_FUNCTIONS}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointFile:
+    """An endpoint's own settings, from ``<home>/endpoints/<name>/config.toml``."""
+
+    allowed_functions: frozenset[str] | None = None
+    """The function allow-list (key ``allowed_functions``, a list of function ids; an
+    empty list allows none); None when the file sets none."""
+
+
+_ENDPOINT_FILE_KEYS = frozenset({"allowed_functions"})
+
+
+def read_endpoint_file(path: Path) -> EndpointFile:
+    """Read an endpoint's config file; a missing file sets nothing.
+
+    Example ``config.toml``::
+
+        # Only these functions run here (ids from Client.register_function).
+        allowed_functions = [
+            "3f9a...",
+        ]
+
+    Raises:
+        ValueError: the file can't be read, is not TOML, has an unknown key, or a value
+            that is not a list of function ids. The message names the file.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return EndpointFile()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - _ENDPOINT_FILE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(sorted(_ENDPOINT_FILE_KEYS))}"
+        )
+    allowed = data.get("allowed_functions")
+    if allowed is None:
+        return EndpointFile()
+    if not isinstance(allowed, list):
+        raise ValueError(f"{path}: allowed_functions must be a list of function ids")  # noqa: TRY004 - a bad file, as any other
+    check_function_ids(allowed, f"{path}: allowed_functions")
+    return EndpointFile(allowed_functions=frozenset(allowed))
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,8 +42,10 @@ def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_n
 
     meta = click.get_current_context().meta
     tls = {f: Path(v) if (v := meta.get(f"heartline.{f}")) else None for f in _SERVER_TLS_FIELDS}
+    limits = {f: v for f in _SERVER_LIMIT_FIELDS if (v := meta.get(f"heartline.{f}")) is not None}
     return ServerConfig(
         **tls,
+        **limits,
         listen=listen,
         db_path=Path(db) if db else None,
         heartbeat_interval=heartbeat_interval,
@@ -82,6 +84,13 @@ _server_tls_options = [
     click.option("--tls-client-ca", type=click.Path(dir_okay=False), expose_value=False, callback=keep_in_context, help="Require client certificates signed by this CA (PEM): mutual TLS."),
 ]  # fmt: skip
 
+# Per-user limits (SPEC section 6); like the TLS options, they wait in the click context.
+_SERVER_LIMIT_FIELDS = ("max_watches_per_user", "max_pending_per_user")
+_server_limit_options = [
+    click.option("--max-watches-per-user", type=click.IntRange(min=1), default=None, expose_value=False, callback=keep_in_context, help=f"Most watch streams one user may hold open [default: {_defaults.MAX_WATCHES_PER_USER}]."),
+    click.option("--max-pending-per-user", type=click.IntRange(min=1), default=None, expose_value=False, callback=keep_in_context, help=f"Most pending tasks one user may have; a submit past it is refused [default: {_defaults.MAX_PENDING_PER_USER}]."),
+]  # fmt: skip
+
 _server_options = [
     click.option("--listen", default=_defaults.DEFAULT_ADDRESS, show_default=True, help="HOST:PORT to serve on."),
     click.option("--db", type=click.Path(dir_okay=False), help="SQLite store [default: $HEARTLINE_HOME/heartline.db]."),
@@ -92,6 +101,7 @@ _server_options = [
     click.option("--validate", is_flag=True, hidden=True, help="Check scheduler invariants every step (tests)."),
     _metrics_option,
     *_server_tls_options,
+    *_server_limit_options,
 ]
 
 
@@ -202,14 +212,37 @@ def endpoint() -> None:
 @click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("--stop-with-fd", type=int, default=None, hidden=True, help="Stop when this pipe closes (heartline up).")
+@click.option("--allow-function", "allow_functions", multiple=True, metavar="ID", help="Run only this function (its id, from Client.register_function); repeat for more. Replaces the allowed_functions of the endpoint's config file [default: that list, else every function].")
 @_metrics_option
 @tls_client_options
-def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd, metrics) -> None:
-    """Start an endpoint agent that runs tasks on this machine."""
+def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd, allow_functions, metrics) -> None:
+    """Start an endpoint agent that runs tasks on this machine.
+
+    Its settings file, $HEARTLINE_HOME/endpoints/NAME/config.toml, may hold the
+    function allow-list: allowed_functions = ["ID", ...].
+    """
+    from heartline._defaults import ENDPOINT_NAME, ENDPOINT_NAME_RULE
     from heartline.endpoint import AgentConfig, run_agent
+    from heartline.endpoint._config import check_function_ids, read_endpoint_file
 
     _setup_logging(verbose)
+    if not ENDPOINT_NAME.match(name):
+        raise click.BadParameter(f"invalid endpoint name {name[:80]!r}: {ENDPOINT_NAME_RULE}", param_hint="--name")
     kwargs = {"name": name, "token": token, "metrics": metrics, "tls": cli_tls()}
+    if allow_functions:
+        try:
+            check_function_ids(allow_functions, "--allow-function")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--allow-function: "), param_hint="--allow-function") from None
+        kwargs["allowed_functions"] = frozenset(allow_functions)
+    else:
+        home = _defaults.home()
+        try:
+            kwargs["allowed_functions"] = read_endpoint_file(
+                home / "endpoints" / name / _defaults.ENDPOINT_CONFIG_FILE
+            ).allowed_functions
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     kwargs["server"] = _defaults.address(server_address)
     if workers is not None:
         if workers < 1:

@@ -29,6 +29,9 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A valid endpoint name (it also names the agent's folder, so it is a safe path part)."""
 ENDPOINT_NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+FUNCTION_ID = re.compile(r"^[0-9a-f]{64}$")
+"""A function id: the sha256 hex digest of the pickled function (RegisterFunction's answer,
+``Client.register_function``'s return value)."""
 
 HEARTBEAT_INTERVAL = 5.0
 """Seconds between agent heartbeats; the server sends its own value in the welcome."""
@@ -55,6 +58,18 @@ MAX_TASKS_PER_SUBMIT = 10_000
 """Most tasks in one SubmitTasks request, or in one group (DAG and finally tasks)."""
 MAX_GROUP_NAME = 128
 """Longest group name, in characters."""
+MAX_WATCHES_PER_USER = 256
+"""Most WatchTasks streams one user may hold open at once (RESOURCE_EXHAUSTED past it).
+A client holds one for its session, plus one per wait on a task or group it did not
+submit itself."""
+MAX_PENDING_PER_USER = 1_000_000
+"""Most pending (queued, held, waiting or running) tasks one user may have; a submit
+that would pass it is refused whole (RESOURCE_EXHAUSTED) and stores nothing."""
+MAX_ALLOWED_FUNCTIONS = 10_000
+"""Most function ids in an endpoint's allow-list (an agent's hello carries it)."""
+ENDPOINT_CONFIG_FILE = "config.toml"
+"""An endpoint's own settings, in its folder ``<home>/endpoints/<name>/``: so far
+``allowed_functions = ["<function id>", ...]``, the function allow-list."""
 
 # Caches of pickled functions (SPEC: bounded memory for long-running processes). The
 # server remembers which functions each agent stream has been sent; the agent keeps at

@@ -22,6 +22,15 @@ class ServerConfig:
     """Largest function, argument or result payload, in bytes (RESOURCE_EXHAUSTED above)."""
     max_function_bytes: int = _defaults.MAX_FUNCTION_BYTES_PER_USER
     """Most bytes of stored functions per user (RESOURCE_EXHAUSTED past it)."""
+    max_watches_per_user: int = _defaults.MAX_WATCHES_PER_USER
+    """Most WatchTasks streams one user may hold open at once; one more is refused
+    RESOURCE_EXHAUSTED until one closes. With auth off every caller is one user,
+    ``anonymous``."""
+    max_pending_per_user: int = _defaults.MAX_PENDING_PER_USER
+    """Most pending tasks (not yet settled: held, waiting, queued or on an agent) one
+    user may have; a SubmitTasks, SubmitGroup or ResubmitTasks that would pass it is
+    refused whole (RESOURCE_EXHAUSTED) and stores nothing. A retry of ERRORED tasks is
+    not refused, so a user may pass it by the tasks retried."""
     errored_retention: float = 7 * 24 * 3600.0
     """Seconds an ERRORED task waits for a retry before it becomes FAILED."""
     result_retention: float = 7 * 24 * 3600.0
@@ -48,6 +57,12 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     """PEM file of the CA(s) whose client certificates the server accepts; given, every
     client must present one (mutual TLS). Needs ``tls_cert`` and ``tls_key``."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_watches_per_user", "max_pending_per_user"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int of at least 1, not {value!r}")
 
     @property
     def tls_mode(self) -> str:

@@ -10,10 +10,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
 
+from heartline import _defaults
 from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
@@ -336,6 +337,13 @@ class ServerCore:
         self.shares: dict[str, set[str]] = {}
         """endpoint_id -> the users besides its owner who may use it (kept in step with
         the store by AdminService.ShareEndpoint)."""
+        self.allowed_functions: dict[str, frozenset[str]] = {}
+        """endpoint_id -> its function allow-list, as its agents' last hello gave it (and
+        kept in the store, so it holds across restarts before they reconnect); an
+        endpoint without one runs every function."""
+        self.watches_by_user: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        """Open WatchTasks streams by user (config.max_watches_per_user bounds each)."""
         self.start_time = time.time()
         self._later: list[Event] = []
         # The newest store write: writes commit in order, so once it has committed every
@@ -353,6 +361,7 @@ class ServerCore:
         self.function_bytes = await self.store.function_bytes_by_owner()
         for endpoint_id, user in await self.store.load_shares():
             self.shares.setdefault(endpoint_id, set()).add(user)
+        self.allowed_functions = await self.store.load_allowed_functions()
         rows = await self.store.load_unsettled()
         # Metrics count tasks by state from here on; only they need the settled ones.
         counts = await self.store.count_by_state() if self.config.metrics else None
@@ -529,6 +538,106 @@ class ServerCore:
     def shared_with(self, endpoint_id: str) -> frozenset[str] | set[str]:
         """The users an endpoint is shared with (see ``heartline endpoints share``)."""
         return self.shares.get(endpoint_id, frozenset())
+
+    def set_allowed_functions(
+        self, endpoint: EndpointRow, function_ids: frozenset[str] | None, agent_id: str
+    ) -> None:
+        """The hello of agent ``agent_id`` gave the endpoint's allow-list (None: it has
+        none): keep it, in memory at once, and in the store (written only when it
+        changed; queued now, so writes keep the order of hellos, and not waited for:
+        the hello does not stall behind a commit)."""
+        endpoint_id = endpoint.endpoint_id
+        if self.allowed_functions.get(endpoint_id) == function_ids:
+            return
+        if function_ids is None:
+            del self.allowed_functions[endpoint_id]
+        else:
+            self.allowed_functions[endpoint_id] = function_ids
+        others = sum(
+            1
+            for a in self.scheduler.agents.values()
+            if a.endpoint_id == endpoint_id and a.agent_id != agent_id
+        )
+        level = logging.WARNING if others else logging.INFO
+        log.log(
+            level,
+            "event=allow-list-changed endpoint=%s functions=%s connected_agents=%d%s",
+            endpoint.name,
+            "all" if function_ids is None else len(function_ids),
+            others,
+            ": the agents of one endpoint should share one allow-list (the last hello's holds)"
+            if others
+            else "",
+        )
+        task = asyncio.ensure_future(self._store_allowed(endpoint, function_ids))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _store_allowed(
+        self, endpoint: EndpointRow, function_ids: frozenset[str] | None
+    ) -> None:
+        try:
+            await self.store.set_allowed_functions(endpoint.endpoint_id, function_ids)
+        except Exception as exc:  # noqa: BLE001 - memory holds it until a restart
+            log.error("event=allow-list-not-stored endpoint=%s error=%r", endpoint.name, exc)
+
+    def function_refusal(self, endpoint: EndpointRow, function_ids: Iterable[str]) -> str | None:
+        """Why the endpoint refuses one of these functions (its allow-list has it not),
+        or None if it runs them all."""
+        allowed = self.allowed_functions.get(endpoint.endpoint_id)
+        if allowed is None:
+            return None
+        refused = sorted(set(function_ids) - allowed)
+        if not refused:
+            return None
+        more = f" (and {len(refused) - 1} more of this request)" if len(refused) > 1 else ""
+        return (
+            f"function {refused[0]}{more} is not allowed on endpoint {endpoint.name!r} "
+            f"(id {endpoint.endpoint_id}): its agents run only the {len(allowed)} "
+            f"function{'' if len(allowed) == 1 else 's'} of its allow-list (`heartline "
+            "endpoint start --allow-function ID`, or "
+            f"allowed_functions in its {_defaults.ENDPOINT_CONFIG_FILE})"
+        )
+
+    def pending_refusal(self, new_tasks: Mapping[str, int]) -> str | None:
+        """Why a submit of this many new tasks per owner would pass the limit of pending
+        tasks per user (``config.max_pending_per_user``), or None. Called with no await
+        between it and the feed, so concurrent submits can't both slip under it."""
+        limit = self.config.max_pending_per_user
+        pending = self.scheduler.pending_by_owner
+        for owner, count in new_tasks.items():
+            have = pending.get(owner, 0)
+            if have + count > limit:
+                return (
+                    f"user {owner!r} has {have} pending tasks, and {count} more would pass "
+                    f"the limit of {limit} pending tasks per user (max_pending_per_user, "
+                    "`heartline server --max-pending-per-user`): nothing was stored; "
+                    "submit again once some settle, or cancel some"
+                )
+        return None
+
+    def open_watch(self, user: str) -> str | None:
+        """Count a new WatchTasks stream of the user; or, past the limit of open watch
+        streams per user, count nothing and say why. Each stream counted is released
+        with :meth:`close_watch`."""
+        limit = self.config.max_watches_per_user
+        have = self.watches_by_user.get(user, 0)
+        if have >= limit:
+            return (
+                f"user {user!r} has {have} watch streams open, the limit of open watch "
+                f"streams per user ({limit}, max_watches_per_user, `heartline server "
+                "--max-watches-per-user`): close one (a client holds one for its "
+                "session, and one per wait on a task or group it did not submit)"
+            )
+        self.watches_by_user[user] = have + 1
+        return None
+
+    def close_watch(self, user: str) -> None:
+        left = self.watches_by_user.get(user, 0) - 1
+        if left > 0:
+            self.watches_by_user[user] = left
+        else:
+            self.watches_by_user.pop(user, None)
 
     async def ensure_endpoint(self, name: str, owner: str) -> EndpointRow:
         """The owner's endpoint of this name, registered (durably) if it is new."""

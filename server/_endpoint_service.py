@@ -11,8 +11,10 @@ import grpc
 from heartline._defaults import (
     ENDPOINT_NAME,
     ENDPOINT_NAME_RULE,
+    FUNCTION_ID,
     HELLO_TAKEOVER_SILENCE,
     HELLO_TIMEOUT,
+    MAX_ALLOWED_FUNCTIONS,
 )
 from heartline.server._auth import caller, registering_refusal, serving_refusal
 from heartline.server._convert import error_from_proto, state_from_proto
@@ -89,6 +91,18 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 f"hello needs an agent_id of 1-{MAX_AGENT_ID} characters, a capacity in "
                 f"1..{MAX_CAPACITY} and a prefetch >= 0",
             )
+        allowed: frozenset[str] | None = None
+        if hello.HasField("allowed_functions"):
+            ids = hello.allowed_functions.function_ids
+            bad = next((fid for fid in ids if not FUNCTION_ID.match(fid)), None)
+            if bad is not None or len(ids) > MAX_ALLOWED_FUNCTIONS:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"hello's allowed_functions must hold at most {MAX_ALLOWED_FUNCTIONS} "
+                    "function ids (sha256 hex digests)"
+                    + ("" if bad is None else f"; {bad[:80]!r} is none"),
+                )
+            allowed = frozenset(ids)
         held = []
         for h in hello.held_tasks:
             state = state_from_proto(h.state)
@@ -112,6 +126,8 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 )
             previous.close("the agent opened a new stream")
         self.core.connections[agent_id] = conn
+        # Only a hello let in sets the endpoint's allow-list (not one refused above).
+        self.core.set_allowed_functions(endpoint, allowed, agent_id)
         await context.write(
             pb.ConnectResponse(
                 welcome=pb.Welcome(

@@ -152,7 +152,7 @@ class GroupRpcs:
             validate([_shape(spec, is_finally) for spec, is_finally in specs])
         except GroupError as err:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-        await self._check_functions({spec.function_id for spec, _ in specs})
+        await self._check_functions({spec.function_id for spec, _ in specs}, endpoint)
         task_of = {spec.name: str(uuid.uuid4()) for spec, _ in specs}
         tasks: list[NewTask] = [
             self._new_task(
@@ -178,6 +178,7 @@ class GroupRpcs:
                 group_id=earlier.task_ids[0], task_ids=earlier.task_ids[1:]
             )
         # No await from here to the feed (see server/_requests.py).
+        self._check_pending({owner: len(tasks)})
         group_id = str(uuid.uuid4())
         ids = [task.task_id for task in tasks]
         group = NewGroup(

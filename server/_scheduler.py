@@ -179,6 +179,9 @@ class Scheduler(GroupSteps):
         # per transition, never a scan); read by a scrape on this loop.
         self.tasks_by_state: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
         """Tasks in each state, evicted (settled) ones included; see restore()."""
+        self.pending_by_owner: dict[str, int] = {}
+        """Pending tasks by owner (owners with none absent): what the limit of pending
+        tasks per user is checked against; kept in _record, one step per transition."""
         self.dispatch_latency = Buckets(DISPATCH_LATENCY_BOUNDS)
         """Seconds from submission to each dispatch (a re-dispatch counts from the
         original submission too)."""
@@ -269,6 +272,10 @@ class Scheduler(GroupSteps):
             if group.deadline is not None and not group.counts.settled:
                 heapq.heappush(self._deadlines, (group.deadline, group.group_id))
         self.tasks_by_state = dict.fromkeys(TaskState, 0)
+        pending = self.pending_by_owner = {}
+        for row in rows:
+            if row.state in PENDING_STATES:
+                pending[row.owner] = pending.get(row.owner, 0) + 1
         if counts is None:
             for row in rows:
                 self.tasks_by_state[row.state] += 1
@@ -770,6 +777,18 @@ class Scheduler(GroupSteps):
         if task.task_id not in step.new:
             step.dirty[task.task_id] = task
         settled = finish not in PENDING_STATES
+        if settled is (start is not None and start in PENDING_STATES):
+            # Into the pending states (a submission row starts from none), or out of them.
+            pending = self.pending_by_owner
+            owner = task.owner
+            if settled:
+                left = pending[owner] - 1
+                if left:
+                    pending[owner] = left
+                else:
+                    del pending[owner]
+            else:
+                pending[owner] = pending.get(owner, 0) + 1
         step.changes.append(
             TaskChanged(
                 task.task_id,
@@ -930,6 +949,17 @@ class Scheduler(GroupSteps):
                 assert by_state[state] == held[state], (
                     f"{by_state[state]} tasks counted {state.value}, {held[state]} held"
                 )
+        pending = self.pending_by_owner
+        in_pending = sum(by_state[s] for s in PENDING_STATES)
+        assert sum(pending.values()) == in_pending and min(pending.values(), default=1) > 0, (
+            f"pending tasks by owner {pending} do not add up to the {in_pending} pending"
+        )
+        if full:
+            owners: dict[str, int] = {}
+            for task in self.tasks.values():
+                if task.state in PENDING_STATES:
+                    owners[task.owner] = owners.get(task.owner, 0) + 1
+            assert owners == pending, f"pending by owner {pending}, held {owners}"
         on_agents = sum(len(a.in_flight) for a in self.agents.values())
         assert on_agents == sum(by_state[s] for s in ON_AGENT_STATES), (
             f"{on_agents} tasks in agents' in-flight sets, "

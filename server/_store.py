@@ -250,6 +250,17 @@ class Store(abc.ABC):
     async def load_shares(self) -> list[tuple[str, str]]:
         """Every ``(endpoint_id, user)`` share."""
 
+    @abc.abstractmethod
+    async def set_allowed_functions(
+        self, endpoint_id: str, function_ids: Collection[str] | None
+    ) -> None:
+        """Keep an endpoint's function allow-list (its agents' last hello's); None: it
+        has none (every function runs)."""
+
+    @abc.abstractmethod
+    async def load_allowed_functions(self) -> dict[str, frozenset[str]]:
+        """The allow-list of every endpoint that has one, by endpoint id."""
+
     def figures(self) -> StoreFigures | None:
         """A copy of the store's figures for metrics (callable from any thread); None
         if this store keeps none."""
@@ -393,6 +404,13 @@ CREATE TABLE IF NOT EXISTS endpoint_shares (
     endpoint_id TEXT NOT NULL,
     user TEXT NOT NULL,
     PRIMARY KEY (endpoint_id, user)
+);
+-- An endpoint's function allow-list, as its agents' last hello gave it (no row: none,
+-- every function runs): function ids joined by ',' ('' allows none). A table of its own,
+-- so a file of this schema version made before it gets it at open.
+CREATE TABLE IF NOT EXISTS endpoint_allow_lists (
+    endpoint_id TEXT PRIMARY KEY,
+    function_ids TEXT NOT NULL
 );
 """
 
@@ -833,6 +851,24 @@ class SqliteStore(Store):
     async def load_shares(self) -> list[tuple[str, str]]:
         sql = "SELECT endpoint_id, user FROM endpoint_shares ORDER BY endpoint_id, user"
         return [(e, u) for e, u in await self._submit(_select, (sql, ()))]
+
+    async def set_allowed_functions(
+        self, endpoint_id: str, function_ids: Collection[str] | None
+    ) -> None:
+        if function_ids is None:
+            sql = "DELETE FROM endpoint_allow_lists WHERE endpoint_id = ?"
+            params: tuple[Any, ...] = (endpoint_id,)
+        else:
+            sql = "INSERT OR REPLACE INTO endpoint_allow_lists (endpoint_id, function_ids) VALUES (?, ?)"
+            params = (endpoint_id, ",".join(sorted(function_ids)))
+        await self._submit(_execute, (sql, params))
+
+    async def load_allowed_functions(self) -> dict[str, frozenset[str]]:
+        sql = "SELECT endpoint_id, function_ids FROM endpoint_allow_lists"
+        return {
+            e: frozenset(filter(None, ids.split(",")))
+            for e, ids in await self._submit(_select, (sql, ()))
+        }
 
     def figures(self) -> StoreFigures:
         with self._figures_lock:

@@ -121,7 +121,11 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             )
         return row
 
-    async def _check_functions(self, function_ids: set[str]) -> None:
+    async def _check_functions(
+        self, function_ids: set[str], endpoint: EndpointRow | None = None
+    ) -> None:
+        """Refuse a malformed or unknown function id, or (given the endpoint) one the
+        endpoint's allow-list has not."""
         for fid in function_ids:
             if not _SHA256.match(fid):
                 raise Abort(
@@ -129,11 +133,26 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                     f"malformed function_id {shown(fid)}: expected the sha256 hex digest "
                     "returned by RegisterFunction",
                 )
+        if endpoint is not None:
+            self._check_allowed(endpoint, function_ids)
+        for fid in function_ids:
             if await self.core.functions.get(fid) is None:
                 raise Abort(
                     grpc.StatusCode.NOT_FOUND,
                     f"unknown function {fid}: register it with RegisterFunction first",
                 )
+
+    def _check_allowed(self, endpoint: EndpointRow, function_ids: Iterable[str]) -> None:
+        refusal = self.core.function_refusal(endpoint, function_ids)
+        if refusal is not None:
+            raise Abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+
+    def _check_pending(self, new_tasks: dict[str, int]) -> None:
+        """Refuse a submit that would pass the limit of pending tasks per user; call it
+        with no await between it and the feed."""
+        refusal = self.core.pending_refusal(new_tasks)
+        if refusal is not None:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
 
     def _new_task(
         self,
@@ -300,7 +319,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             )
         for i, spec in enumerate(request.tasks):
             _check_plain_task(i, spec)
-        await self._check_functions({spec.function_id for spec in request.tasks})
+        await self._check_functions({spec.function_id for spec in request.tasks}, endpoint)
         tasks = tuple(
             self._new_task(f"task {i}", spec, inputs=tuple(spec.inputs))
             for i, spec in enumerate(request.tasks)
@@ -324,6 +343,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             # No await from here to the feed: a concurrent copy finds this one remembered.
             if self._inputs_moved(inputs, settled):
                 continue
+            self._check_pending({owner: len(tasks)})
             row = self._request_row(request.request_id, owner, "SubmitTasks", body, ids)
             try:
                 future = self.core.feed(
@@ -464,6 +484,10 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             request.include_results,
             group_ids,
         )
+        refusal = self.core.open_watch(owner)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            return
         # Register before reading the current states, so no transition falls in between
         # (a change may then arrive twice; watchers treat updates as idempotent).
         self.core.watchers.add(watcher)
@@ -492,6 +516,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                     yield pb.WatchTasksResponse(updates=updates, groups=group_updates)
         finally:
             self.core.watchers.remove(watcher)
+            self.core.close_watch(owner)
 
     @refusing
     async def CancelTasks(self, request, context):
@@ -557,6 +582,10 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                     f"task {tid} cannot be resubmitted: its payload was purged after retention",
                 )
             by_endpoint.setdefault(row.endpoint_id, []).append(row)
+        for endpoint_id, group in by_endpoint.items():
+            endpoint = self.core.endpoints.get(endpoint_id)
+            if endpoint is not None:
+                self._check_allowed(endpoint, {r.function_id for r in group})
         owner = self._owner(context)
         # A task that took results takes the same ones again (SPEC section 4); a group
         # task comes back as a plain task.
@@ -571,6 +600,10 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             # No await from here to the feed (see server/_requests.py).
             if self._inputs_moved(inputs, settled):
                 continue
+            new_by_owner: dict[str, int] = {}
+            for group in by_endpoint.values():
+                new_by_owner[group[0].owner] = new_by_owner.get(group[0].owner, 0) + len(group)
+            self._check_pending(new_by_owner)
             new_ids: dict[str, str] = {}
             events = []
             for endpoint_id, group in by_endpoint.items():

@@ -32,7 +32,7 @@ class HeldTask(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_pb2.TaskState, str]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("endpoint_id", "agent_id", "version", "capacity", "prefetch", "held_tasks", "hostname")
+    __slots__ = ("endpoint_id", "agent_id", "version", "capacity", "prefetch", "held_tasks", "hostname", "allowed_functions")
     ENDPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Hello(_message.Message):
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
     HELD_TASKS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     endpoint_id: str
     agent_id: str
     version: str
@@ -47,7 +48,14 @@ class Hello(_message.Message):
     prefetch: int
     held_tasks: _containers.RepeatedCompositeFieldContainer[HeldTask]
     hostname: str
-    def __init__(self, endpoint_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., version: _Optional[str] = ..., capacity: _Optional[int] = ..., prefetch: _Optional[int] = ..., held_tasks: _Optional[_Iterable[_Union[HeldTask, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
+    allowed_functions: AllowedFunctions
+    def __init__(self, endpoint_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., version: _Optional[str] = ..., capacity: _Optional[int] = ..., prefetch: _Optional[int] = ..., held_tasks: _Optional[_Iterable[_Union[HeldTask, _Mapping]]] = ..., hostname: _Optional[str] = ..., allowed_functions: _Optional[_Union[AllowedFunctions, _Mapping]] = ...) -> None: ...
+
+class AllowedFunctions(_message.Message):
+    __slots__ = ("function_ids",)
+    FUNCTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    function_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, function_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
