@@ -734,11 +734,16 @@ class AsyncClient(AdminCalls, ClientBase):
     async def get_tasks(self, task_ids: Iterable[str], *, history: bool = False) -> list[Task]:
         """Read tasks by id, in the order given (a repeated id gives the same task again)."""
         ids = self._ids_request(task_ids)
-        request = task_service_pb2.GetTasksRequest(
-            task_ids=list(dict.fromkeys(ids)), include_history=history
-        )
-        response = await self._unary("GetTasks", request)
-        by_id = {t.task_id: Task._from_proto(t) for t in response.tasks}
+        distinct = list(dict.fromkeys(ids))
+        # With history, the server answers at most MAX_HISTORY_TASKS tasks a request.
+        page = _defaults.MAX_HISTORY_TASKS if history else max(1, len(distinct))
+        by_id: dict[str, Task] = {}
+        for lo in range(0, max(1, len(distinct)), page):  # one request even for none
+            request = task_service_pb2.GetTasksRequest(
+                task_ids=distinct[lo : lo + page], include_history=history
+            )
+            response = await self._unary("GetTasks", request)
+            by_id.update((t.task_id, Task._from_proto(t)) for t in response.tasks)
         return [by_id[i] for i in ids]
 
     async def list_tasks(

@@ -53,6 +53,9 @@ MAX_FUNCTION_BYTES_PER_USER = 1024 * 1024 * 1024
 """Most bytes of stored functions one user may have (RESOURCE_EXHAUSTED past it); a
 function no kept task uses goes with the result retention's purge."""
 MAX_IDS = 10_000
+MAX_HISTORY_TASKS = 1_000
+"""Most tasks one GetTasks or GetGroup answers with their histories (each task's history
+is many rows to read and convert on the server's loop); the client asks in pages."""
 """Most task ids one request may name (GetTasks, WatchTasks, commands)."""
 MAX_TASKS_PER_SUBMIT = 10_000
 """Most tasks in one SubmitTasks request, or in one group (DAG and finally tasks)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from heartline._defaults import MAX_GROUP_NAME, MAX_TASKS_PER_SUBMIT
+from heartline._defaults import MAX_GROUP_NAME, MAX_HISTORY_TASKS, MAX_TASKS_PER_SUBMIT
 from heartline._states import CancelMode
 from heartline.server._convert import group_row_to_update, group_to_proto
 from heartline.server._events import GroupCommanded, NewGroup, NewTask, TasksSubmitted
@@ -209,6 +209,12 @@ class GroupRpcs:
         group_id = check_group_id(request.group_id)
         row, state = await self._own_group(group_id, self._scope(context))
         ids = [m.task_id for m in row.members]
+        if request.include_history and len(ids) > MAX_HISTORY_TASKS:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the group has {len(ids)} tasks; at most {MAX_HISTORY_TASKS} are answered with "
+                "their history (the limit of tasks with history): read them with GetTasks in pages",
+            )
         rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
         tasks = {tid: self._task(*rows[tid]) for tid in ids if tid in rows}
         return pb.GetGroupResponse(group=self._group(row, state, tasks))

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from heartline._defaults import MAX_IDS, MAX_TASKS_PER_SUBMIT
+from heartline._defaults import MAX_HISTORY_TASKS, MAX_IDS, MAX_TASKS_PER_SUBMIT
 from heartline._serialize import function_id as hash_function
 from heartline._states import TaskState
 from heartline.server._auth import caller
@@ -413,6 +413,12 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         # Each task once, in the order first named: a request naming one id 10,000 times
         # costs one conversion, not 10,000 (SPEC section 6: heavy reads are bounded).
         ids = list(dict.fromkeys(check_ids(request.task_ids)))
+        if request.include_history and len(ids) > MAX_HISTORY_TASKS:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(ids)} tasks asked for with their history; at most {MAX_HISTORY_TASKS} "
+                "per request (the limit of tasks with history): ask in pages",
+            )
         rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
         scope = self._scope(context)
         missing = [tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]

@@ -327,3 +327,28 @@ def test_get_tasks_naming_one_id_many_times_answers_it_once_per_distinct_id(
     assert [t.task_id for t in reply.tasks] == [first, second]
     # The client keeps the order given, repeats included.
     assert [t.id for t in hc.get_tasks([second, first, second])] == [second, first, second]
+
+
+def test_history_is_answered_for_at_most_a_page_of_tasks_and_the_client_pages(
+    stack: Stack, hc: Client
+) -> None:
+    from heartline._defaults import MAX_HISTORY_TASKS
+
+    ids = hc.submit_batch("local", [(pow, (2, i), {}) for i in range(MAX_HISTORY_TASKS + 5)], held=True)
+    try:
+        with grpc.insecure_channel(stack.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            token = heartline._defaults.token()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetTasks(
+                    task_service_pb2.GetTasksRequest(task_ids=ids, include_history=True),
+                    timeout=TIMEOUT,
+                    metadata=heartline._defaults.bearer_metadata(token),
+                )
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"at most {MAX_HISTORY_TASKS}" in info.value.details()
+        tasks = hc.get_tasks(ids, history=True)  # the client asks in pages
+        assert [t.id for t in tasks] == ids
+        assert all(t.history and t.state is TaskState.HELD for t in tasks)
+    finally:
+        hc.cancel(ids)
