@@ -43,8 +43,10 @@ def metadata() -> tuple[tuple[str, str], ...] | None:
 
 
 def wait_for_file(path: str) -> str:
-    """A remote function that runs until ``path`` exists (the test's release)."""
-    while not os.path.exists(path):
+    """A remote function that runs until ``path`` exists (the test's release), a minute
+    at most."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)
     return "real"
 
