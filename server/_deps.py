@@ -27,19 +27,19 @@ from heartline.server._groups import (
     When,
     status_of,
 )
-from heartline.server._model import GroupRow, GroupStateRow
+from heartline.server._model import GroupMember, GroupRow, GroupStateRow
 
 __all__ = ["Dependencies", "GroupRecord", "group_task_of"]
 
 
-def group_task_of(member: object) -> GroupTask:
-    """The pure rules' view of a stored group member (a GroupMember)."""
+def group_task_of(member: GroupMember) -> GroupTask:
+    """The pure rules' view of a stored group member."""
     return GroupTask(
-        name=member.name,  # type: ignore[attr-defined]
-        run_after=tuple(member.run_after),  # type: ignore[attr-defined]
-        inputs=tuple(dict.fromkeys(member.inputs)),  # type: ignore[attr-defined]
-        when=tuple(When(w.input, w.operator, tuple(w.values)) for w in member.when),  # type: ignore[attr-defined]
-        is_finally=member.is_finally,  # type: ignore[attr-defined]
+        name=member.name,
+        run_after=tuple(member.run_after),
+        inputs=tuple(dict.fromkeys(member.inputs)),
+        when=tuple(When(w.input, w.operator, tuple(w.values)) for w in member.when),
+        is_finally=member.is_finally,
     )
 
 

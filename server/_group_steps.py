@@ -36,10 +36,11 @@ class GroupSteps:
     _step: _Step
     _now: float
 
-    def _transition(
-        self, task: TaskRecord, finish: TaskState, cause: str, now: float, **kw: object
-    ) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # Scheduler's, the one writer of a task's state
+
+        def _transition(
+            self, task: TaskRecord, finish: TaskState, cause: str, now: float, **kw: object
+        ) -> None: ...
 
     def _on_group_commanded(self, event: GroupCommanded) -> None:
         group = self.deps.groups.get(event.group_id)

@@ -1124,8 +1124,6 @@ def test_streams_that_hang_are_closed_by_the_hello_timeout(world: World) -> None
 def test_a_refused_hello_leaves_its_endpoint_as_it_was(world: World) -> None:
     """A hello with the live agent's id is refused and changes nothing: not the agent's
     tasks (test_streams_that_hang...), and not its endpoint's allow-list."""
-    if "allowed_functions" not in ep_pb.Hello.DESCRIPTOR.fields_by_name:
-        pytest.skip("no function allow-list in this version of the protocol")
     local_id = next(i for i in world.local if i != "local")
     refused = ep_pb.ConnectRequest(
         hello=ep_pb.Hello(
