@@ -11,6 +11,10 @@ With ``--metrics`` the server and the agent serve Prometheus metrics (on free lo
 ports) and a thread scrapes both every ``--scrape-interval`` seconds while measuring, to
 price the metrics against a run without them.
 
+With ``--profile DIR`` py-spy records the server and the agent (with its workers) as
+collapsed stacks in DIR while measuring; sampling slows every process, so figures from
+a profiled run are not comparable with others.
+
 Prints one JSON line. Example: ``python bench/throughput.py -n 20000``.
 """
 
@@ -130,6 +134,22 @@ async def _measure(
     }
 
 
+def _profile(folder: Path | None, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """Starts one ``py-spy record`` per process (and its children), stopped by SIGINT."""
+    if folder is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return [
+        subprocess.Popen(
+            [str(spy), "record", "--pid", str(pid), "--subprocesses", "--threads",
+             "--rate", "250", "--format", "raw", "--output", str(folder / f"{name}.txt")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
 class _Scraper:
     """Scrapes URLs every ``interval`` seconds on a thread, like a (busy) Prometheus."""
 
@@ -170,6 +190,9 @@ def main() -> int:
     parser.add_argument("--metrics", action="store_true", help="serve and scrape metrics")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds per scrape")
     parser.add_argument("--no-auth", action="store_true", help="server --insecure-no-auth")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record py-spy profiles of the server and agent (with its workers) "
+                             "into this folder, as collapsed stacks")
     opts = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="heartline-bench-") as tmp:
@@ -197,10 +220,14 @@ def main() -> int:
             workers = _children(agent.pid)
             before = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
             urls = [f"http://{m}/metrics" for m in metrics]
+            profilers = _profile(opts.profile, {"server": server.pid, "agent": agent.pid})
             with _Scraper(urls, opts.scrape_interval) as scraper:
                 # The admin token the server's first start wrote (none without auth).
                 token = None if opts.no_auth else (home / "token").read_text().strip()
                 figures = asyncio.run(_measure(address, opts.n, opts.batch, opts.rtt, token))
+            for profiler in profilers:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=60)
             if metrics:
                 figures["scrapes"] = scraper.scrapes
             after = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
