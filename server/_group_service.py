@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from heartline._states import CancelMode
 from heartline.server._convert import group_row_to_update, group_to_proto
 from heartline.server._events import GroupCommanded, NewGroup, NewTask, TasksSubmitted
 from heartline.server._groups import GroupError, GroupTask, When, validate
+from heartline.server._ids import new_id
 from heartline.server._model import GroupMember, GroupRow, GroupStateRow, WhenRow
 from heartline.server._rpc import (
     Abort,
@@ -153,7 +153,7 @@ class GroupRpcs:
         except GroupError as err:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         await self._check_functions({spec.function_id for spec, _ in specs}, endpoint)
-        task_of = {spec.name: str(uuid.uuid4()) for spec, _ in specs}
+        task_of = {spec.name: new_id() for spec, _ in specs}
         tasks: list[NewTask] = [
             self._new_task(
                 f"task {spec.name!r}",
@@ -179,7 +179,7 @@ class GroupRpcs:
             )
         # No await from here to the feed (see server/_requests.py).
         self._check_pending({owner: len(tasks)})
-        group_id = str(uuid.uuid4())
+        group_id = new_id()
         ids = [task.task_id for task in tasks]
         group = NewGroup(
             group_id,

@@ -7,7 +7,6 @@ import dataclasses
 import math
 import re
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 
 import grpc
@@ -20,6 +19,7 @@ from heartline.server._convert import row_to_update, state_from_proto, task_to_p
 from heartline.server._core import ServerCore, Watcher
 from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
 from heartline.server._group_service import GroupRpcs
+from heartline.server._ids import new_id
 from heartline.server._model import PRIORITY_NORMAL, EndpointRow, RequestRow
 from heartline.server._requests import MAX_REQUEST_ID, RequestIdReused, digest
 from heartline.server._rpc import (
@@ -193,7 +193,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                 f"{label}: walltime_seconds must be a finite number >= 0",
             )
         return NewTask(
-            task_id=task_id or str(uuid.uuid4()),
+            task_id=task_id or new_id(),
             function_id=spec.function_id,
             args=spec.args,
             priority=spec.priority or PRIORITY_NORMAL,
@@ -615,7 +615,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             for endpoint_id, group in by_endpoint.items():
                 tasks = tuple(
                     NewTask(
-                        task_id=str(uuid.uuid4()),
+                        task_id=new_id(),
                         function_id=r.function_id,
                         args=r.args,
                         priority=r.priority,

@@ -123,14 +123,48 @@ async def test_update_changes_only_lifecycle_columns(store: SqliteStore) -> None
 
 async def test_updates_of_one_task_in_a_group_are_coalesced(store: SqliteStore) -> None:
     await store.write(submitted(task("t1")))
-    steps = [S.DISPATCHED, S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, S.RUNNING]
+    steps = [S.WAITING_FOR_EP, S.DISPATCHED, S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, S.RUNNING]
     before = await total_changes(store)
     async with writer_paused(store):
-        futures = [store.write(WriteBatch(task_updates=(task("t1", state=s),))) for s in steps]
+        futures = [
+            store.write(
+                WriteBatch(
+                    task_updates=(task("t1", state=finish),),
+                    transitions=(TransitionRow("t1", start, finish, "agent", 1.0 + i, 1),),
+                )
+            )
+            for i, (start, finish) in enumerate(zip(steps, steps[1:], strict=False))
+        ]
+        # A batch with history and no snapshot of its task appends to the same UPDATE.
+        futures.append(
+            store.write(
+                WriteBatch(transitions=(TransitionRow("t1", S.RUNNING, S.RUNNING, "x", 9.0, 1),))
+            )
+        )
     await asyncio.gather(*futures)
-    # One UPDATE for four queued ones: the last snapshot wins.
+    # One UPDATE for four queued ones: the last snapshot wins, the histories join in order.
     assert await total_changes(store) - before == 1
-    assert (await store.get_tasks(["t1"]))["t1"][0].state is S.RUNNING
+    row, history = (await store.get_tasks(["t1"], include_history=True))["t1"]
+    assert row.state is S.RUNNING
+    assert [(t.from_state, t.to_state, t.time) for t in history] == [
+        (None, S.WAITING_FOR_EP, 100.0),
+        *[(a, b, 1.0 + i) for i, (a, b) in enumerate(zip(steps, steps[1:], strict=False))],
+        (S.RUNNING, S.RUNNING, 9.0),
+    ]
+
+
+async def test_history_keeps_every_field_and_any_cause(store: SqliteStore) -> None:
+    await store.write(submitted(task("t1")))
+    odd = TransitionRow(
+        "t1", S.WAITING_FOR_EP, S.ERRORED, "raised ValueError('a\x1fb\x1ec')\n\tline 2",
+        1764624000.123456789, 7,
+    )  # fmt: skip
+    await store.write(WriteBatch(task_updates=(task("t1", state=S.ERRORED),), transitions=(odd,)))
+    (_, (first, got)) = (await store.get_tasks(["t1"], include_history=True))["t1"]
+    assert first == TransitionRow("t1", None, S.WAITING_FOR_EP, "submit", 100.0, 1)
+    # The separators the stored form uses become spaces; the time comes back exactly.
+    assert got == odd._replace(cause="raised ValueError('a b c')\n\tline 2")
+    assert got.time == 1764624000.123456789
 
 
 async def test_history_is_in_insertion_order(store: SqliteStore) -> None:

@@ -21,7 +21,7 @@ from heartline.server._model import (
     WhenRow,
     WriteBatch,
 )
-from heartline.server._store import _PENDING_GROUP_TASKS, SCHEMA_VERSION, SqliteStore
+from heartline.server._store import _PENDING_GROUP_TASKS, SqliteStore
 from tests.test_store import count_commits, task, total_changes, writer_paused
 
 S = TaskState
@@ -283,27 +283,6 @@ async def test_groups_survive_close_and_reopen(tmp_path: Path) -> None:
         assert members["t-report"] == (S.SKIPPED, SkipReason.GROUP_TIMED_OUT)
     finally:
         await second.close()
-
-
-async def test_a_file_of_schema_version_2_is_refused_untouched(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "INSERT INTO meta VALUES ('schema_version', '2');"
-        "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, group_id TEXT NOT NULL);"
-    )
-    conn.close()
-    assert SCHEMA_VERSION == 4
-    s = SqliteStore(path)
-    with pytest.raises(sqlite3.DatabaseError, match=r"schema version 2, this heartline reads 4"):
-        await s.open()
-    conn = sqlite3.connect(path)
-    try:
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-        assert tables == {"meta", "tasks", "sqlite_autoindex_meta_1", "sqlite_autoindex_tasks_1"}
-    finally:
-        conn.close()
 
 
 async def test_a_failed_group_insert_stores_nothing_of_its_batch(store: SqliteStore) -> None:
