@@ -3,7 +3,9 @@
 ``submit`` pickles in the caller's thread (so a bad argument raises there, before anything
 is sent) and queues the task; the client's loop thread sends whatever is queued as one
 SubmitTasks batch, so a burst of submits (or a ``map``) travels in few requests while a lone
-submit leaves at once. Futures resolve from the client's watch stream, never by polling.
+submit leaves at once: submits made while a request is out wait for its answer and go
+together (more requests start alongside only for full batches), and a burst wakes the loop
+thread once. Futures resolve from the client's watch stream, never by polling.
 
 A future of the same executor passed as an argument (top level of args or kwargs) becomes
 an input: the task runs after it on the server and gets its result in its place. Its spec
@@ -46,6 +48,10 @@ from ._sync import Client
 from ._types import Priority
 
 _MAX_FLUSHERS = 4
+# While one SubmitTasks is out, what is queued waits for it to come back and then goes
+# as one batch (each request costs the server far more than a task in it); a further
+# request starts alongside only once this many tasks are waiting.
+_BATCH_GOAL = 64
 
 
 class _Submission(enum.Enum):
@@ -151,6 +157,9 @@ class Executor(concurrent.futures.Executor):
         # Queued tasks waiting for an input's id, by that input (loop thread only).
         self._parked: dict[TaskFuture, list[_Queued]] = {}
         self._flushers = 0  # loop thread only
+        # A _kick is on its way to the loop thread (under _lock): a burst of submits
+        # wakes the loop once, not once per call.
+        self._kick_scheduled = False
         self._cancels: set[str] = set()  # loop thread only
         self._cancelling: set[asyncio.Task[Any]] = set()  # loop thread only
         self._outstanding: set[TaskFuture] = set()
@@ -247,9 +256,12 @@ class Executor(concurrent.futures.Executor):
                 _Queued(fut, spec, functions, refs)
                 for fut, spec, refs in zip(futures, prepared.specs, inputs)
             )
+            wake = not self._kick_scheduled
+            self._kick_scheduled = True
         for fut in futures:
             fut.add_done_callback(self._forget)
-        self._loop.call_soon_threadsafe(self._kick)
+        if wake:
+            self._loop.call_soon_threadsafe(self._kick_from_caller)
         return futures
 
     def _check_input(self, fut: TaskFuture, where: str) -> None:
@@ -269,8 +281,19 @@ class Executor(concurrent.futures.Executor):
 
     # -- sending (loop thread) -----------------------------------------------------
 
+    def _kick_from_caller(self) -> None:
+        with self._lock:
+            # Cleared before looking at the queue: a task queued from now on wakes us again.
+            self._kick_scheduled = False
+        self._kick()
+
     def _kick(self) -> None:
-        if self._queue and self._flushers < _MAX_FLUSHERS:
+        """Start a flusher for what is queued: at once when none is sending (a lone task
+        goes without waiting), alongside the ones out only for a full batch."""
+        flushers = self._flushers
+        if not self._queue or flushers >= _MAX_FLUSHERS:
+            return
+        if flushers == 0 or len(self._queue) >= _BATCH_GOAL:
             self._flushers += 1
             self._async._spawn(self._flush())
 

@@ -31,6 +31,8 @@ logger = logging.getLogger("heartline.endpoint.workers")
 
 # Frames below this size are written with one syscall; bigger ones skip the copy.
 _SMALL_FRAME = 1 << 16
+# Bytes asked of a worker's stdout per read; a bigger frame is gathered over several.
+_READ_CHUNK = 1 << 18
 _READY_TIMEOUT = 120.0
 _EXIT_TIMEOUT = 5.0
 _RESPAWN_MIN = 0.1
@@ -339,14 +341,31 @@ class WorkerPool:
         self._idle.append(worker)
         self._pump()
         try:
-            while True:
-                self._handle(worker, await _read_frame(stdout))
-        except asyncio.IncompleteReadError:
-            pass
+            await self._read_frames(worker, stdout)
         except ProtocolError as exc:
             logger.warning("event=worker-protocol-error pid=%s error=%r", worker.pid, exc)
         await self._worker_died(worker)
         return True
+
+    async def _read_frames(self, worker: _Worker, stdout: asyncio.StreamReader) -> None:
+        """Handle the worker's frames until its stdout ends.
+
+        Reads whatever the pipe holds and handles every whole frame in it: a short task's
+        "start" and "done" usually arrive together and cost one wake-up, not four reads.
+        """
+        buffer = bytearray()
+        header = HEADER.size
+        while chunk := await stdout.read(_READ_CHUNK):
+            buffer += chunk
+            offset, end = 0, len(buffer)
+            while end - offset >= header:
+                (size,) = HEADER.unpack_from(buffer, offset)
+                if end - offset - header < size:
+                    break
+                body = bytes(buffer[offset + header : offset + header + size])
+                offset += header + size
+                self._handle(worker, decode(body))
+            del buffer[:offset]
 
     def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         job = worker.job

@@ -67,6 +67,25 @@ def _source_map(codes: list[types.CodeType]) -> SourceMap:
     return sources
 
 
+# Types whose values the standard pickler writes exactly as cloudpickle would (by value,
+# no code, nothing looked up by name): such payloads skip cloudpickle's Pickler, whose
+# set-up alone costs more than pickling a number. Exact types only: a subclass may
+# reduce to anything.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a plain scalar, or a tuple, list or dict (str keys) of them."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is tuple or kind is list:
+        return all(type(v) in _PLAIN for v in value)
+    if kind is dict:
+        return all(type(k) is str and type(v) in _PLAIN for k, v in value.items())
+    return False
+
+
 def _dumps(obj: Any) -> bytes:
     """cloudpickle ``obj``, followed by the source map of its by-value code, if any."""
     buffer = io.BytesIO()
@@ -92,7 +111,11 @@ def dumps_function(fn: Any) -> bytes:
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a call's arguments as the tuple ``(args, kwargs)``."""
     try:
-        return _dumps((tuple(args), dict(kwargs)))
+        args, kwargs = tuple(args), dict(kwargs)
+        if _is_plain(args) and _is_plain(kwargs):
+            # No code inside, so no source map either: the payload is this one pickle.
+            return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        return _dumps((args, kwargs))
     except Exception as exc:
         raise SerializationError(f"cannot serialize arguments: {exc}") from exc
 
@@ -162,6 +185,8 @@ def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
 
 def dumps_result(value: Any) -> bytes:
     """Pickle a task's return value."""
+    if _is_plain(value):
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -175,7 +200,9 @@ def loads(data: bytes) -> Any:
     try:
         return pickle.loads(data)
     except Exception as exc:
-        raise SerializationError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(
+            f"cannot deserialize payload: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def function_id(payload: bytes) -> str:
@@ -193,7 +220,9 @@ def describe_exception(
     """
     cls = type(exc)
     module = cls.__module__
-    name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    name = (
+        cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    )
     try:
         message = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself

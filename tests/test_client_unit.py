@@ -587,6 +587,19 @@ def test_executor_submit_map_and_errors(fake_auto):
         ex.submit(pow, 1, 1)
 
 
+def test_executor_submits_made_while_a_request_is_out_go_together(fake_auto):
+    fake_auto.hold_submits()
+    with Executor("local", fake_auto.address) as ex:
+        first = ex.submit(square, 1)  # alone: it leaves at once
+        wait_until_sync(lambda: len(fake_auto.service.submit_requests) == 1)
+        rest = [ex.submit(square, i) for i in range(2, 12)]
+        ex.client._run(asyncio.sleep(0))  # the loop thread has seen them (FIFO)
+        assert ex._flushers == 1 and len(ex._queue) == 10  # they wait for the answer
+        fake_auto.release_submits()
+        assert [f.result(WAIT) for f in [first, *rest]] == [i * i for i in range(1, 12)]
+    assert [len(r.tasks) for r in fake_auto.service.submit_requests] == [1, 10]
+
+
 def test_executor_unknown_endpoint_fails_futures(fake):
     with Executor("nowhere", fake.address) as ex, pytest.raises(heartline.NotFoundError):
         ex.submit(square, 1).result(WAIT)

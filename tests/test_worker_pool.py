@@ -336,3 +336,21 @@ async def test_placeholders_without_their_inputs_are_a_serialization_error(
     assert outcome.failure.type_name.endswith("SerializationError")
     assert f"but the task has {given} inputs" in outcome.failure.message
     assert rec.of(j.task_id) == ["launched", "finished"]  # the function was not called
+
+
+async def test_frames_are_read_whole_however_the_pipe_cuts_them() -> None:
+    from heartline.endpoint._frames import HEADER, encode
+
+    pool = WorkerPool(1, Recorder())
+    seen: list[tuple[Any, ...]] = []
+    pool._handle = lambda worker, message: seen.append(message)  # type: ignore[method-assign]
+    frames = [("start", "t1", 1), ("done", "t1", 1, True, b"x" * 300_000), ("start", "t2", 1)]
+    data = b"".join(HEADER.pack(len(body)) + body for body in map(encode, frames))
+    stream = asyncio.StreamReader()
+    # Two frames in one piece, then the rest cut inside a header and inside a body.
+    for piece in (data[:3], data[3:17], data[17:200_000], data[200_000:]):
+        stream.feed_data(piece)
+    stream.feed_eof()
+    async with asyncio.timeout(WAIT):
+        await pool._read_frames(None, stream)  # type: ignore[arg-type]
+    assert seen == frames
