@@ -156,7 +156,9 @@ class Bench:
         peak_during = 0
         while "listening on" not in log.read_text(errors="replace"):
             if proc.poll() is not None:
-                raise SystemExit(f"bench: server exited {proc.returncode}: {log.read_text()[-2000:]}")
+                raise SystemExit(
+                    f"bench: server exited {proc.returncode}: {log.read_text()[-2000:]}"
+                )
             peak_during = max(peak_during, _status(proc.pid).get("VmRSS", 0))
             self.left()
             await asyncio.sleep(0.01)
@@ -277,12 +279,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="tasks to queue")
     parser.add_argument("--batch", type=int, default=5000, help="tasks per submit_batch call")
-    parser.add_argument("--restarts", default="kill,term",
-                        help="restarts to time, in order: kill (SIGKILL), term (SIGTERM)")
+    parser.add_argument(
+        "--restarts",
+        default="kill,term",
+        help="restarts to time, in order: kill (SIGKILL), term (SIGTERM)",
+    )
     parser.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="copy the store and server logs here at the end (for analysis)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="give up after this many seconds"
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="copy the store and server logs here at the end (for analysis)",
+    )
     opts = parser.parse_args()
 
     error = None
