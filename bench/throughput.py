@@ -11,7 +11,9 @@ with ``--workers`` worker processes on loopback, then measures:
 * ``rtt_p50_ms`` (also ``rtt_median_ms``), ``rtt_p90_ms``, ``rtt_p99_ms``: one task
   submitted and awaited alone with ``AsyncClient``, ``--rtt`` times;
 * ``cpu_us_per_task``: CPU microseconds per task of the server, the agent, its workers
-  and the client, for each of the three runs (``batch``, ``executor``, ``rtt``);
+  and the client, for each of the three runs (``batch``, ``executor``, ``rtt``), with the
+  server's event-loop thread alone as ``server_loop`` (the rest of ``server`` is its store
+  writer thread and gRPC's threads);
 * ``cpu_s``: CPU seconds of each process over the whole measurement.
 
 With ``--legs`` it also reports ``rtt_legs_ms``: where a lone task's time goes, as the
@@ -71,10 +73,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc), 0 where unavailable."""
+def _cpu_seconds(pid: int, stat: str | None = None) -> float:
+    """User + system CPU seconds of a live process (Linux /proc), 0 where unavailable;
+    ``stat`` names another stat file (a thread's)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -121,6 +124,10 @@ class _Meter:
 
     def sample(self) -> dict[str, float]:
         cpu = {name: _cpu_seconds(pid) for name, pid in self._pids.items()}
+        # The server's event loop thread alone (its thread id is its pid); the rest of
+        # "server" is the store's writer thread and gRPC's own threads.
+        server = self._pids["server"]
+        cpu["server_loop"] = _cpu_seconds(server, f"/proc/{server}/task/{server}/stat")
         cpu["workers"] = sum(_cpu_seconds(p) for p in self._workers)
         cpu["client"] = time.process_time()
         return cpu

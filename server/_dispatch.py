@@ -38,37 +38,118 @@ class AgentState:
         return self.capacity + self.prefetch - len(self.in_flight)
 
 
-class EndpointQueue:
-    """WAITING_FOR_EP tasks of one endpoint: highest priority first, then oldest.
+class _Run:
+    """Queued tasks in the order they were pushed, each one's (priority, submit_time) no
+    smaller than the one before: so the first live one is the run's least."""
 
-    Lazy deletion: a heap entry is live only while ``live[task_id]`` holds its seq.
+    __slots__ = ("pos", "seq", "tasks")
+
+    def __init__(self, seq: int, task: TaskRecord) -> None:
+        self.seq = seq
+        """Orders runs whose heads tie: a run made later holds tasks pushed later."""
+        self.tasks: list[TaskRecord | None] = [task]
+        self.pos = 0
+        """Where the run's next task is; those before it were popped (set to None)."""
+
+
+class EndpointQueue:
+    """WAITING_FOR_EP tasks of one endpoint: highest priority first, then oldest, then in
+    the order they were queued.
+
+    The queue is a heap of *runs*, keyed by their first task: a task whose (priority,
+    submit_time) is no smaller than the newest run's last one is appended to that run
+    (a submission's tasks, and tasks submitted one after another, share one run), any
+    other task starts a run of its own (a retry keeps its old submit_time). So a queued
+    task costs a list slot and a ``live`` entry, not a heap entry of its own. Ties are
+    broken by queueing order, as before: a run made later holds tasks pushed later.
+
+    Lazy deletion: a task's entry in a run is live only while ``live[task_id]`` is that
+    run. A task taken out of the queue closes the newest run, so if it comes back it
+    goes to a new run, behind everything queued meanwhile, never to its old place. A
+    dead entry keeps its record until its run drains or the runs are rebuilt (when dead
+    entries outnumber live ones by 1,024).
     """
 
-    __slots__ = ("heap", "live", "seq")
+    __slots__ = ("_entries", "_tail", "heap", "live", "seq")
 
     def __init__(self) -> None:
-        self.heap: list[tuple[int, float, int, str]] = []
-        self.live: dict[str, int] = {}
+        self.heap: list[tuple[int, float, int, _Run]] = []
+        self.live: dict[str, _Run] = {}
         self.seq = 0
+        self._tail: _Run | None = None
+        """The newest run, while tasks may still be appended to it."""
+        self._entries = 0
+        """Entries in the runs, live or dead."""
 
     def push(self, task: TaskRecord) -> None:
+        tail = self._tail
+        if tail is not None:
+            last = tail.tasks[-1]
+            assert last is not None  # a run's last entry is popped only as it drains
+            if task.priority > last.priority or (
+                task.priority == last.priority and task.submit_time >= last.submit_time
+            ):
+                tail.tasks.append(task)
+                self.live[task.task_id] = tail
+                self._entries += 1
+                return
         self.seq += 1
-        self.live[task.task_id] = self.seq
-        heapq.heappush(self.heap, (task.priority, task.submit_time, self.seq, task.task_id))
+        run = self._tail = _Run(self.seq, task)
+        self.live[task.task_id] = run
+        self._entries += 1
+        heapq.heappush(self.heap, (task.priority, task.submit_time, run.seq, run))
 
     def discard(self, task_id: str) -> None:
-        self.live.pop(task_id, None)
-        if len(self.heap) > 2 * len(self.live) + 1024:
+        if self.live.pop(task_id, None) is None:
+            return
+        self._tail = None
+        if self._entries > 2 * len(self.live) + 1024:
             # Mostly dead entries (cancels, holds on an endpoint nobody serves): rebuild,
-            # so the heap does not grow without bound.
-            self.heap = [e for e in self.heap if self.live.get(e[3]) == e[2]]
-            heapq.heapify(self.heap)
+            # so the runs do not grow without bound.
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        live = self.live
+        heap = []
+        entries = 0
+        for *_, run in self.heap:
+            kept = [t for t in run.tasks[run.pos :] if t is not None and live.get(t.task_id) is run]
+            if kept:
+                run.tasks, run.pos = kept, 0
+                heap.append((kept[0].priority, kept[0].submit_time, run.seq, run))
+                entries += len(kept)
+        heapq.heapify(heap)
+        self.heap, self._entries, self._tail = heap, entries, None
 
     def pop(self) -> str | None:
         heap, live = self.heap, self.live
         while heap:
-            _, _, seq, task_id = heapq.heappop(heap)
-            if live.get(task_id) == seq:
+            head = heap[0]
+            run = head[3]
+            tasks = run.tasks
+            i = run.pos
+            task = tasks[i]
+            assert task is not None
+            tasks[i] = None  # the record may be evicted soon: hold it no longer
+            i += 1
+            self._entries -= 1
+            if i == len(tasks):
+                heapq.heappop(heap)
+                if run is self._tail:
+                    self._tail = None
+            else:
+                if i >= 1024 and 2 * i >= len(tasks):
+                    # The popped front of a long-lived run (tasks keep joining while
+                    # others leave): drop it, or the run would only grow.
+                    del tasks[:i]
+                    i = 0
+                run.pos = i
+                after = tasks[i]
+                assert after is not None
+                if after.priority != head[0] or after.submit_time != head[1]:
+                    heapq.heapreplace(heap, (after.priority, after.submit_time, run.seq, run))
+            task_id = task.task_id
+            if live.get(task_id) is run:
                 del live[task_id]
                 return task_id
         return None
@@ -162,6 +243,16 @@ class Dispatcher:
         if not queue:
             return
         agents = [a for a in self.agents.values() if a.endpoint_id == endpoint_id and a.credit > 0]
+        if len(agents) == 1:
+            # One agent (the common case): nothing to spread, only its credit to read.
+            agent = agents[0]
+            pop = queue.pop
+            while agent.capacity + agent.prefetch > len(agent.in_flight):
+                task_id = pop()
+                if task_id is None:
+                    return
+                yield task_id, agent
+            return
         while agents and queue:
             # Spread by free credit: the agent with the most free slots takes the next task.
             agent = max(agents, key=lambda a: a.credit)

@@ -1,6 +1,7 @@
 """What goes into the scheduler (events) and what comes out (instructions).
 
-Both are frozen dataclasses: the scheduler is a pure function of its state and the
+Both are frozen: dataclasses, or NamedTuples for the records built once per task or
+transition (cheaper to make). The scheduler is a pure function of its state and the
 events it is fed, and its only output is the instructions it returns.
 """
 
@@ -178,8 +179,10 @@ class Persist:
     batch: WriteBatch
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchItem:
+class DispatchItem(NamedTuple):
+    """One task sent to an agent (a NamedTuple: one is built per dispatch, and a frozen
+    dataclass pays an ``object.__setattr__`` per field)."""
+
     task_id: str
     attempt: int
     function_id: str

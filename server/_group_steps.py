@@ -17,12 +17,12 @@ from heartline.server._deps import Dependencies, GroupRecord
 from heartline.server._events import GroupCommanded
 from heartline.server._groups import FAILED, next_step, status_of
 from heartline.server._lifecycle import UnknownGroup
-from heartline.server._model import FAILURE_SERIALIZATION, ErrorInfo, TaskRecord
+from heartline.server._model import FAILURE_SERIALIZATION, ErrorInfo, States, TaskRecord
 
 if TYPE_CHECKING:
     from heartline.server._scheduler import SchedulerConfig, _Step
 
-S = TaskState
+S = States
 _EVICTED_STATES = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.SKIPPED})
 
 
@@ -153,7 +153,7 @@ class GroupSteps:
             self._transition(task, S.SKIPPED, f"skipped: {reason.value}", self._now, skip=reason)
 
     def _follow(self, task: TaskRecord, start: TaskState | None, finish: TaskState) -> None:
-        """What a transition means for dependencies and groups (see _record)."""
+        """What a transition means for dependencies and groups (see _transition)."""
         deps = self.deps
         step = self._step
         task_id = task.task_id

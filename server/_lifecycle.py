@@ -19,13 +19,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from heartline._states import ON_AGENT_STATES, PENDING_STATES, SkipReason, TaskState
-from heartline.server._model import ErrorInfo, Standing, TaskRecord
+from heartline.server._model import ErrorInfo, Standing, States, TaskRecord
 
-S = TaskState
+S = States
 
 __all__ = [
     "COMMANDS",
     "COMMAND_WORDS",
+    "NO_ACTION",
     "TRANSITIONS",
     "Effect",
     "InputsMoved",
@@ -156,6 +157,10 @@ def _noop(
     skip: SkipReason | None,
 ) -> None:
     pass
+
+
+NO_ACTION: Action = _noop
+"""The action of rows that change none of the task's fields (the scheduler skips the call)."""
 
 
 def _submit_held(

@@ -23,6 +23,24 @@ MMAP_THRESHOLD = 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
+def trim() -> bool:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``); False where
+    it cannot. For after a one-off peak, such as a restart's restore: the rows read, the
+    SQLite sort and page cache freed stay in the process otherwise (measured, 200,000
+    tasks restored: 120 MiB of 290)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
 def return_large_frees() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD`; False where it cannot
     (another libc, another system), which changes nothing else."""

@@ -7,10 +7,12 @@ it). Everything that crosses to the store's writer thread is a frozen snapshot.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from heartline._states import CancelMode, FailureCode, GroupStatus, SkipReason, TaskState
+
+_new_tuple = tuple.__new__
 
 PRIORITY_HIGH = 1
 PRIORITY_NORMAL = 2
@@ -35,6 +37,31 @@ class ErrorInfo:
     """0 when the function raised; a FAILURE_* value for a system failure."""
 
 
+class States:
+    """TaskState's members as plain class attributes, for the scheduler's hot paths
+    (``S = States``): on Python 3.11, reading a member off its enum class
+    (``TaskState.RUNNING``) costs some 250 ns, a plain class attribute some 40 ns, and a
+    transition reads several."""
+
+    WAITING_FOR_DEPS = TaskState.WAITING_FOR_DEPS
+    WAITING_FOR_EP = TaskState.WAITING_FOR_EP
+    HELD = TaskState.HELD
+    DISPATCHED = TaskState.DISPATCHED
+    WAITING_FOR_NODES = TaskState.WAITING_FOR_NODES
+    WAITING_FOR_LAUNCH = TaskState.WAITING_FOR_LAUNCH
+    RUNNING = TaskState.RUNNING
+    SUCCEEDED = TaskState.SUCCEEDED
+    ERRORED = TaskState.ERRORED
+    FAILED = TaskState.FAILED
+    CANCELLED = TaskState.CANCELLED
+    SKIPPED = TaskState.SKIPPED
+
+
+assert {k: v for k, v in vars(States).items() if not k.startswith("_")} == dict(
+    TaskState.__members__
+), "States names every TaskState member"
+
+
 class Standing(enum.Enum):
     """Where a waiting task's last attempt stands (only WAITING_FOR_EP and HELD tasks are
     ever other than FRESH). Stored as the boolean column ``interrupted`` (not FRESH)."""
@@ -47,6 +74,10 @@ class Standing(enum.Enum):
     ORPHANED = "orphaned"
     """After a server restart: out of the queue until the reclaim deadline (one heartbeat
     timeout), so its agent can reclaim it when it says hello again; then LOST and queued."""
+
+
+_FRESH = Standing.FRESH
+"""Read on every snapshot: a module constant, not an enum class attribute (see States)."""
 
 
 @dataclass(slots=True)
@@ -94,35 +125,53 @@ class TaskRecord:
 
     def snapshot(self) -> TaskRow:
         """A frozen copy of the stored columns, safe to hand to the writer thread."""
-        # Spelled out: this runs for every changed task of every step.
-        return TaskRow(
-            self.task_id,
-            self.endpoint_id,
-            self.function_id,
-            self.args,
-            self.owner,
-            self.state,
-            self.submit_time,
-            self.attempt,
-            self.priority,
-            self.max_retries,
-            self.max_system_retries,
-            self.walltime,
-            self.start_time,
-            self.settle_time,
-            self.held_from,
-            self.result,
-            self.error,
-            self.raised_count,
-            self.system_failures,
-            self.resubmitted_from,
-            self.group_id,
-            self.payload_purged,
-            self.name,
-            self.inputs,
-            self.skip_reason,
-            self.standing is not Standing.FRESH,
+        # Spelled out, and made by tuple.__new__ (a NamedTuple's own __new__ is a Python
+        # function around it): this runs for every changed task of every step.
+        return _new_tuple(
+            TaskRow,
+            (
+                self.task_id,
+                self.endpoint_id,
+                self.function_id,
+                self.args,
+                self.owner,
+                self.state,
+                self.submit_time,
+                self.attempt,
+                self.priority,
+                self.max_retries,
+                self.max_system_retries,
+                self.walltime,
+                self.start_time,
+                self.settle_time,
+                self.held_from,
+                self.result,
+                self.error,
+                self.raised_count,
+                self.system_failures,
+                self.resubmitted_from,
+                self.group_id,
+                self.payload_purged,
+                self.name,
+                self.inputs,
+                self.skip_reason,
+                self.standing is not _FRESH,
+            ),
         )
+
+
+_FIELD_ORDER = (
+    "task_id", "endpoint_id", "function_id", "args", "owner", "state", "submit_time",
+    "attempt", "priority", "max_retries", "max_system_retries", "walltime", "start_time",
+    "settle_time", "held_from", "result", "error", "raised_count", "system_failures",
+    "resubmitted_from", "group_id", "payload_purged", "standing", "name", "inputs",
+    "skip_reason", "session_id", "agent_id",
+)  # fmt: skip
+"""TaskRecord's fields in order: the scheduler makes records positionally (a dataclass
+__init__ of 28 fields matches keywords at several times the cost)."""
+assert tuple(f.name for f in fields(TaskRecord)) == _FIELD_ORDER, (
+    "TaskRecord's fields moved: the scheduler's _on_submitted makes records positionally"
+)
 
 
 class TaskRow(NamedTuple):
@@ -162,9 +211,9 @@ class TaskRow(NamedTuple):
     restore decides)."""
 
     def to_record(self) -> TaskRecord:
-        fields = self._asdict()
-        interrupted = fields.pop("interrupted")
-        return TaskRecord(**fields, standing=Standing.LOST if interrupted else Standing.FRESH)
+        # Positional (see _FIELD_ORDER: the stored columns up to payload_purged, standing,
+        # then name, inputs, skip_reason): _asdict() and ** cost 3x as much.
+        return TaskRecord(*self[:22], Standing.LOST if self[25] else Standing.FRESH, *self[22:25])
 
 
 class TransitionRow(NamedTuple):

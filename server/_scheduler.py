@@ -18,6 +18,7 @@ import heapq
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from heartline import _defaults
 from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
@@ -51,9 +52,11 @@ from heartline.server._groups import status_of
 from heartline.server._lifecycle import (
     COMMAND_WORDS,
     COMMANDS,
+    NO_ACTION,
     TRANSITIONS,
     InputsMoved,
     InvalidTransition,
+    Row,
     SchedulerError,
     UnknownGroup,
     UnknownTasks,
@@ -70,6 +73,7 @@ from heartline.server._model import (
     GroupStateRow,
     RequestRow,
     Standing,
+    States,
     TaskRecord,
     TaskRow,
     TransitionRow,
@@ -94,7 +98,7 @@ _TRANSITIONS = TRANSITIONS
 
 log = logging.getLogger("heartline.scheduler")
 
-S = TaskState
+S = States
 _EVICTED_STATES = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.SKIPPED})
 _COUNTED_STATES = (*PENDING_STATES, S.ERRORED)
 """States whose tasks are all held here (so their counts can be checked exactly)."""
@@ -113,6 +117,50 @@ _REPORT_CAUSE = {
     S.WAITING_FOR_LAUNCH: "worker-assigned",
     S.RUNNING: "worker-started",
 }
+_FUNCTION_IDS_KEPT = 4096
+"""How many function ids the scheduler keeps one copy of (forgets them all past that)."""
+_PROGRESS = {state: _ORDER[state] for state in _REPORT_CAUSE}
+"""The progress reports an agent sends for a task it holds, by how far each one is."""
+_FRESH, _LOST, _ORPHANED = Standing.FRESH, Standing.LOST, Standing.ORPHANED
+_SUCCEEDED, _SKIPPED = S.SUCCEEDED, S.SKIPPED
+_new_tuple = tuple.__new__
+"""Makes a NamedTuple from a tuple without its Python ``__new__`` (once per transition)."""
+_snapshot = TaskRecord.snapshot
+
+
+def _plan(start: TaskState | None, finish: TaskState, row: Row) -> tuple[object, ...]:
+    """A table row as _transition unpacks it: its action (None for a no-op); what the
+    move means for the counts (+1 into the pending states, -1 out of them), for the
+    watchers (settled) and for the tasks held (evicted); and the row's effects, None if
+    it has none beyond the task's fields."""
+    moves = any(
+        (
+            row.leave_queue,
+            row.enter_queue,
+            row.bind_agent,
+            row.unbind_agent,
+            row.cancel_on_agent,
+            row.next_attempt,
+            row.write_off_lost,
+            row.keep_standing,
+        )
+    )
+    return (
+        None if row.action is NO_ACTION else row.action,
+        (finish in PENDING_STATES) - (start is not None and start in PENDING_STATES),
+        finish not in PENDING_STATES,
+        finish in _EVICTED_STATES,
+        tuple(row[1:]) if moves else None,
+    )
+
+
+_PLANS: dict[TaskState | None, dict[TaskState, tuple[Any, ...]]] = {}
+"""The transition table compiled for _transition: ``_PLANS[start][finish]``, by start
+state first (no key tuple to build per transition)."""
+for (_start, _finish), _row in TRANSITIONS.items():
+    _PLANS.setdefault(_start, {})[_finish] = _plan(_start, _finish, _row)
+for _start in (None, *TaskState):
+    _PLANS.setdefault(_start, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +206,8 @@ class _Step:
     """Tasks waiting for nothing any more: run or skip them (see _decide)."""
     skips: list[tuple[str, SkipReason]] = field(default_factory=list)
     """Queued DAG tasks of a stopping group (a retry, a release): skip them."""
+    evicted: list[TaskRecord] = field(default_factory=list)
+    """Tasks that settled for good this step: dropped once it is finished."""
 
 
 class Scheduler(GroupSteps):
@@ -181,11 +231,13 @@ class Scheduler(GroupSteps):
         """Tasks in each state, evicted (settled) ones included; see restore()."""
         self.pending_by_owner: dict[str, int] = {}
         """Pending tasks by owner (owners with none absent): what the limit of pending
-        tasks per user is checked against; kept in _record, one step per transition."""
+        tasks per user is checked against; kept in _transition, one step per transition."""
         self.dispatch_latency = Buckets(DISPATCH_LATENCY_BOUNDS)
         """Seconds from submission to each dispatch (a re-dispatch counts from the
         original submission too)."""
         self._dispatched_to: set[str] = set()
+        self._function_ids: dict[str, str] = {}
+        """One copy of each function id lately submitted, shared by the tasks that run it."""
         self._now = 0.0
         self._step = _Step()
         self._last = _Step()
@@ -240,7 +292,7 @@ class Scheduler(GroupSteps):
 
     def restore(
         self,
-        rows: Iterable[TaskRow],
+        rows: Iterable[TaskRecord | TaskRow],
         time: float,
         counts: Mapping[TaskState, int] | None = None,
         groups: Iterable[
@@ -248,7 +300,8 @@ class Scheduler(GroupSteps):
         ] = (),
         results: Mapping[str, tuple[TaskState, bytes | None]] | None = None,
     ) -> list[Instruction]:
-        """Load unsettled tasks from the store after a restart.
+        """Load unsettled tasks from the store after a restart (records as the store
+        loads them, or rows).
 
         ``counts`` (the store's tasks by state, settled ones included) seeds
         ``tasks_by_state``; without it only the loaded tasks are counted. ``groups`` are
@@ -282,10 +335,18 @@ class Scheduler(GroupSteps):
         else:
             self.tasks_by_state.update(counts)
         orphans = False
+        # Each stored row comes with its own copy of every string: share the ones many
+        # tasks have in common (a million restored tasks would keep three copies each).
+        shared: dict[str, str] = {}
+        validate = self.config.validate
         for row in rows:
-            task = row.to_record()
+            task = row if type(row) is TaskRecord else row.to_record()
+            task.endpoint_id = shared.setdefault(task.endpoint_id, task.endpoint_id)
+            task.function_id = shared.setdefault(task.function_id, task.function_id)
+            task.owner = shared.setdefault(task.owner, task.owner)
             self.tasks[task.task_id] = task
-            self._step.touched[task.task_id] = task
+            if validate:  # what validate() looks at; a dict entry a task otherwise
+                self._step.touched[task.task_id] = task
             if task.state in ON_AGENT_STATES:
                 orphaned = Standing.ORPHANED
                 self._transition(
@@ -376,49 +437,73 @@ class Scheduler(GroupSteps):
             if group.deadline is not None:
                 heapq.heappush(self._deadlines, (group.deadline, group.group_id))
         resubmitted = event.resubmitted_from or ("",) * len(event.tasks)
+        # Each decoded request holds its own copy of every string: the ids this step
+        # keeps (the function's, shared by most tasks) are shared, not kept per task.
+        known = self._function_ids
+        if len(known) > _FUNCTION_IDS_KEPT:
+            known.clear()
+        endpoint_id, owner, now = event.endpoint_id, event.owner, event.time
+        session_id, stimulus = event.session_id, event.stimulus
+        group_id = group.group_id if group is not None else ""
+        tasks, new_tasks, transition = self.tasks, step.new, self._transition
         for spec, origin in zip(event.tasks, resubmitted, strict=True):
             parents: Iterable[str] = ()
+            inputs = spec.inputs
             if group is not None:
                 parents = group.parents_of(spec.name)
                 waits = bool(parents) or group.shape[spec.name].is_finally
             else:
-                waits = bool(spec.inputs)
+                waits = bool(inputs)
                 if waits:
-                    parents = self._plain_parents(spec.task_id, spec.inputs, settled_inputs)
+                    parents = self._plain_parents(spec.task_id, inputs, settled_inputs)
             finish = S.WAITING_FOR_DEPS if waits else S.WAITING_FOR_EP
             held_from = None
             if spec.held:
                 held_from = finish if waits else None
                 finish = S.HELD
+            task_id = spec.task_id
+            # Positional, in TaskRecord's field order (checked in _model.py): a dataclass
+            # __init__ of 28 fields matches keywords at several times the cost.
             task = TaskRecord(
-                task_id=spec.task_id,
-                endpoint_id=event.endpoint_id,
-                function_id=spec.function_id,
-                args=spec.args,
-                owner=event.owner,
-                state=finish,  # the submission row runs from None to here
-                submit_time=event.time,
-                priority=spec.priority,
-                max_retries=spec.max_retries,
-                max_system_retries=spec.max_system_retries,
-                walltime=spec.walltime,
-                resubmitted_from=origin,
-                session_id=event.session_id,
-                held_from=held_from,
-                group_id=group.group_id if group is not None else "",
-                name=spec.name,
-                inputs=spec.inputs,
+                task_id,
+                endpoint_id,
+                known.setdefault(spec.function_id, spec.function_id),
+                spec.args,
+                owner,
+                finish,  # state: the submission row runs from None to here
+                now,  # submit_time
+                1,  # attempt
+                spec.priority,
+                spec.max_retries,
+                spec.max_system_retries,
+                spec.walltime,
+                None,  # start_time
+                None,  # settle_time
+                held_from,
+                None,  # result
+                None,  # error
+                0,  # raised_count
+                0,  # system_failures
+                origin,  # resubmitted_from
+                group_id,
+                False,  # payload_purged
+                _FRESH,  # standing
+                spec.name,
+                inputs,
+                None,  # skip_reason
+                session_id,
             )
-            cause = f"resubmit of {origin}" if origin else event.stimulus
-            self.tasks[task.task_id] = task
-            step.new[task.task_id] = task
+            tasks[task_id] = task
+            new_tasks[task_id] = task
             if parents:
-                deps.wait_for(task.task_id, parents)
-            if spec.inputs:
-                deps.take_inputs(task.task_id, spec.inputs)
-            self._transition(task, finish, cause, event.time, submitted=True)
+                deps.wait_for(task_id, parents)
+            if inputs:
+                deps.take_inputs(task_id, inputs)
+            transition(
+                task, finish, f"resubmit of {origin}" if origin else stimulus, now, submitted=True
+            )
             if finish == S.WAITING_FOR_DEPS and not parents:
-                step.ready.append(task.task_id)  # inputs all settled already, or a finally task
+                step.ready.append(task_id)  # inputs all settled already, or a finally task
 
     def _on_agent_connected(self, event: AgentConnected) -> None:
         old = self.agents.get(event.agent_id)
@@ -488,9 +573,45 @@ class Scheduler(GroupSteps):
             # Reports on a stream already declared lost: its tasks were re-queued; the
             # agent says hello again on its next stream. Nothing here is acknowledged.
             return
-        agent.last_seen = event.time
+        now = agent.last_seen = event.time
+        agent_id = agent.agent_id
+        tasks = self.tasks
+        transition = self._transition
+        max_payload = self.config.max_payload
         for report in event.reports:
-            self._apply_report(agent, report, event.time)
+            state = report.state
+            order = _PROGRESS.get(state)
+            if order is None:
+                if state is S.SUCCEEDED:
+                    # A current attempt's result within the limit (most terminal reports):
+                    # _apply_report's rules for it, inlined.
+                    task = tasks.get(report.task_id)
+                    result = report.result or b""
+                    if (
+                        task is not None
+                        and task.agent_id == agent_id
+                        and task.attempt == report.attempt
+                        and task.state in ON_AGENT_STATES
+                        and len(result) <= max_payload
+                    ):
+                        self._step.acks.setdefault(agent_id, []).append(
+                            (task.task_id, report.attempt)
+                        )
+                        transition(task, S.SUCCEEDED, "returned", now, result=result)
+                        continue
+                self._apply_report(agent, report, now)
+                continue
+            # Progress (most reports): _apply_report's rules for a non-terminal report,
+            # inlined, as this runs three times for every task.
+            task = tasks.get(report.task_id)
+            if task is not None and task.agent_id == agent_id and task.attempt == report.attempt:
+                held = _ORDER.get(task.state)
+                if held is not None:  # on this agent: the report is current
+                    if order > held:
+                        transition(task, state, _REPORT_CAUSE[state], now)
+                    continue
+            if task is None or task.agent_id != agent_id:
+                self._step.cancels.setdefault(agent_id, []).append(report.task_id)
 
     def _apply_report(self, agent: AgentState, report: StatusReport, now: float) -> None:
         task = self.tasks.get(report.task_id)
@@ -580,7 +701,9 @@ class Scheduler(GroupSteps):
         tasks = self.tasks
         owner = event.owner
         unknown = [
-            tid for tid in event.task_ids if tid not in tasks or (owner is not None and tasks[tid].owner != owner)
+            tid
+            for tid in event.task_ids
+            if tid not in tasks or (owner is not None and tasks[tid].owner != owner)
         ]
         if unknown:
             raise UnknownTasks(unknown)
@@ -658,9 +781,16 @@ class Scheduler(GroupSteps):
     def _dispatch(self, endpoint_id: str) -> None:
         now = self._now
         step = self._step
+        tasks = self.tasks
+        transition = self._transition
+        observe = self.dispatch_latency.observe
+        # The dispatches of this step to one agent, and that agent: one dict lookup per
+        # run of tasks to the same agent, not one per task.
+        items: list[DispatchItem] = []
+        items_of: AgentState | None = None
         for task_id, agent in self.dispatcher.assignments(endpoint_id):
-            task = self.tasks[task_id]
-            if task.standing is Standing.LOST and task.system_failures >= task.max_system_retries:
+            task = tasks[task_id]
+            if task.standing is _LOST and task.system_failures >= task.max_system_retries:
                 # Writing its lost attempt off would be one system failure too many.
                 lost = task.system_failures + 1
                 error = ErrorInfo(
@@ -682,11 +812,15 @@ class Scheduler(GroupSteps):
                     if step.settled:
                         return  # as above: a fail_fast group stops before more start
                     continue
-            self._transition(task, S.DISPATCHED, "dispatch", now, agent=agent)
-            self.dispatch_latency.observe(now - task.submit_time)
-            step.dispatches.setdefault(agent.agent_id, []).append(
-                DispatchItem(
-                    task_id, task.attempt, task.function_id, task.args, task.walltime, inputs
+            transition(task, S.DISPATCHED, "dispatch", now, agent=agent)
+            observe(now - task.submit_time)
+            if agent is not items_of:
+                items = step.dispatches.setdefault(agent.agent_id, [])
+                items_of = agent
+            items.append(
+                _new_tuple(
+                    DispatchItem,
+                    (task_id, task.attempt, task.function_id, task.args, task.walltime, inputs),
                 )
             )
 
@@ -719,99 +853,107 @@ class Scheduler(GroupSteps):
             skip: why a task moving to SKIPPED is skipped.
         """
         start = None if submitted else task.state
-        row = TRANSITIONS.get((start, finish))
-        if row is None:
+        plan = _PLANS[start].get(finish)
+        if plan is None:
             raise InvalidTransition(
                 [(task.task_id, task.state, f"moved to {finish.value} by {cause}")]
             )
-        # One unpacking: cheaper than eight attribute reads, for every transition.
-        action, leave_queue, enter_queue, bind, unbind, cancel, next_attempt, write_off, keep = row
+        # Unpacked at once: cheaper than attribute reads, for every transition.
+        action, pending_delta, settled, evicted, effects = plan
         step = self._step
-        dispatcher = self.dispatcher
-        # Leave the start state.
-        if leave_queue:
-            dispatcher.dequeue(task)
-        if unbind:
-            left = dispatcher.unbind(task)
-            if left is not None:
-                step.agents.add(left.agent_id)
-                step.endpoints.add(left.endpoint_id)
-                if cancel:
-                    step.cancels.setdefault(left.agent_id, []).append(task.task_id)
-        action(task, now, result, error, skip)
-        # Where its attempt stands, and the one place the attempt number moves on.
-        was = task.standing
-        written_off = write_off and was is Standing.LOST and standing is None
-        if standing is None:
-            if not keep:
-                standing = Standing.FRESH
-            else:
-                standing = Standing.LOST if was is Standing.ORPHANED else was
-        if written_off:
-            task.system_failures += 1
-        if next_attempt and (written_off if leave_queue else standing is Standing.FRESH):
-            task.attempt += 1
-        task.standing = standing
-        task.state = finish
-        # Enter the finish state.
-        if enter_queue and standing is not Standing.ORPHANED:
-            dispatcher.enqueue(task)
-            step.endpoints.add(task.endpoint_id)
-        if bind:
-            assert agent is not None, f"{start}->{finish} needs an agent"
-            dispatcher.bind(task, agent)
-            step.agents.add(agent.agent_id)
-        self._record(task, start, finish, cause, now)
+        if effects is not None:
+            leave_queue, enter_queue, bind, unbind, cancel, next_attempt, write_off, keep = effects
+            dispatcher = self.dispatcher
+            # Leave the start state.
+            if leave_queue:
+                dispatcher.dequeue(task)
+            if unbind:
+                left = dispatcher.unbind(task)
+                if left is not None:
+                    step.agents.add(left.agent_id)
+                    step.endpoints.add(left.endpoint_id)
+                    if cancel:
+                        step.cancels.setdefault(left.agent_id, []).append(task.task_id)
+            if action is not None:
+                action(task, now, result, error, skip)
+            # Where its attempt stands, and the one place the attempt number moves on.
+            was = task.standing
+            written_off = write_off and was is _LOST and standing is None
+            if standing is None:
+                if not keep:
+                    standing = _FRESH
+                else:
+                    standing = _LOST if was is _ORPHANED else was
+            if written_off:
+                task.system_failures += 1
+            if next_attempt and (written_off if leave_queue else standing is _FRESH):
+                task.attempt += 1
+            task.standing = standing
+            task.state = finish
+            # Enter the finish state.
+            if enter_queue and standing is not _ORPHANED:
+                dispatcher.enqueue(task)
+                step.endpoints.add(task.endpoint_id)
+            if bind:
+                assert agent is not None, f"{start}->{finish} needs an agent"
+                dispatcher.bind(task, agent)
+                step.agents.add(agent.agent_id)
+        else:
+            # A row with no effects (progress on an agent, most settling moves of a task
+            # not on one): its action, and the task is FRESH unless told otherwise.
+            if action is not None:
+                action(task, now, result, error, skip)
+            task.standing = _FRESH if standing is None else standing
+            task.state = finish
 
-    def _record(
-        self, task: TaskRecord, start: TaskState | None, finish: TaskState, cause: str, now: float
-    ) -> None:
-        step = self._step
+        # Record it: the transition row, the counts, the change watchers see.
+        task_id = task.task_id
+        attempt = task.attempt
         step.transitions.append(
-            TransitionRow(task.task_id, start, finish, cause, now, task.attempt)
+            _new_tuple(TransitionRow, (task_id, start, finish, cause, now, attempt))
         )
         by_state = self.tasks_by_state
         by_state[finish] += 1
         if start is not None:
             by_state[start] -= 1
-        if task.task_id not in step.new:
-            step.dirty[task.task_id] = task
-        settled = finish not in PENDING_STATES
-        if settled is (start is not None and start in PENDING_STATES):
+        if task_id not in step.new:
+            step.dirty[task_id] = task
+        if pending_delta:
             # Into the pending states (a submission row starts from none), or out of them.
             pending = self.pending_by_owner
             owner = task.owner
-            if settled:
-                left = pending[owner] - 1
-                if left:
-                    pending[owner] = left
+            if pending_delta < 0:
+                left_pending = pending[owner] - 1
+                if left_pending:
+                    pending[owner] = left_pending
                 else:
                     del pending[owner]
             else:
                 pending[owner] = pending.get(owner, 0) + 1
         step.changes.append(
-            TaskChanged(
-                task.task_id,
-                task.session_id,
-                finish,
-                task.attempt,
-                cause,
-                now,
-                task.result if finish == S.SUCCEEDED else None,
-                task.error if settled else None,
-                task.skip_reason if finish == S.SKIPPED else None,
-                task.group_id,
+            _new_tuple(
+                TaskChanged,
+                (
+                    task_id,
+                    task.session_id,
+                    finish,
+                    attempt,
+                    cause,
+                    now,
+                    task.result if finish is _SUCCEEDED else None,
+                    task.error if settled else None,
+                    task.skip_reason if finish is _SKIPPED else None,
+                    task.group_id,
+                ),
             )
         )
-        self.transitions_total += 1
+        if evicted:
+            step.evicted.append(task)
         # Plain tasks nobody waits for pay two lookups here, and only when they settle.
         if (
             task.group_id
             or task.inputs
-            or (
-                settled
-                and (task.task_id in self.deps.children or task.task_id in self.deps.consumers)
-            )
+            or (settled and (task_id in self.deps.children or task_id in self.deps.consumers))
         ):
             self._follow(task, start, finish)
 
@@ -826,9 +968,10 @@ class Scheduler(GroupSteps):
                 group_changes.append(GroupChanged(group.group_id, seen[0], seen[1], self._now))
             if not group.pending:
                 self.deps.groups.pop(group.group_id, None)
+        self.transitions_total += len(step.transitions)
         batch = WriteBatch(
-            new_tasks=tuple(t.snapshot() for t in step.new.values()),
-            task_updates=tuple(t.snapshot() for t in step.dirty.values()),
+            new_tasks=tuple(map(_snapshot, step.new.values())),
+            task_updates=tuple(map(_snapshot, step.dirty.values())),
             transitions=tuple(step.transitions),
             requests=tuple(step.requests),
             new_groups=tuple(step.new_groups),
@@ -849,9 +992,9 @@ class Scheduler(GroupSteps):
             out.append(SendAcks(agent_id, tuple(acks)))
         if step.changes or group_changes:
             out.append(NotifyWatchers(tuple(step.changes), tuple(group_changes)))
-        for task in (*step.new.values(), *step.dirty.values()):
-            if task.state in _EVICTED_STATES:
-                self.tasks.pop(task.task_id, None)
+        tasks = self.tasks
+        for task in step.evicted:
+            tasks.pop(task.task_id, None)
         self._last = step
         self._step = _Step()
         return out

@@ -48,6 +48,8 @@ from heartline.server._model import (
     GroupRow,
     GroupStateRow,
     RequestRow,
+    Standing,
+    TaskRecord,
     TaskRow,
     TokenRow,
     TransitionRow,
@@ -131,8 +133,15 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def load_unsettled(self) -> list[TaskRow]:
-        """Every pending or ERRORED task, oldest first: what a restarted scheduler resumes."""
+    async def load_unsettled(self) -> list[TaskRecord]:
+        """Every pending or ERRORED task, oldest first, as the scheduler holds it (standing
+        LOST where stored as interrupted): what a restarted scheduler resumes. Records, not
+        rows: a restart with a million tasks pending would hold both at once otherwise
+        (256 bytes a task more at its peak)."""
+
+    async def release_memory(self) -> None:
+        """Free what the store caches (after a restore's big read); it fills again as
+        needed."""
 
     @abc.abstractmethod
     async def load_results(
@@ -471,6 +480,11 @@ _HISTORY = "from\x1fto\x1fcause\x1ftime\x1fattempt\x1e"
 """The form of one transition in ``tasks.history``: ASCII unit separators between the
 fields and a record separator after each (neither can be in a state; a cause loses
 them). ``from`` is empty for the submit transition, ``time`` is the float's repr."""
+_UNSETTLED = [s.value for s in PENDING_STATES] + [TaskState.ERRORED.value]
+_SELECT_UNSETTLED = (
+    f"{_SELECT_TASKS} WHERE state IN ({', '.join('?' * len(_UNSETTLED))})"
+    " ORDER BY submit_time, task_id"
+)
 _NO_ERROR = (None, None, None, None)
 # Hot paths: `._value_` is the plain attribute behind the `.value` property (5x faster),
 # and a dict lookup is TaskState(value) without the enum machinery.
@@ -548,6 +562,22 @@ def _task_row(c: tuple[Any, ...]) -> TaskRow:
         raised_count=c[20], system_failures=c[21], resubmitted_from=c[22], group_id=c[23],
         payload_purged=bool(c[24]), name=c[25], inputs=tuple(c[26].split(",")) if c[26] else (),
         skip_reason=None if c[27] is None else _SKIP_OF[c[27]], interrupted=bool(c[28]),
+    )  # fmt: skip
+
+
+def _task_record(c: tuple[Any, ...], share: Callable[[Any, Any], Any]) -> TaskRecord:
+    """A row of _SELECT_TASKS as the scheduler holds it. The values many tasks repeat
+    (endpoint, function, owner, walltime) are shared through ``share`` (a dict's
+    setdefault): SQLite makes a new object per row, 250 bytes a task of copies otherwise."""
+    return TaskRecord(
+        c[0], share(c[1], c[1]), share(c[2], c[2]), c[3], share(c[4], c[4]),
+        _STATE_OF[c[5]], c[6], c[7], c[8], c[9], c[10], share(c[11], c[11]), c[12], c[13],
+        None if c[14] is None else _STATE_OF[c[14]], c[15],
+        None if c[16] is None else ErrorInfo(c[16], c[17], c[18], c[19]),
+        c[20], c[21], c[22], c[23], bool(c[24]),
+        Standing.LOST if c[28] else Standing.FRESH,
+        c[25], tuple(c[26].split(",")) if c[26] else (),
+        None if c[27] is None else _SKIP_OF[c[27]],
     )  # fmt: skip
 
 
@@ -721,13 +751,11 @@ class SqliteStore(Store):
         params.append(limit)
         return await self._submit(_select_tasks, (sql, params))
 
-    async def load_unsettled(self) -> list[TaskRow]:
-        states = [s.value for s in PENDING_STATES] + [TaskState.ERRORED.value]
-        sql = (
-            f"{_SELECT_TASKS} WHERE state IN ({', '.join('?' * len(states))})"
-            " ORDER BY submit_time, task_id"
-        )
-        return await self._submit(_select_tasks, (sql, states))
+    async def load_unsettled(self) -> list[TaskRecord]:
+        return await self._submit(_select_records, (_SELECT_UNSETTLED, _UNSETTLED))
+
+    async def release_memory(self) -> None:
+        await self._submit(_execute, ("PRAGMA shrink_memory", ()))
 
     async def load_results(
         self, task_ids: Sequence[str]
@@ -1170,6 +1198,24 @@ def _select(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[tu
 def _select_tasks(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[TaskRow]:
     sql, params = arg
     return [_task_row(c) for c in conn.execute(sql, params)]
+
+
+def _select_records(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[TaskRecord]:
+    sql, params = arg
+    share = {}.setdefault
+    records = []
+    append = records.append
+    submit_time = None
+    for c in conn.execute(sql, params):
+        task = _task_record(c, share)
+        # Rows come by submit_time: a submission's tasks share one float again, as they
+        # did before the restart (a dict of every distinct time would cost more).
+        if task.submit_time == submit_time:
+            task.submit_time = submit_time
+        else:
+            submit_time = task.submit_time
+        append(task)
+    return records
 
 
 def _get_tasks(

@@ -199,7 +199,8 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             priority=spec.priority or PRIORITY_NORMAL,
             max_retries=spec.max_retries,
             max_system_retries=system,
-            walltime=spec.walltime_seconds,
+            # A shared 0.0 for the usual "no walltime" (a float a queued task otherwise).
+            walltime=spec.walltime_seconds or 0.0,
             held=spec.held,
             name=spec.name,
             inputs=inputs,

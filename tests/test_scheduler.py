@@ -10,14 +10,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from heartline._states import TaskState
+from heartline.server._dispatch import EndpointQueue
 from heartline.server._events import (
     AgentLost,
     AgentSeen,
     CloseAgent,
     HeldTask,
+    NewTask,
     NotifyWatchers,
     Persist,
     SendAcks,
@@ -36,6 +40,7 @@ from heartline.server._model import (
     PRIORITY_NORMAL,
     ErrorInfo,
     Standing,
+    TaskRecord,
 )
 from heartline.server._scheduler import (
     InvalidTransition,
@@ -44,7 +49,9 @@ from heartline.server._scheduler import (
 )
 from tests.scheduler_kit import (
     EP,
+    FN,
     OTHER_EP,
+    OWNER,
     S,
     changed,
     cmd,
@@ -1261,3 +1268,100 @@ def test_the_queue_does_not_keep_dead_entries_without_bound(sched: Scheduler) ->
     queue = sched.queues[EP]
     assert len(queue) == 0
     assert len(queue.heap) <= 1024 + 200
+
+
+# -------------------------------------------------------------------- endpoint queue
+
+
+def _copy(text: str) -> str:
+    """An equal string that is another object, as each decoded request or row holds."""
+    return (text + "!")[:-1]
+
+
+def _queued(tid: str, priority: int, submit_time: float) -> TaskRecord:
+    return TaskRecord(tid, EP, FN, b"", OWNER, S.WAITING_FOR_EP, submit_time, priority=priority)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["push", "push", "push", "discard", "pop"]),
+            st.integers(0, 7),
+            st.integers(1, 3),
+            st.integers(0, 3),
+        ),
+        max_size=80,
+    )
+)
+def test_the_queue_pops_as_one_sorted_heap_would(ops: list[tuple[str, int, int, int]]) -> None:
+    # The queue keeps runs of tasks, not an entry per task: whatever the order of pushes,
+    # discards and pops, it must pop exactly what (priority, submit_time, queueing
+    # order) says, as the heap of one entry per task it replaced did.
+    queue = EndpointQueue()
+    model: dict[str, tuple[int, float, int]] = {}
+    seq = 0
+    for op, n, priority, when in ops:
+        tid = f"t{n}"
+        if op == "push" and tid not in model:
+            seq += 1
+            model[tid] = (priority, float(when), seq)
+            queue.push(_queued(tid, priority, float(when)))
+        elif op == "discard":
+            model.pop(tid, None)
+            queue.discard(tid)
+        elif op == "pop":
+            expected = min(model, key=model.__getitem__) if model else None
+            assert queue.pop() == expected
+            model.pop(expected or "", None)
+        assert len(queue) == len(model) and all(t in queue for t in model)
+    drained = []
+    while (tid := queue.pop()) is not None:
+        drained.append(tid)
+    assert drained == sorted(model, key=model.__getitem__)
+
+
+def test_a_long_queue_fed_while_it_drains_does_not_grow() -> None:
+    # Tasks submitted one after another share one run; popping its front while new ones
+    # join must not keep the popped part alive.
+    queue = EndpointQueue()
+    for i in range(20_000):
+        queue.push(_queued(f"t{i}", 2, float(i)))
+        if i >= 100:
+            assert queue.pop() == f"t{i - 100}"
+    assert len(queue) == 100 and len(queue.heap) == 1
+    (run,) = (entry[3] for entry in queue.heap)
+    assert len(run.tasks) <= 2 * 1024 + 100
+
+
+def test_submitted_tasks_share_their_function_id(sched: Scheduler) -> None:
+    # A decoded request holds a copy of the id per task: the scheduler keeps one.
+    first, second = _copy(FN), _copy(FN)
+    assert first is not second
+    sched.handle(
+        submit(
+            NewTask("t1", first, b"", PRIORITY_NORMAL, 0, 3, 0.0),
+            NewTask("t2", second, b"", PRIORITY_NORMAL, 0, 3, 0.0),
+        )
+    )
+    assert sched.tasks["t1"].function_id is sched.tasks["t2"].function_id
+
+
+def test_restored_tasks_share_the_strings_they_have_in_common() -> None:
+    # Each stored row comes with its own copies; a million restored tasks must not keep
+    # three strings each that a handful would do.
+    rows = [
+        row(
+            tid,
+            S.WAITING_FOR_EP,
+            endpoint_id=_copy(EP),
+            function_id=_copy(FN),
+        )
+        for tid in ("t1", "t2")
+    ]
+    assert rows[0].endpoint_id is not rows[1].endpoint_id
+    s = make()
+    s.restore(rows, 1.0)
+    t1, t2 = s.tasks["t1"], s.tasks["t2"]
+    assert t1.endpoint_id is t2.endpoint_id and t1.function_id is t2.function_id
+    assert t1.owner is t2.owner

@@ -17,6 +17,7 @@ from heartline.server._model import (
     EndpointRow,
     ErrorInfo,
     FunctionRow,
+    Standing,
     TaskRow,
     TransitionRow,
     WriteBatch,
@@ -196,8 +197,11 @@ async def test_history_is_in_insertion_order(store: SqliteStore) -> None:
 async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> None:
     rows = [
         task(
-            f"t{i:02}", submit_time=float(i // 2), owner="alice" if i % 3 else "bob",
-            endpoint_id="ep-a" if i % 2 else "ep-b", state=S.SUCCEEDED if i % 4 == 0 else S.RUNNING,
+            f"t{i:02}",
+            submit_time=float(i // 2),
+            owner="alice" if i % 3 else "bob",
+            endpoint_id="ep-a" if i % 2 else "ep-b",
+            state=S.SUCCEEDED if i % 4 == 0 else S.RUNNING,
             result=b"big result" if i % 4 == 0 else None,
         )  # fmt: skip
         for i in range(20)
@@ -216,7 +220,9 @@ async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> N
         return [r.task_id for r in newest_first if all(getattr(r, k) == v for k, v in f.items())]
 
     assert [r.task_id for r in await store.list_tasks(owner="bob")] == ids(owner="bob")
-    assert [r.task_id for r in await store.list_tasks(endpoint_id="ep-a")] == ids(endpoint_id="ep-a")
+    assert [r.task_id for r in await store.list_tasks(endpoint_id="ep-a")] == ids(
+        endpoint_id="ep-a"
+    )
     got = await store.list_tasks(states={S.SUCCEEDED}, owner="alice")
     assert [r.task_id for r in got] == ids(state=S.SUCCEEDED, owner="alice")
     assert got and all(r.args == b"" and r.result == b"" for r in got)  # payloads left behind
@@ -229,10 +235,18 @@ async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> N
 async def test_load_unsettled_takes_pending_and_errored_only(store: SqliteStore) -> None:
     rows = [task(f"t-{s.name}", state=s, submit_time=float(-i)) for i, s in enumerate(TaskState)]
     await store.write(submitted(*rows))
+    lost = task("t-lost", submit_time=99.0, interrupted=True)
+    await store.write(submitted(lost))
     got = await store.load_unsettled()
-    expected = [r for r in rows if r.state.pending or r.state is S.ERRORED]
-    assert got == sorted(expected, key=lambda r: (r.submit_time, r.task_id))
+    expected = [r for r in [*rows, lost] if r.state.pending or r.state is S.ERRORED]
+    # Records as the scheduler holds them: every stored column, the flag as a standing.
+    assert got == [
+        r.to_record() for r in sorted(expected, key=lambda r: (r.submit_time, r.task_id))
+    ]
     assert {r.state for r in got} == {s for s in TaskState if s.pending} | {S.ERRORED}
+    assert got[-1].standing is Standing.LOST and got[0].standing is Standing.FRESH
+    # Values many tasks repeat are one object, not a copy per row.
+    assert all(r.endpoint_id is got[0].endpoint_id and r.owner is got[0].owner for r in got)
 
 
 async def test_functions_endpoints_and_counts(store: SqliteStore) -> None:
@@ -401,7 +415,11 @@ async def test_open_fails_cleanly_on_a_bad_path(tmp_path: Path) -> None:
 
 
 async def test_wal_mode_is_on(store: SqliteStore, tmp_path: Path) -> None:
-    mode = await store._submit(lambda conn, arg: conn.execute("PRAGMA journal_mode").fetchone(), None)
+    mode = await store._submit(
+        lambda conn, arg: conn.execute("PRAGMA journal_mode").fetchone(), None
+    )
     assert mode == ("wal",)
-    sync = await store._submit(lambda conn, arg: conn.execute("PRAGMA synchronous").fetchone(), None)
+    sync = await store._submit(
+        lambda conn, arg: conn.execute("PRAGMA synchronous").fetchone(), None
+    )
     assert sync == (1,)  # NORMAL

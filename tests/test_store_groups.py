@@ -120,7 +120,7 @@ async def test_a_group_and_its_tasks_round_trip(store: SqliteStore) -> None:
         False,
     )
     unsettled = {r.task_id: r for r in await store.load_unsettled()}
-    assert unsettled["t-notify"] == tasks[3] and "t-report" not in unsettled
+    assert unsettled["t-notify"] == tasks[3].to_record() and "t-report" not in unsettled
 
 
 async def test_a_group_of_none_keeps_empty_fields(store: SqliteStore) -> None:
