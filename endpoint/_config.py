@@ -34,8 +34,8 @@ class AgentConfig:
     """Worker processes, each running one task at a time; default ``os.cpu_count()``."""
 
     prefetch: int | None = None
-    """Tasks the server may send beyond free workers; None means 4 x ``workers``
-    (like Celery's prefetch multiplier)."""
+    """Tasks the server may send beyond free workers; None means 4 x ``workers``, at
+    least 32 (see ``heartline._defaults.MIN_PREFETCH``)."""
 
     home: Path = field(default_factory=_defaults.home)
     """State folder; default ``$HEARTLINE_HOME`` or ``~/.heartline``. The endpoint's
@@ -97,7 +97,9 @@ class AgentConfig:
     @property
     def effective_prefetch(self) -> int:
         """The prefetch sent in the hello."""
-        return 4 * self.workers if self.prefetch is None else self.prefetch
+        if self.prefetch is not None:
+            return self.prefetch
+        return max(_defaults.PREFETCH_PER_WORKER * self.workers, _defaults.MIN_PREFETCH)
 
     @property
     def endpoint_dir(self) -> Path:

@@ -9,7 +9,10 @@ so the agent's and the server's stream writers share one policy:
 - a lazy item (a progress report, an ack) waits up to ``lazy_delay`` for a message to
   ride along with.
 
-Idle, a lone item costs no added latency; busy, the message rate is bounded.
+Idle, a lone item costs no added latency; busy, the message rate is bounded. The 2 ms
+is measured (docs/PERFORMANCE.md): against 1 ms, 20,000 no-ops went 1.2x as fast with a
+quarter less CPU per task on both ends, and a lone task's round trip did not change;
+3 ms bought nothing more.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncio
 class Pacer:
     """Wakes one writer coroutine according to the policy above."""
 
-    def __init__(self, min_interval: float = 0.001, lazy_delay: float = 0.01) -> None:
+    def __init__(self, min_interval: float = 0.002, lazy_delay: float = 0.01) -> None:
         self._min_interval = min_interval
         self._lazy_delay = lazy_delay
         self._wake = asyncio.Event()

@@ -238,7 +238,7 @@ def test_agent_killed_mid_run_of_5000_then_a_new_agent_finishes_them(
     second = start_agent("local", 2)
     wait_count(hc, TaskState.SUCCEEDED, BULK, timeout=90, why="all tasks succeeded")
     tasks = check_bulk(hc, ids, lambda i: i * 3, server.proc, first, second)
-    # The kill caught work on the agent (its 2 workers and prefetch of 8): it came back.
+    # The kill caught work on the agent (its 2 workers and prefetch of 32): it came back.
     assert any(LOST_CAUSES & {h.cause for h in t.history} for t in tasks), (
         "no task was on the killed agent"
     )
