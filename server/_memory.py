@@ -15,6 +15,8 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("heartline.server")
 
@@ -23,20 +25,28 @@ MMAP_THRESHOLD = 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
+def _libc(name: str, argtypes: tuple[Any, ...]) -> Callable[..., int] | None:
+    """glibc's function ``name``, typed; None where there is none (another libc or
+    system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
 def trim() -> bool:
     """Give the heap's free pages back to the system (glibc ``malloc_trim``); False where
     it cannot. For after a one-off peak, such as a restart's restore: the rows read, the
     SQLite sort and page cache freed stay in the process otherwise (measured, 200,000
     tasks restored: 120 MiB of 290)."""
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _libc("malloc_trim", (ctypes.c_size_t,))
+    if malloc_trim is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = (ctypes.c_size_t,)
-    malloc_trim.restype = ctypes.c_int
     malloc_trim(0)
     return True
 
@@ -44,15 +54,9 @@ def trim() -> bool:
 def return_large_frees() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD`; False where it cannot
     (another libc, another system), which changes nothing else."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _libc("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     if not ok:
         log.debug("event=mallopt-refused")
