@@ -208,7 +208,7 @@ def endpoint() -> None:
 @click.option("--name", required=True, help="Endpoint name (registered on first start).")
 @click.option("--server", "server_address", default=None, help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].")
 @click.option("--workers", type=int, default=None, help="Worker processes [default: CPU count].")
-@click.option("--prefetch", type=int, default=None, help="Tasks queued beyond free workers [default: 4 x workers, at least 32].")
+@click.option("--prefetch", type=int, default=None, help=f"Tasks queued beyond free workers [default: {_defaults.PREFETCH_PER_WORKER} x workers, at least {_defaults.MIN_PREFETCH}].")
 @click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("--stop-with-fd", type=int, default=None, hidden=True, help="Stop when this pipe closes (heartline up).")

@@ -50,6 +50,14 @@ def test_cli_help_shows_the_shared_defaults() -> None:
     assert f"{_defaults.HEARTBEAT_INTERVAL}" in out
 
 
+@pytest.mark.parametrize(("workers", "prefetch", "expected"), [(2, None, 32), (16, None, 64), (2, 0, 0), (2, 5, 5)])
+def test_an_agent_prefetches_per_worker_with_a_floor(workers: int, prefetch: int | None, expected: int) -> None:
+    agent = AgentConfig(name="x", workers=workers, prefetch=prefetch)
+    assert agent.effective_prefetch == expected
+    out = CliRunner().invoke(main, ["endpoint", "start", "--help"], terminal_width=200).output
+    assert f"{_defaults.PREFETCH_PER_WORKER} x workers, at least {_defaults.MIN_PREFETCH}" in out
+
+
 def test_agents_keep_more_functions_than_the_server_counts_on() -> None:
     # The rule that lets a dispatch leave a function out (see heartline/_defaults.py).
     for assumed, kept in (
