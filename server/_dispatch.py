@@ -247,7 +247,7 @@ class Dispatcher:
             # One agent (the common case): nothing to spread, only its credit to read.
             agent = agents[0]
             pop = queue.pop
-            while agent.capacity + agent.prefetch > len(agent.in_flight):
+            while agent.credit > 0:
                 task_id = pop()
                 if task_id is None:
                     return
