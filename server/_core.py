@@ -333,6 +333,8 @@ class ServerCore:
         self.watchers = WatchRegistry()
         self.requests = RequestMemo(store)
         self.endpoints: dict[str, EndpointRow] = {}
+        self._registration = asyncio.Lock()
+        """Held while an endpoint is looked up by name and, if new, registered."""
         self.tokens = Tokens(store)
         """Users and live tokens (server/_auth.py): AdminService changes them."""
         self.shares: dict[str, set[str]] = {}
@@ -650,10 +652,16 @@ class ServerCore:
     async def ensure_endpoint(self, name: str, owner: str) -> EndpointRow:
         """The owner's endpoint of this name, registered (durably) if it is new."""
         row = self.endpoint_named(name, owner)
-        if row is None:
-            row = EndpointRow(str(uuid.uuid4()), name, owner, time.time())
-            await self.register_endpoint(row)
-            log.info("event=endpoint-registered name=%s endpoint_id=%s", name, row.endpoint_id)
+        if row is not None:
+            return row
+        # Two agents that start at once with one name must get one endpoint: the check
+        # and the (awaited) write are one step for every registration. Rare, so one lock.
+        async with self._registration:
+            row = self.endpoint_named(name, owner)
+            if row is None:
+                row = EndpointRow(str(uuid.uuid4()), name, owner, time.time())
+                await self.register_endpoint(row)
+                log.info("event=endpoint-registered name=%s endpoint_id=%s", name, row.endpoint_id)
         return row
 
     async def run_timers(self) -> None:

@@ -737,7 +737,9 @@ class Scheduler(GroupSteps):
                 )
         deadline = event.time - self.config.heartbeat_timeout
         for agent in [a for a in self.agents.values() if a.last_seen < deadline]:
-            log.warning("agent %s silent since %.1fs: lost", agent.agent_id, agent.last_seen)
+            log.warning(
+                "agent %s silent for %.1fs: lost", agent.agent_id, event.time - agent.last_seen
+            )
             self._lose_agent(agent, event.time, "heartbeat-timeout")
             self._step.closes.append(
                 CloseAgent(agent.agent_id, "no heartbeat within the timeout", agent.stream_id)

@@ -162,6 +162,23 @@ def pending_count(hc: Client) -> int:
     return sum(n for state, n in by_state.items() if TaskState(state).pending)
 
 
+def stuck_report(hc: Client, show: int = 8) -> str:
+    """What is still pending and where, for the message of a drain that never finished."""
+    pending = [s for s in TaskState if s.pending]
+    tasks = hc.list_tasks(states=pending, limit=10_000)
+    lines = [f"{len(tasks)} tasks pending: {dict(Counter(t.state.value for t in tasks))}"]
+    for ep in hc.list_endpoints():
+        lines.append(f"endpoint {ep!r}")
+    for task in hc.get_tasks([t.id for t in tasks[:show]], history=True):
+        story = ", ".join(
+            f"{h.from_state.value if h.from_state else None}->{h.to_state.value} "
+            f"({h.cause}, attempt {h.attempt}, {h.time and h.time.time()})"
+            for h in task.history
+        )
+        lines.append(f"task {task.id}: {story}")
+    return "\n".join(lines)
+
+
 def check_history(task: heartline.Task) -> None:
     h = task.history
     story = ", ".join(
@@ -228,12 +245,15 @@ def run_chaos(chaos: Chaos, seed: int) -> None:
         # Drain: everything stored must settle, with the agents left running.
         left = BUDGET - (time.monotonic() - started)
         assert_eventually(lambda: server_answers(hc), timeout=30, message="server answers")
-        assert_eventually(
-            lambda: pending_count(hc) == 0,
-            timeout=max(5.0, left - 5),
-            interval=0.2,
-            message="every task settled",
-        )
+        try:
+            assert_eventually(
+                lambda: pending_count(hc) == 0,
+                timeout=max(5.0, left - 5),
+                interval=0.2,
+                message="every task settled",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{stuck_report(hc)}") from None
 
         everything = hc.list_tasks(limit=1_000_000)
         ids = [t.id for t in everything]
