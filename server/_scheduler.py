@@ -18,7 +18,7 @@ import heapq
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from heartline import _defaults
 from heartline._figures import DISPATCH_LATENCY_BOUNDS, Buckets
@@ -767,7 +767,7 @@ class Scheduler(GroupSteps):
             self._step.endpoints.add(task.endpoint_id)
             self._step.touched[task.task_id] = task
 
-    _handlers: dict[type, Callable[[Scheduler, Event], None]] = {
+    _handlers: ClassVar[dict[type, Callable[[Scheduler, Event], None]]] = {
         TasksSubmitted: _on_submitted,
         AgentConnected: _on_agent_connected,
         AgentLost: _on_agent_lost,
