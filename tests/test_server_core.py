@@ -98,32 +98,20 @@ async def test_a_client_giving_up_on_a_command_does_not_drop_its_announcement(
 async def test_agents_registering_one_name_at_once_get_one_endpoint(tmp_path: Path) -> None:
     # Two agents started together for a new endpoint used to race: each saw no endpoint
     # of that name while the other's registration was committing, and the name got two
-    # endpoints (tasks went to one, the agents served the other).
+    # endpoints (tasks went to one, the agents served the other). Called on the core
+    # directly: over gRPC the requests seldom overlap, here they always do.
     import asyncio
-
-    import grpc
-
-    from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
 
     db = tmp_path / "h.db"
     server = Server(ServerConfig(listen="127.0.0.1:0", db_path=db, validate=True))
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = endpoint_service_pb2_grpc.EndpointServiceStub(channel)
-            metadata = _defaults.bearer_metadata(_defaults.token())
-            answers = await asyncio.gather(
-                *(
-                    stub.RegisterEndpoint(
-                        endpoint_service_pb2.RegisterEndpointRequest(name="twins"),
-                        metadata=metadata,
-                    )
-                    for _ in range(8)
-                )
-            )
-        assert len({a.endpoint_id for a in answers}) == 1, answers
+        rows = await asyncio.gather(
+            *(server.core.ensure_endpoint("twins", "admin") for _ in range(8))
+        )
+        assert len({r.endpoint_id for r in rows}) == 1, rows
     finally:
         await server.stop(grace=0)
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT endpoint_id FROM endpoints WHERE name = 'twins'").fetchall()
-    assert rows == [(answers[0].endpoint_id,)]
+        stored = conn.execute("SELECT endpoint_id FROM endpoints WHERE name = 'twins'").fetchall()
+    assert stored == [(rows[0].endpoint_id,)]
