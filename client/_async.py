@@ -39,6 +39,7 @@ from heartline._errors import (
     tls_failure,
     unreachable_message,
 )
+from heartline._modules import ShipModules
 from heartline._states import CancelMode, TaskState
 from heartline._tls import TLS, channel_credentials
 from heartline.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -114,11 +115,18 @@ class AsyncClient(AdminCalls, ClientBase):
         tls: connect over TLS (see :class:`~heartline.TLS`; ``True`` trusts the system's
             CAs, ``False`` is plaintext); default from ``$HEARTLINE_TLS_CA`` (and
             ``$HEARTLINE_TLS_CERT``, ``$HEARTLINE_TLS_KEY``), else plaintext.
+        ship_modules: which of your own modules travel with each function, as source:
+            True (default) ships the local modules it uses (a script's or notebook's
+            neighbours, not installed packages), found once per function; a list adds
+            modules (names or module objects) found code can't see, e.g. imported by
+            ``importlib.import_module``; False ships none (the endpoint must import them).
 
     Use as ``async with AsyncClient() as client:`` or call :meth:`close`.
 
     Raises:
         HeartlineError: a TLS file is missing, unreadable or not PEM (the message names it).
+        InvalidArgumentError: ``ship_modules`` names a module that does not import here or
+            has no Python source.
     """
 
     def __init__(
@@ -128,8 +136,15 @@ class AsyncClient(AdminCalls, ClientBase):
         token: str | None = None,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
         tls: TLS | bool | None = None,
+        ship_modules: ShipModules = True,
     ) -> None:
-        super().__init__(address, token=token, retry_timeout=retry_timeout, tls=tls)
+        super().__init__(
+            address,
+            token=token,
+            retry_timeout=retry_timeout,
+            tls=tls,
+            ship_modules=ship_modules,
+        )
         # Read now, so a bad file is said at once rather than at the first call.
         self._credentials = channel_credentials(self.tls)
         self._state = ClientState.UNOPENED

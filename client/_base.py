@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from heartline import _defaults
 from heartline._errors import InvalidArgumentError
 from heartline._lru import LruCache
+from heartline._modules import ShipModules, ShipPolicy
 from heartline._serialize import TaskInput, dumps_args, dumps_function, function_id
 from heartline._states import SkipReason, TaskState
 from heartline.v1 import task_pb2, task_service_pb2
@@ -147,10 +148,13 @@ class FunctionCache:
     Entries are keyed by the function object: weakly when it supports weak references
     (so a dropped lambda frees its payload), else by ``id()`` with a strong reference
     held (builtins such as ``pow``) so the id can't be reused by another object.
-    Thread-safe: the Executor pickles in its callers' threads.
+    Thread-safe: the Executor pickles in its callers' threads. ``ship`` says which local
+    modules travel with each function (heartline/_modules.py); they are found here, once
+    per function, never per task.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ship: ShipPolicy | None = None) -> None:
+        self._ship = ship if ship is not None else ShipPolicy()
         self._weak: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[Any, str, bytes]] = {}
         # Used on the client's event loop only (AsyncClient._register), so unlocked.
@@ -162,7 +166,8 @@ class FunctionCache:
 
         Raises:
             SerializationError: ``fn`` is not callable or cannot be pickled.
-            InvalidArgumentError: ``fn`` is a generator or async generator function.
+            InvalidArgumentError: ``fn`` is a generator or async generator function, or
+                the modules it ships take it over the payload limit.
         """
         try:
             hit = self._weak.get(fn)
@@ -179,7 +184,7 @@ class FunctionCache:
                 f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a task returns "
                 "one value, so return a list (or submit one task per item) instead"
             )
-        payload = dumps_function(fn)
+        payload = dumps_function(fn, self._ship)
         entry = (function_id(payload), payload)
         with self._lock:
             try:
@@ -215,6 +220,7 @@ class ClientBase:
         token: str | None = None,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
         tls: TLS | bool | None = None,
+        ship_modules: ShipModules = True,
     ) -> None:
         self.address = resolve_address(address)
         """The server's ``host:port``."""
@@ -234,7 +240,7 @@ class ClientBase:
         self.session_id = uuid.uuid4().hex
         """This client's session: the server streams its submitted tasks' settles to it."""
         self._metadata = resolve_metadata(token)
-        self._functions = FunctionCache()
+        self._functions = FunctionCache(ShipPolicy.of(ship_modules))
 
     # -- building requests ---------------------------------------------------------
 

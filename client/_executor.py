@@ -30,6 +30,7 @@ from typing import Any
 
 from heartline import _defaults
 from heartline._errors import HeartlineError, TaskSkippedError
+from heartline._modules import ShipModules
 from heartline._states import SkipReason
 from heartline._tls import TLS
 from heartline.v1 import task_pb2
@@ -118,6 +119,8 @@ class Executor(concurrent.futures.Executor):
         retry_timeout: seconds a call keeps trying while the server is away (see
             :class:`Client`); futures survive a server restart within it.
         tls: how to reach the server over TLS (see :class:`Client`).
+        ship_modules: which of your own modules travel with each function (see
+            :class:`Client`); with ``client``, that client's setting applies.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Executor(concurrent.futures.Executor):
         held: bool = False,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
         tls: TLS | bool | None = None,
+        ship_modules: ShipModules = True,
     ) -> None:
         _check_endpoint(endpoint)
         self.endpoint = endpoint
@@ -148,7 +152,13 @@ class Executor(concurrent.futures.Executor):
         self.client = (
             client
             if client is not None
-            else Client(address, token=token, retry_timeout=retry_timeout, tls=tls)
+            else Client(
+                address,
+                token=token,
+                retry_timeout=retry_timeout,
+                tls=tls,
+                ship_modules=ship_modules,
+            )
         )
         self._async = self.client._async
         self._loop = self.client._loop
@@ -364,7 +374,7 @@ class Executor(concurrent.futures.Executor):
                 prepared = PreparedBatch([queued.spec for queued in batch], functions)
                 try:
                     ids = await self._async._submit_prepared(self.endpoint, prepared)
-                except Exception as exc:  # the whole batch failed: each future says why
+                except Exception as exc:  # noqa: BLE001 - the whole batch failed: each future says why
                     for queued in batch:
                         if queued.future.set_running_or_notify_cancel():
                             queued.future.set_exception(exc)
@@ -397,7 +407,7 @@ class Executor(concurrent.futures.Executor):
             return
         try:
             fut.set_result(outcome_of_update(waiter.result()))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the future carries any error
             fut.set_exception(exc)
 
     def _cancel_on_loop(self, fut: TaskFuture) -> None:

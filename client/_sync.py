@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Self, TypeVar
 
 from heartline import _defaults
+from heartline._modules import ShipModules
 from heartline._states import CancelMode, TaskState
 from heartline._tls import TLS
 
@@ -39,8 +40,17 @@ class Client:
             ``True`` trusts the system's CAs, ``False`` is plaintext); default from
             ``$HEARTLINE_TLS_CA`` (and ``$HEARTLINE_TLS_CERT``, ``$HEARTLINE_TLS_KEY``),
             else plaintext.
+        ship_modules: which of your own modules travel with each function, as source:
+            True (default) ships the local modules it uses (a script's or notebook's
+            neighbours, such as ``mylib.py``; installed packages stay the endpoint's), found
+            once per function; a list adds modules (names or module objects) found code
+            can't see, e.g. imported by ``importlib.import_module``; False ships none.
 
     Use as ``with Client() as hc:`` or call :meth:`close`. Thread-safe.
+
+    Raises:
+        InvalidArgumentError: ``ship_modules`` names a module that does not import here or
+            has no Python source.
     """
 
     def __init__(
@@ -50,8 +60,15 @@ class Client:
         token: str | None = None,
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
         tls: TLS | bool | None = None,
+        ship_modules: ShipModules = True,
     ) -> None:
-        self._async = AsyncClient(address, token=token, retry_timeout=retry_timeout, tls=tls)
+        self._async = AsyncClient(
+            address,
+            token=token,
+            retry_timeout=retry_timeout,
+            tls=tls,
+            ship_modules=ship_modules,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="heartline-client", daemon=True

@@ -224,6 +224,13 @@ class Task:
     """Per-attempt walltime in seconds; None means none."""
     resubmitted_from: str | None
     payload_purged: bool
+    stdout: str = dataclasses.field(default="", repr=False)
+    """What the task's latest finished attempt wrote to its stdout: the last bytes, up to
+    the server's limit (64 KiB by default), after a ``[... N bytes cut ...]`` line when
+    there was more. An attempt whose worker died keeps what it wrote until then; "" for
+    none, and once the payloads are purged."""
+    stderr: str = dataclasses.field(default="", repr=False)
+    """The same of its stderr."""
     _result: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
     @functools.cached_property
@@ -288,6 +295,8 @@ class Task:
             walltime=msg.walltime_seconds or None,
             resubmitted_from=msg.resubmitted_from or None,
             payload_purged=msg.payload_purged,
+            stdout=msg.stdout,
+            stderr=msg.stderr,
             _result=msg.result,
         )
 

@@ -7,6 +7,8 @@ SUCCEEDED or ERRORED. A task refused before it reaches a worker (function not al
 or unknown) goes from WAITING_FOR_NODES straight to ERRORED; a function, arguments or
 inputs (the results of the tasks it takes as inputs, sent with its Dispatch and kept
 with its Job) that cannot be unpickled go from WAITING_FOR_LAUNCH straight to ERRORED.
+A terminal report of an attempt that reached a worker carries the tail of what it wrote to
+its stdout and stderr (the server's ``max_output_bytes`` of each, from the welcome).
 
 Every change is appended to an outbox and one sender coroutine drains it: whatever was
 produced while the sender slept (at least one loop iteration, more under load while a
@@ -114,7 +116,7 @@ class Agent:
         self._config = config
         self._agent_id = str(uuid.uuid4())
         self._state = AgentState.NEW
-        self._pool = WorkerPool(config.workers, self)
+        self._pool = WorkerPool(config.workers, self, endpoint_name=config.name)
         self._identity: Identity | None = None
         # Pickled functions by id, least recently used out first. A Dispatch carries the
         # function only when the server does not count on us holding it; it counts on
@@ -382,6 +384,8 @@ class Agent:
                 if not interval > 0:
                     interval = _defaults.HEARTBEAT_INTERVAL
                 self._max_payload = max(0, first.welcome.max_payload_bytes)
+                if first.welcome.HasField("max_output_bytes"):
+                    self._pool.max_output = max(0, first.welcome.max_output_bytes)
                 self._state = AgentState.CONNECTED
                 self._failures = 0
                 logger.info(
@@ -571,6 +575,10 @@ class Agent:
             update = pb.StatusUpdate(
                 task_id=job.task_id, attempt=job.attempt, state=_ERRORED, error=error
             )
+        if outcome.stdout:
+            update.stdout = outcome.stdout
+        if outcome.stderr:
+            update.stderr = outcome.stderr
         self._finish(update)
 
     # -- upstream -----------------------------------------------------------------------
@@ -635,7 +643,12 @@ def _messages(updates: Sequence[_Progress | pb.StatusUpdate]) -> list[pb.Connect
         else:
             error = update.error
             weight = (
-                _PROGRESS_WEIGHT + len(update.result) + len(error.traceback) + len(error.message)
+                _PROGRESS_WEIGHT
+                + len(update.result)
+                + len(error.traceback)
+                + len(error.message)
+                + len(update.stdout)
+                + len(update.stderr)
             )
         if count and size + weight > _MAX_BATCH_BYTES:
             messages.append(message)

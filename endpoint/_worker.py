@@ -1,8 +1,9 @@
 """The worker process: runs one task at a time for the agent.
 
-Run as ``python -m heartline.endpoint._worker``. It speaks the worker protocol of
-docs/ARCHITECTURE.md over its stdin/stdout: frames of a 4-byte big-endian length and a
-pickled tuple.
+Run as ``python -m heartline.endpoint._worker STDOUT_FILE STDERR_FILE``. It speaks the
+worker protocol of docs/ARCHITECTURE.md over its stdin/stdout: frames of a 4-byte big-endian
+length and a pickled tuple. What a task writes to its stdout and stderr goes to the two
+files (see endpoint/_capture.py): the pool takes it from there when the task ends.
 
 - worker -> agent ``("ready", pid)`` once, after imports.
 - agent -> worker
@@ -21,13 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import os
 import pickle
 import signal
 import sys
+import threading
 import types
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from heartline._defaults import WORKER_FUNCTION_CACHE
 from heartline._errors import SerializationError
@@ -71,21 +74,47 @@ class _Channel:
             view = view[os.write(self._writer_fd, view) :]
 
 
-def _take_stdio() -> _Channel:
+def _take_stdio(stdout_path: str, stderr_path: str) -> _Channel:
     """Move the frame channel to private fds so user code cannot touch it.
 
-    fd 1 becomes a copy of fd 2, so a ``print()`` in a task lands on stderr instead
-    of corrupting a frame; fd 0 becomes /dev/null, so ``input()`` sees end of file
-    instead of eating the next frame.
+    fd 1 and fd 2 become the pool's output files of this worker slot (emptied of what a
+    cancelled task of the worker before left, then appended to), so a ``print()`` in a
+    task, or a write of C code or a subprocess, is kept for the task instead of
+    corrupting a frame; fd 0 becomes /dev/null, so ``input()`` sees end of file instead of
+    eating the next frame. ``sys.stdout`` and ``sys.stderr`` flush every line, so a worker
+    killed mid-task has written all its task printed but a last unfinished line.
     """
     frames_in = os.dup(0)
     frames_out = os.dup(1)
     sys.stdout.flush()
-    os.dup2(2, 1)
+    sys.stderr.flush()
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        os.dup2(file, fd)
+        os.close(file)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
     return _Channel(os.fdopen(frames_in, "rb", buffering=1 << 16), frames_out)
+
+
+def _flush_output() -> None:
+    """Write out what the task printed, before the agent takes it (on "done"); put back
+    the streams a task replaced, so the next task's prints land in the files again."""
+    replaced = sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__
+    streams = (sys.stdout, sys.stderr)
+    if replaced:
+        streams += (sys.__stdout__, sys.__stderr__)
+    for stream in streams:
+        try:
+            stream.flush()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001, S110 - closed or broken by the task: its loss
+            pass
+    if replaced:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # type: ignore[assignment]
 
 
 # Unpickled functions by id, with the source lines of their by-value code. The pool
@@ -101,8 +130,15 @@ def _failure(
     return type_name, message if message is not None else text, tb, kind
 
 
-def _run(
-    channel: _Channel,
+class Channel(Protocol):
+    """Where :func:`run_task` sends its "start" frame (a worker process's frame channel;
+    the Dask engine's stand-in)."""
+
+    def send(self, message: tuple[Any, ...]) -> None: ...
+
+
+def run_task(
+    channel: Channel,
     functions: Functions,
     task_id: str,
     attempt: int,
@@ -110,7 +146,11 @@ def _run(
     function_bytes: bytes | None,
     args_bytes: bytes,
     inputs: tuple[bytes, ...] = (),
-) -> None:
+) -> tuple[Any, ...]:
+    """Run one task; send its "start" frame, return its "done" frame.
+
+    The one way a task runs, in a worker process and on a Dask worker thread alike.
+    """
     try:
         cached = functions.get(function_id)
         if cached is None:
@@ -119,18 +159,16 @@ def _run(
             cached = loads_with_sources(function_bytes)
             functions.put(function_id, cached, len(function_bytes))
         fn, sources = cached
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any error here is the function payload's
         message = f"cannot deserialize the function {function_id}: {type(exc).__name__}: {exc}"
-        channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
-        return
+        return ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message))
     try:
         (args, kwargs), arg_sources = loads_with_sources(args_bytes)
         if arg_sources:
             sources = {**sources, **arg_sources}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any error here is the arguments'
         message = f"cannot deserialize the arguments: {type(exc).__name__}: {exc}"
-        channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message)))
-        return
+        return ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message))
     if inputs or _has_placeholder(args, kwargs):
         values = []
         for index, data in enumerate(inputs):
@@ -141,15 +179,11 @@ def _run(
                 message = (
                     f"cannot deserialize input {index} of the task: {type(exc).__name__}: {exc}"
                 )
-                channel.send(
-                    ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message))
-                )
-                return
+                return ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION, message))
         try:
             args, kwargs = fill_inputs(args, kwargs, values)
         except SerializationError as exc:  # a placeholder names an input not given
-            channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION)))
-            return
+            return ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION))
 
     channel.send(("start", task_id, attempt))
     try:
@@ -159,14 +193,12 @@ def _run(
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a task is the task's error
         # The user wants their traceback, not ours (nor asyncio's, for a coroutine).
         exc.__traceback__ = _from_user_code(exc.__traceback__)
-        channel.send(("done", task_id, attempt, False, _failure(exc, _RAISED, sources=sources)))
-        return
+        return ("done", task_id, attempt, False, _failure(exc, _RAISED, sources=sources))
     try:
         result = dumps_result(value)
-    except Exception as exc:
-        channel.send(("done", task_id, attempt, False, _failure(exc, _SERIALIZATION)))
-        return
-    channel.send(("done", task_id, attempt, True, result))
+    except Exception as exc:  # noqa: BLE001 - any error here is the result's
+        return ("done", task_id, attempt, False, _failure(exc, _SERIALIZATION))
+    return ("done", task_id, attempt, True, result)
 
 
 def _has_placeholder(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -182,17 +214,20 @@ def _has_placeholder(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False
 
 
-_loop: asyncio.AbstractEventLoop | None = None
+_loops = threading.local()
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
-    """This worker's one event loop, made on first use and reused by every coroutine task,
-    so a task may await I/O; cancel and walltime end the whole worker, loop included."""
-    global _loop
-    if _loop is None:
-        _loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(_loop)
-    return _loop
+    """This thread's one event loop, made on first use and reused by every coroutine task,
+    so a task may await I/O; cancel and walltime end the whole worker, loop included.
+
+    One per thread: a worker process has one thread, a Dask worker runs tasks on several.
+    """
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None:
+        loop = _loops.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+    return loop
 
 
 _OURS = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep)
@@ -214,20 +249,27 @@ def _from_user_code(tb: types.TracebackType | None) -> types.TracebackType | Non
     return first
 
 
-def main() -> None:
-    """Serve tasks until the agent closes stdin."""
+def main(argv: list[str] | None = None) -> None:
+    """Serve tasks until the agent closes stdin.
+
+    Args:
+        argv: The paths of the stdout and stderr files (default: the command line's).
+    """
+    stdout_path, stderr_path = sys.argv[1:3] if argv is None else argv
     # Ctrl-C in a terminal, or a supervisor's SIGTERM to the process group, is meant
     # for the agent, which then ends its workers (SIGKILL). A worker that died first
     # would be reported and replaced during the agent's shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    channel = _take_stdio()
+    channel = _take_stdio(stdout_path, stderr_path)
     functions: Functions = LruCache(*WORKER_FUNCTION_CACHE)
     try:
         channel.send(("ready", os.getpid()))
         while (message := channel.receive()) is not None:
             if message[0] == "run":
-                _run(channel, functions, *message[1:])
+                done = run_task(channel, functions, *message[1:])
+                _flush_output()
+                channel.send(done)
     except BrokenPipeError:
         # The agent is gone (killed): nobody is left to tell; leave quietly.
         os._exit(0)

@@ -7,7 +7,8 @@ per-task cost is a frame each way plus a few dictionary operations.
 
 What happens to a job is told to a :class:`PoolListener`, synchronously, in order:
 ``task_launched`` (handed to a worker), ``task_started`` (the worker is about to call
-it), ``task_finished`` (an :class:`Outcome`). A cancelled job gets no more calls.
+it), ``task_finished`` (an :class:`Outcome`, with what the attempt wrote to its stdout and
+stderr: see endpoint/_capture.py). A cancelled job gets no more calls.
 Model: anyio ``to_process.py``.
 """
 
@@ -17,14 +18,16 @@ import asyncio
 import collections
 import enum
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from heartline._defaults import WORKER_SENT_FUNCTIONS
+from heartline._defaults import ENV_ENDPOINT_NAME, MAX_OUTPUT, WORKER_SENT_FUNCTIONS
 from heartline._lru import LruCache
 from heartline._states import FailureCode
+from heartline.endpoint._capture import OutputFiles, OutputFolder
 from heartline.endpoint._frames import HEADER, ProtocolError, decode, encode
 
 logger = logging.getLogger("heartline.endpoint.workers")
@@ -59,6 +62,10 @@ class Outcome:
 
     result: bytes = b""
     failure: Failure | None = None
+    stdout: str = ""
+    """The tail of what the attempt wrote to its stdout, up to its end or its worker's."""
+    stderr: str = ""
+    """The same of its stderr."""
 
     @property
     def ok(self) -> bool:
@@ -100,11 +107,13 @@ class WorkerState(enum.Enum):
 
 
 class _Worker:
-    __slots__ = ("functions", "job", "pid", "process", "state", "timer")
+    __slots__ = ("functions", "job", "output", "pid", "process", "state", "timer")
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, output: OutputFiles) -> None:
         self.process = process
         self.pid = process.pid
+        self.output = output
+        """Its slot's output files (the worker writes them, the pool reads them)."""
         self.state = WorkerState.STARTING
         self.job: Job | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -144,7 +153,7 @@ class WorkerPool:
         listener: Told what happens to every job.
     """
 
-    def __init__(self, size: int, listener: PoolListener) -> None:
+    def __init__(self, size: int, listener: PoolListener, *, endpoint_name: str = "") -> None:
         if size < 1:
             raise ValueError(f"a worker pool needs at least one worker, not {size}")
         self._size = size
@@ -155,9 +164,21 @@ class WorkerPool:
         self._running: dict[str, _Worker] = {}
         self._workers: set[_Worker] = set()
         self._restarts = 0
+        self.max_output = MAX_OUTPUT
+        """Bytes of each of a task's stdout and stderr reported with its outcome (the
+        last ones); 0 reports none. The agent sets the server's (from its welcome)."""
+        self._output: OutputFolder | None = None
+        # The workers' environment: the endpoint they serve, for the error of a module a
+        # task needs that is missing there (heartline/_shipped.py).
+        self._env = {**os.environ, ENV_ENDPOINT_NAME: endpoint_name} if endpoint_name else None
 
     @property
     def size(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        """Jobs that can run at once (the Engine seam's name for ``size``; it never moves)."""
         return self._size
 
     @property
@@ -185,12 +206,14 @@ class WorkerPool:
 
     async def run(self) -> None:
         """Keep ``size`` workers alive until :meth:`close`; kill them on the way out."""
+        self._output = OutputFolder()
         try:
             async with asyncio.TaskGroup() as tg:
                 for slot in range(self._size):
                     tg.create_task(self._supervise(slot))
         finally:
             self.close()
+            self._output.remove()
 
     def close(self) -> None:
         """Stop taking work, drop queued jobs and kill every worker (nothing is reported)."""
@@ -273,50 +296,57 @@ class WorkerPool:
         message = (
             f"task {job.task_id} ran past its walltime of {job.walltime:g} s; its worker was killed"
         )
-        self._listener.task_finished(
-            job,
-            Outcome(
-                failure=Failure("heartline.WalltimeExceeded", message, "", FailureKind.WALLTIME)
-            ),
-        )
+        # Killed just now: what it wrote so far is in the files (its replacement starts
+        # only once it is reaped).
+        stdout, stderr = worker.output.take(self.max_output)
+        failure = Failure("heartline.WalltimeExceeded", message, "", FailureKind.WALLTIME)
+        self._listener.task_finished(job, Outcome(failure=failure, stdout=stdout, stderr=stderr))
 
     async def _supervise(self, slot: int) -> None:
         """Run one worker slot: start a worker, serve it, replace it when it dies."""
+        assert self._output is not None
+        output = self._output.slot(slot)
         delay = _RESPAWN_MIN
         replacing = False
-        while self._state is PoolState.OPEN:
-            served = False
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "heartline.endpoint._worker",
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                )
-            except OSError as exc:
-                logger.warning("event=worker-spawn-failed slot=%d error=%r", slot, exc)
-            else:
-                worker = _Worker(process)
-                self._workers.add(worker)
-                if replacing:
-                    self._restarts += 1
-                replacing = True
+        try:
+            while self._state is PoolState.OPEN:
+                served = False
                 try:
-                    served = await self._serve(worker)
-                finally:
-                    # Also reached on cancellation: never leave a process behind.
-                    self._workers.discard(worker)
-                    worker.kill()
-                    await self._reap(worker)
-            if self._state is not PoolState.OPEN:
-                return
-            # A worker that cannot even start would otherwise be respawned in a hot loop.
-            if served:
-                delay = _RESPAWN_MIN
-            else:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RESPAWN_MAX)
+                    process = await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "heartline.endpoint._worker",
+                        output.stdout_path,
+                        output.stderr_path,
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        env=self._env,
+                    )
+                except OSError as exc:
+                    logger.warning("event=worker-spawn-failed slot=%d error=%r", slot, exc)
+                else:
+                    worker = _Worker(process, output)
+                    self._workers.add(worker)
+                    if replacing:
+                        self._restarts += 1
+                    replacing = True
+                    try:
+                        served = await self._serve(worker)
+                    finally:
+                        # Also reached on cancellation: never leave a process behind.
+                        self._workers.discard(worker)
+                        worker.kill()
+                        await self._reap(worker)
+                if self._state is not PoolState.OPEN:
+                    return
+                # A worker that cannot even start would otherwise be respawned in a hot loop.
+                if served:
+                    delay = _RESPAWN_MIN
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RESPAWN_MAX)
+        finally:
+            output.close()
 
     async def _serve(self, worker: _Worker) -> bool:
         """Read a worker's frames until it dies; return whether it got ready."""
@@ -384,12 +414,14 @@ class WorkerPool:
             worker.state = WorkerState.IDLE
             self._running.pop(job.task_id, None)
             self._idle.append(worker)
+            # Taken (and emptied) before _pump may give this worker its next task.
+            stdout, stderr = worker.output.take(self.max_output)
             if ok:
-                outcome = Outcome(result=payload)
+                outcome = Outcome(payload, None, stdout, stderr)
             else:
                 type_name, text, tb, failure_kind = payload
                 failure = Failure(type_name, text, tb, FailureKind(failure_kind))
-                outcome = Outcome(failure=failure)
+                outcome = Outcome(b"", failure, stdout, stderr)
                 if failure.kind is FailureKind.SERIALIZATION:
                     # Perhaps the function did not unpickle, so the worker lacks it.
                     worker.functions.clear()
@@ -417,10 +449,10 @@ class WorkerPool:
         how = await self._reap(worker)
         logger.warning("event=worker-died pid=%s task_id=%s %s", worker.pid, job.task_id, how)
         message = f"the worker process (pid {worker.pid}) running task {job.task_id} died: {how}"
-        self._listener.task_finished(
-            job,
-            Outcome(failure=Failure("heartline.WorkerDied", message, "", FailureKind.WORKER_DIED)),
-        )
+        # Everything it wrote before it died is in the files: the output up to the death.
+        stdout, stderr = worker.output.take(self.max_output)
+        failure = Failure("heartline.WorkerDied", message, "", FailureKind.WORKER_DIED)
+        self._listener.task_finished(job, Outcome(failure=failure, stdout=stdout, stderr=stderr))
 
     async def _reap(self, worker: _Worker) -> str:
         """Wait for a worker process to exit (killing it if it lingers); say how it ended."""

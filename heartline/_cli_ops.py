@@ -164,7 +164,7 @@ def tasks_list(states, endpoint, limit, address, token) -> None:
 @_token
 @_fail_cleanly
 def tasks_show(task_id, address, token) -> None:
-    """Show one task with its history of transitions."""
+    """Show one task with its history of transitions and the output of its latest attempt."""
     with _client(address, token) as hc:
         t = hc.get_task(task_id)
     console = _console()
@@ -196,6 +196,14 @@ def tasks_show(task_id, address, token) -> None:
     console.print(history)
     if t.error is not None and t.error.traceback:
         console.print(t.error.traceback.rstrip(), markup=False, highlight=False)
+    # The latest attempt's output, as the task wrote it (never wrapped, nothing read as
+    # markup); a long one was cut to its tail on the endpoint.
+    for heading, text in (("stdout", t.stdout), ("stderr", t.stderr)):
+        if text:
+            console.rule(heading, align="left")
+            console.print(
+                text.rstrip("\n"), markup=False, highlight=False, emoji=False, soft_wrap=True
+            )
 
 
 def _command(name: str, method: str, help_text: str) -> None:

@@ -22,6 +22,9 @@ ENV_TLS_CERT = "HEARTLINE_TLS_CERT"
 """PEM file of the client certificate they present to a mutual-TLS server."""
 ENV_TLS_KEY = "HEARTLINE_TLS_KEY"
 """PEM file of that client certificate's private key."""
+ENV_ENDPOINT_NAME = "HEARTLINE_ENDPOINT_NAME"
+"""Set by the agent for its worker processes: the endpoint they serve, named in the error
+of a module a task needs that is missing there."""
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 """Where the server listens, and where clients, agents and the CLI look for it."""
@@ -58,6 +61,9 @@ carries more (docs/PERFORMANCE.md). For an endpoint with several agents and long
 a smaller ``--prefetch`` (0: only free workers) spreads them more evenly."""
 MAX_PAYLOAD = 10 * 1024 * 1024
 """Largest function, arguments or result payload in bytes (SPEC section 6)."""
+MAX_OUTPUT = 64 * 1024
+"""Bytes of a task's stdout, and as many of its stderr, kept with the task: the last ones
+(the server's ``--max-output``, sent to its agents in the welcome)."""
 MAX_FUNCTION_BYTES_PER_USER = 1024 * 1024 * 1024
 """Most bytes of stored functions one user may have (RESOURCE_EXHAUSTED past it); a
 function no kept task uses goes with the result retention's purge."""

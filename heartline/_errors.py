@@ -184,8 +184,10 @@ _TLS_FAILURES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (
         ("wrong_version_number",),
         "the server does not speak TLS",
-        "connect without TLS (no tls=, --tls-ca or HEARTLINE_TLS_CA), or start the server "
-        "with --tls-cert and --tls-key",
+        (
+            "connect without TLS (no tls=, --tls-ca or HEARTLINE_TLS_CA), or start the server "
+            "with --tls-cert and --tls-key"
+        ),
     ),
     (
         ("hostname verification", "is not in peer certificate"),
@@ -202,8 +204,10 @@ _TLS_FAILURES: tuple[tuple[tuple[str, ...], str, str], ...] = (
             "alert_certificate_unknown",
         ),
         "the server refused this client's certificate, or its lack of one",
-        "pass one signed by a CA the server trusts: tls=TLS(cert=..., key=...), or "
-        "--tls-cert and --tls-key",
+        (
+            "pass one signed by a CA the server trusts: tls=TLS(cert=..., key=...), or "
+            "--tls-cert and --tls-key"
+        ),
     ),
     (
         ("tls handshake failed", "ssl handshake failed"),

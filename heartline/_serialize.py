@@ -9,6 +9,11 @@ stream, followed, when there is by-value code, by a second plain pickle of a
 :data:`SourceMap`. ``pickle.loads`` of a payload still returns the function alone (it stops
 at the first pickle's end); the worker reads both with :func:`loads_with_sources` and
 :func:`describe_exception` puts each frame's file name and line back.
+
+The user's own modules that a function uses (a script's ``mylib.py``) travel with it too,
+as source, inside the same stream and ahead of the function, so that loading the payload
+installs them before the function needs them (heartline/_modules.py); a module the
+endpoint lacks anyway is named in the error.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from typing import Any
 
 import cloudpickle
 
+from heartline._defaults import MAX_PAYLOAD
 from heartline._errors import SerializationError
+from heartline._modules import ShipPolicy, check_size
+from heartline._shipped import WithModules, missing_module_error
 
 CodeKey = tuple[str, int, int]
 """What names a code object on both sides: (qualified name, first line, crc32 of its bytecode)."""
@@ -98,14 +106,26 @@ def _dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def dumps_function(fn: Any) -> bytes:
-    """Pickle a callable by value where needed; raise SerializationError if impossible."""
+_SHIP_FOUND = ShipPolicy()
+
+
+def dumps_function(fn: Any, ship: ShipPolicy = _SHIP_FOUND) -> bytes:
+    """Pickle a callable by value where needed, with the local modules ``ship`` names
+    (by default those it uses, found automatically) ahead of it.
+
+    Raises:
+        SerializationError: ``fn`` is not callable or cannot be pickled.
+        InvalidArgumentError: the modules it ships take its payload over the limit.
+    """
     if not callable(fn):
         raise SerializationError(f"{fn!r} is not callable")
     try:
-        return _dumps(fn)
+        modules = ship.modules_for(fn)
+        payload = _dumps(WithModules(fn, modules) if modules else fn)
     except Exception as exc:
         raise SerializationError(f"cannot serialize function {_name(fn)}: {exc}") from exc
+    check_size(f"the function {_name(fn)}", modules, len(payload), MAX_PAYLOAD)
+    return payload
 
 
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -168,13 +188,22 @@ def fill_inputs(
 
 
 def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
-    """Unpickle a function or argument payload and the source map that may follow it.
+    """Unpickle a function or argument payload and the source map that may follow it;
+    the modules shipped in a function payload are installed in this process first.
 
     Raises:
-        Exception: whatever unpickling raises (the caller says which payload failed).
+        ModuleNotFoundError: the payload needs a module this process cannot import;
+            the message names it (and the endpoint, see heartline/_shipped.py).
+        Exception: whatever else unpickling raises (the caller says which payload failed).
     """
     stream = io.BytesIO(data)
-    value = pickle.load(stream)
+    try:
+        value = pickle.load(stream)
+    except ModuleNotFoundError as exc:
+        if exc.name is None:
+            raise
+        # The new message says all; the unpickler's frames would only hide it.
+        raise missing_module_error(exc) from None
     sources: SourceMap = {}
     if stream.tell() < len(data):
         found = pickle.load(stream)

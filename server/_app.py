@@ -100,7 +100,8 @@ class Server:
         for name in self.config.endpoints:
             # `heartline up`'s local endpoint: the admin's (its agent uses the admin token).
             await self.core.ensure_endpoint(name, ADMIN if auth else ANONYMOUS)
-        limit = self.config.max_payload + _MESSAGE_HEADROOM
+        # A terminal report carries a result and the tail of two output streams.
+        limit = self.config.max_payload + 2 * self.config.max_output + _MESSAGE_HEADROOM
         server = grpc.aio.server(
             # DecodeInterceptor stays last: it runs after authentication (see _decode.py).
             interceptors=[AuthInterceptor(self.core.tokens if auth else None), DecodeInterceptor()],

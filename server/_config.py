@@ -20,6 +20,10 @@ class ServerConfig:
     """Seconds of silence after which an agent is lost; None means 3 x heartbeat_interval."""
     max_payload: int = _defaults.MAX_PAYLOAD
     """Largest function, argument or result payload, in bytes (RESOURCE_EXHAUSTED above)."""
+    max_output: int = _defaults.MAX_OUTPUT
+    """Bytes of a task's stdout, and as many of its stderr, kept with the task: the last
+    ones, after a ``[... N bytes cut ...]`` line when there was more (agents are told in
+    the welcome, and the server cuts what it receives past it); 0 keeps none."""
     max_function_bytes: int = _defaults.MAX_FUNCTION_BYTES_PER_USER
     """Most bytes of stored functions per user (RESOURCE_EXHAUSTED past it)."""
     max_watches_per_user: int = _defaults.MAX_WATCHES_PER_USER
@@ -59,10 +63,14 @@ class ServerConfig:
     client must present one (mutual TLS). Needs ``tls_cert`` and ``tls_key``."""
 
     def __post_init__(self) -> None:
-        for name in ("max_watches_per_user", "max_pending_per_user"):
+        for name, least in (
+            ("max_watches_per_user", 1),
+            ("max_pending_per_user", 1),
+            ("max_output", 0),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int of at least 1, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int of at least {least}, not {value!r}")
 
     @property
     def tls_mode(self) -> str:

@@ -103,6 +103,8 @@ def task_to_proto(
         name=row.name,
         skip_reason=skip_reason_to_proto(row.skip_reason),
         input_task_ids=row.inputs,
+        stdout=row.stdout,
+        stderr=row.stderr,
     )
     return task
 

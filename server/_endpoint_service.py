@@ -16,6 +16,8 @@ from heartline._defaults import (
     HELLO_TIMEOUT,
     MAX_ALLOWED_FUNCTIONS,
 )
+from heartline._output import clip_output
+from heartline._states import TaskState
 from heartline.server._auth import caller, registering_refusal, serving_refusal
 from heartline.server._convert import error_from_proto, state_from_proto
 from heartline.server._core import AgentConnection, ServerCore
@@ -31,6 +33,7 @@ from heartline.v1 import endpoint_service_pb2 as pb
 from heartline.v1 import endpoint_service_pb2_grpc
 
 log = logging.getLogger("heartline.server")
+_SUCCEEDED, _ERRORED = TaskState.SUCCEEDED, TaskState.ERRORED
 MAX_CAPACITY = 100_000
 MAX_AGENT_ID = 128
 
@@ -134,6 +137,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                     heartbeat_interval_seconds=self.core.config.heartbeat_interval,
                     agent_id=agent_id,
                     max_payload_bytes=self.core.config.max_payload,
+                    max_output_bytes=self.core.config.max_output,
                 )
             )
         )
@@ -179,6 +183,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
     async def _read(self, conn: AgentConnection, context) -> None:
         core = self.core
         agent_id = conn.agent_id
+        max_output = core.config.max_output
         while True:
             message = await context.read()
             if message is grpc.aio.EOF:
@@ -193,6 +198,11 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                     state = state_from_proto(u.state)
                     if state is None:
                         continue
+                    stdout = stderr = ""
+                    if state is _SUCCEEDED or state is _ERRORED:
+                        # The agent was told the limit; an agent is not trusted to keep it.
+                        stdout = clip_output(u.stdout, max_output)
+                        stderr = clip_output(u.stderr, max_output)
                     reports.append(
                         StatusReport(
                             u.task_id,
@@ -200,6 +210,8 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                             state,
                             u.result if u.result else None,
                             error_from_proto(u.error) if u.HasField("error") else None,
+                            stdout,
+                            stderr,
                         )
                     )
                 core.feed_soon(AgentReported(agent_id, tuple(reports), time.time()))

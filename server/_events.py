@@ -117,6 +117,10 @@ class StatusReport:
     state: TaskState
     result: bytes | None = None
     error: ErrorInfo | None = None
+    stdout: str = ""
+    """With a terminal report: the tail of what the attempt wrote to its stdout."""
+    stderr: str = ""
+    """The same of its stderr."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,6 +156,8 @@ class TaskRecord:
                 self.inputs,
                 self.skip_reason,
                 self.standing is not _FRESH,
+                "",  # stdout and stderr: the scheduler holds no output (WriteBatch.outputs)
+                "",
             ),
         )
 
@@ -209,11 +211,27 @@ class TaskRow(NamedTuple):
     interrupted: bool = False
     """The task's standing is not FRESH (the store cannot tell LOST from ORPHANED; a
     restore decides)."""
+    stdout: str = ""
+    """The tail of what the task's latest finished attempt wrote to its stdout, as
+    ``Store.get_tasks`` reads it ("" in other reads). Written apart from the row
+    (``WriteBatch.outputs``): the scheduler holds no output."""
+    stderr: str = ""
+    """The same of its stderr."""
 
     def to_record(self) -> TaskRecord:
         # Positional (see _FIELD_ORDER: the stored columns up to payload_purged, standing,
         # then name, inputs, skip_reason): _asdict() and ** cost 3x as much.
         return TaskRecord(*self[:22], Standing.LOST if self[25] else Standing.FRESH, *self[22:25])
+
+
+class OutputRow(NamedTuple):
+    """What a task's attempt wrote: replaces the output stored with the task."""
+
+    task_id: str
+    stdout: str
+    """The tail of its stdout (see heartline/_output.py)."""
+    stderr: str
+    """The tail of its stderr."""
 
 
 class TransitionRow(NamedTuple):
@@ -329,7 +347,8 @@ class WriteBatch:
 
     Applied in one transaction, in this order: functions, endpoints, new groups, new
     tasks (inserted), task updates (the full row replaces the stored one), transitions
-    (appended), group states (replace the stored one), requests.
+    (appended), group states (replace the stored one), requests, outputs (replace a
+    task's stored output; a task update leaves it as it is).
     """
 
     functions: tuple[FunctionRow, ...] = ()
@@ -340,6 +359,7 @@ class WriteBatch:
     requests: tuple[RequestRow, ...] = ()
     new_groups: tuple[GroupRow, ...] = ()
     group_states: tuple[GroupStateRow, ...] = ()
+    outputs: tuple[OutputRow, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -351,4 +371,5 @@ class WriteBatch:
             or self.requests
             or self.new_groups
             or self.group_states
+            or self.outputs
         )

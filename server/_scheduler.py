@@ -71,6 +71,7 @@ from heartline.server._model import (
     ErrorInfo,
     GroupRow,
     GroupStateRow,
+    OutputRow,
     RequestRow,
     Standing,
     States,
@@ -208,6 +209,9 @@ class _Step:
     """Queued DAG tasks of a stopping group (a retry, a release): skip them."""
     evicted: list[TaskRecord] = field(default_factory=list)
     """Tasks that settled for good this step: dropped once it is finished."""
+    outputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """(stdout, stderr) of the attempts that ended this step, by task: stored in the
+    step's batch, and never held past the step (see _keep_output)."""
 
 
 class Scheduler(GroupSteps):
@@ -597,6 +601,8 @@ class Scheduler(GroupSteps):
                         self._step.acks.setdefault(agent_id, []).append(
                             (task.task_id, report.attempt)
                         )
+                        if report.stdout or report.stderr or report.attempt > 1:
+                            self._keep_output(report)
                         transition(task, S.SUCCEEDED, "returned", now, result=result)
                         continue
                 self._apply_report(agent, report, now)
@@ -651,6 +657,8 @@ class Scheduler(GroupSteps):
                 self._transition(task, report.state, _REPORT_CAUSE[report.state], now)
             return
         self._step.acks.setdefault(agent.agent_id, []).append((task.task_id, report.attempt))
+        if report.stdout or report.stderr or report.attempt > 1:
+            self._keep_output(report)
         if report.state == S.SUCCEEDED:
             result = report.result or b""
             if len(result) > self.config.max_payload:
@@ -667,6 +675,16 @@ class Scheduler(GroupSteps):
             return
         error = report.error or ErrorInfo("heartline.UnknownError", "the agent reported no error")
         self._fail_attempt(task, error, now)
+
+    def _keep_output(self, report: StatusReport) -> None:
+        """Store what the attempt of a current terminal report wrote, with its task.
+
+        It goes to the store in this step's batch (replacing an earlier attempt's) and is
+        never held here, not even for the ERRORED tasks the scheduler keeps. A first
+        attempt that wrote nothing is left out: there is nothing stored to replace, so
+        most tasks cost nothing more.
+        """
+        self._step.outputs[report.task_id] = (report.stdout, report.stderr)
 
     def _fail_attempt(self, task: TaskRecord, error: ErrorInfo, now: float) -> None:
         kind = error.failure_kind
@@ -978,6 +996,9 @@ class Scheduler(GroupSteps):
             requests=tuple(step.requests),
             new_groups=tuple(step.new_groups),
             group_states=tuple(g.state_row() for g in step.groups.values()),
+            outputs=tuple(OutputRow(t, *output) for t, output in step.outputs.items())
+            if step.outputs
+            else (),
         )
         if batch:
             out.append(Persist(batch))

@@ -61,8 +61,8 @@ __all__ = ["SqliteStore", "Store", "StoreClosedError", "StoreFigures"]
 
 _log = logging.getLogger("heartline.server.store")
 
-SCHEMA_VERSION = 5
-"""The schema this code writes. Version 4 files are upgraded at open (``_MIGRATIONS``)."""
+SCHEMA_VERSION = 6
+"""The schema this code writes. Versions 4 and 5 are upgraded at open (``_MIGRATIONS``)."""
 _MAX_GROUP = 4096
 """Most queue items applied in one transaction: bounds the latency of a group under load."""
 _MAX_VARS = 500
@@ -111,7 +111,8 @@ class Store(abc.ABC):
     async def get_tasks(
         self, task_ids: Sequence[str], *, include_history: bool = False
     ) -> dict[str, tuple[TaskRow, list[TransitionRow]]]:
-        """Tasks by id with their history (oldest first, empty unless asked); unknown ids are absent."""
+        """Tasks by id, with their output, and their history (oldest first, empty unless
+        asked); unknown ids are absent."""
 
     @abc.abstractmethod
     async def list_tasks(
@@ -125,8 +126,9 @@ class Store(abc.ABC):
     ) -> list[TaskRow]:
         """Tasks newest first (submit_time, task_id descending).
 
-        Rows carry no payloads, for speed: ``args`` is ``b""`` and ``result`` is ``b""``
-        when a result is stored (None when not); use ``get_tasks`` for payloads.
+        Rows carry no payloads, for speed: ``args`` is ``b""``, ``result`` is ``b""``
+        when a result is stored (None when not), ``stdout`` and ``stderr`` are ""; use
+        ``get_tasks`` for payloads.
 
         Args:
             after: ``(submit_time, task_id)`` of the last row of the previous page.
@@ -321,13 +323,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     inputs TEXT NOT NULL,  -- task ids joined by ',' ('' for none)
     skip_reason TEXT,  -- a SkipReason value when SKIPPED
     interrupted INTEGER NOT NULL,
-    history TEXT NOT NULL DEFAULT ''
+    history TEXT NOT NULL DEFAULT '',
+    stdout TEXT,
+    stderr TEXT
 );
 -- history: the task's transitions, oldest first, in _HISTORY form. In the row, not a table
 -- of its own: a row per transition cost two B-tree inserts (six transitions a task), and
 -- the row is rewritten on each UPDATE anyway. Measured with 20,000 tasks: 87 against 191
 -- us of writer CPU per task. (Comments stay out of CREATE TABLE: SQLite keeps its text,
 -- and ALTER TABLE ... DROP COLUMN cannot rewrite a column with a comment after it.)
+-- stdout, stderr: the tail of what the latest finished attempt wrote (NULL: nothing
+-- stored). Last in the row, so reading the columns before them never reads their
+-- overflow pages; written by their own UPDATE (_UPDATE_OUTPUT), as the attempt ends,
+-- after which a task rarely moves (a retried one rewrites them with each UPDATE).
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
 CREATE INDEX IF NOT EXISTS tasks_endpoint ON tasks (endpoint_id);
 CREATE INDEX IF NOT EXISTS tasks_submit ON tasks (submit_time, task_id);
@@ -429,7 +437,9 @@ _INSERT_ARGS = "INSERT INTO task_args (task_id, args) VALUES (?, ?)"
 # Selects list the columns in TaskRow's order, so _task_row reads them by position.
 _ARGS = "(SELECT args FROM task_args a WHERE a.task_id = tasks.task_id)"
 _SELECT_TASKS = "SELECT " + _TASK_COLUMNS.replace(" owner,", f" {_ARGS}, owner,") + " FROM tasks"
-_SELECT_TASKS_HISTORY = _SELECT_TASKS.replace(" FROM tasks", ", history FROM tasks")
+# get_tasks: with the output (and the history after it when asked).
+_SELECT_TASKS_OUTPUT = _SELECT_TASKS.replace(" FROM tasks", ", stdout, stderr FROM tasks")
+_SELECT_TASKS_HISTORY = _SELECT_TASKS_OUTPUT.replace(" FROM tasks", ", history FROM tasks")
 # list_tasks leaves payloads behind; `x''` for a stored result keeps "has a result" visible.
 _SELECT_TASKS_LIGHT = (
     "SELECT "
@@ -446,6 +456,7 @@ _UPDATE_TASK = (
     " interrupted = ?, history = history || ? WHERE task_id = ?"
 )
 _APPEND_HISTORY = "UPDATE tasks SET history = history || ? WHERE task_id = ?"
+_UPDATE_OUTPUT = "UPDATE tasks SET stdout = ?, stderr = ? WHERE task_id = ?"
 _IN_GROUP = "group_id != ''"
 """The partial index tasks_group's own condition: a query over tasks by group names it."""
 _GROUP_COLUMNS = (
@@ -562,6 +573,7 @@ def _task_row(c: tuple[Any, ...]) -> TaskRow:
         raised_count=c[20], system_failures=c[21], resubmitted_from=c[22], group_id=c[23],
         payload_purged=bool(c[24]), name=c[25], inputs=tuple(c[26].split(",")) if c[26] else (),
         skip_reason=None if c[27] is None else _SKIP_OF[c[27]], interrupted=bool(c[28]),
+        stdout=(c[29] or "") if len(c) > 29 else "", stderr=(c[30] or "") if len(c) > 30 else "",
     )  # fmt: skip
 
 
@@ -1049,7 +1061,16 @@ def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE transitions")
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {4: _migrate_4_to_5}
+def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
+    """Tasks keep the tail of their latest attempt's stdout and stderr."""
+    conn.execute("ALTER TABLE tasks ADD COLUMN stdout TEXT")
+    conn.execute("ALTER TABLE tasks ADD COLUMN stderr TEXT")
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    4: _migrate_4_to_5,
+    5: _migrate_5_to_6,
+}
 """version -> the step that upgrades a store of that version to the next one."""
 
 
@@ -1090,7 +1111,7 @@ class _Updates:
     the history each batch appends to a task is joined in order. So a task pays one
     UPDATE per commit however many of its transitions the commit holds."""
 
-    __slots__ = ("groups", "history", "tasks")
+    __slots__ = ("groups", "history", "outputs", "tasks")
 
     def __init__(self) -> None:
         self.tasks: dict[str, tuple[Any, ...]] = {}
@@ -1099,6 +1120,8 @@ class _Updates:
         """task_id -> history to append, oldest first."""
         self.groups: dict[str, tuple[Any, ...]] = {}
         """group_id -> _UPDATE_GROUP params."""
+        self.outputs: dict[str, tuple[str, str]] = {}
+        """task_id -> (stdout, stderr): the last output of a task in the group wins."""
 
     def add(self, tasks: list[tuple[str, tuple[Any, ...]]], history: dict[str, str]) -> None:
         self.tasks.update(tasks)
@@ -1117,6 +1140,11 @@ class _Updates:
                 ],
             )
             self.tasks.clear()
+        if self.outputs:
+            # After the task's own UPDATE: that one then rewrites a row without its new
+            # output, not with it.
+            conn.executemany(_UPDATE_OUTPUT, [(*o, t) for t, o in self.outputs.items()])
+            self.outputs.clear()
         if self.history:
             conn.executemany(_APPEND_HISTORY, [(h, t) for t, h in self.history.items()])
             self.history.clear()
@@ -1142,18 +1170,25 @@ def _apply_one(
         return None, exc
     conn.execute("RELEASE item")
     if op is None:
-        task_updates, history, group_updates = batch_updates
+        task_updates, history, group_updates, outputs = batch_updates
         updates.add(task_updates, history)
         updates.groups.update(group_updates)
+        if outputs:
+            updates.outputs.update(outputs)
     return result, None
 
 
 def _apply_batch(
     conn: sqlite3.Connection, batch: WriteBatch
-) -> tuple[list[tuple[str, tuple[Any, ...]]], dict[str, str], list[tuple[str, tuple[Any, ...]]]]:
+) -> tuple[
+    list[tuple[str, tuple[Any, ...]]],
+    dict[str, str],
+    list[tuple[str, tuple[Any, ...]]],
+    list[tuple[str, tuple[str, str]]],
+]:
     """Insert the batch's rows; return its task updates, the history it appends to tasks
-    it did not insert, and its group states, applied by the caller (after every insert of
-    the group, before any read)."""
+    it did not insert, its group states and its outputs, applied by the caller (after
+    every insert of the group, before any read)."""
     # A new task's own transitions ride in its INSERT; the rest wait for the UPDATEs.
     history = _histories(batch.transitions) if batch.transitions else {}
     if batch.functions:
@@ -1191,7 +1226,11 @@ def _apply_batch(
     for _, params in group_updates:
         if len(params) != 11:
             raise ValueError(f"group {params[-1]}: counts must be 5 numbers, got {params[2:-4]}")
-    return task_updates, history, group_updates
+    outputs = [(o.task_id, (o.stdout, o.stderr)) for o in batch.outputs]
+    for task_id, (stdout, stderr) in outputs:
+        if type(stdout) is not str or type(stderr) is not str:
+            raise TypeError(f"task {task_id}: output must be two strings")
+    return task_updates, history, group_updates, outputs
 
 
 def _select(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -1230,9 +1269,9 @@ def _get_tasks(
     for i in range(0, len(task_ids), _MAX_VARS):
         chunk = task_ids[i : i + _MAX_VARS]
         marks = ", ".join("?" * len(chunk))
-        select = f"{_SELECT_TASKS_HISTORY if include_history else _SELECT_TASKS}"
+        select = _SELECT_TASKS_HISTORY if include_history else _SELECT_TASKS_OUTPUT
         for c in conn.execute(f"{select} WHERE task_id IN ({marks})", chunk):
-            found[c[0]] = (_task_row(c), _history_rows(c[0], c[29]) if include_history else [])
+            found[c[0]] = (_task_row(c), _history_rows(c[0], c[31]) if include_history else [])
     return found
 
 
@@ -1319,7 +1358,11 @@ def _purge(conn: sqlite3.Connection, arg: tuple[float, frozenset[str]]) -> int:
         f"UPDATE task_args SET args = x'' WHERE task_id IN (SELECT task_id FROM tasks WHERE {due})",
         params,
     )
-    cur = conn.execute(f"UPDATE tasks SET result = NULL, payload_purged = 1 WHERE {due}", params)
+    cur = conn.execute(
+        "UPDATE tasks SET result = NULL, stdout = NULL, stderr = NULL, payload_purged = 1"
+        f" WHERE {due}",
+        params,
+    )
     functions = _purge_functions(conn, settled_before, keep_functions)
     if functions:
         _log.info("event=purged-functions functions=%d", functions)

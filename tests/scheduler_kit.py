@@ -22,7 +22,14 @@ from heartline.server._events import (
     TasksCommanded,
     TasksSubmitted,
 )
-from heartline.server._model import PRIORITY_NORMAL, ErrorInfo, TaskRow, TransitionRow, WriteBatch
+from heartline.server._model import (
+    PRIORITY_NORMAL,
+    ErrorInfo,
+    OutputRow,
+    TaskRow,
+    TransitionRow,
+    WriteBatch,
+)
 from heartline.server._scheduler import Scheduler, SchedulerConfig
 
 from heartline._states import TaskState
@@ -95,8 +102,10 @@ def sr(
     *,
     result: bytes | None = None,
     error: ErrorInfo | None = None,
+    stdout: str = "",
+    stderr: str = "",
 ) -> StatusReport:
-    return StatusReport(tid, attempt, state, result, error)
+    return StatusReport(tid, attempt, state, result, error, stdout, stderr)
 
 
 def report(agent: str, *reports: StatusReport, time: float) -> AgentReported:
@@ -160,8 +169,11 @@ def persist(
     new: tuple[TaskRow, ...] = (),
     updates: tuple[TaskRow, ...] = (),
     transitions: tuple[TransitionRow, ...] = (),
+    outputs: tuple[OutputRow, ...] = (),
 ) -> Persist:
-    return Persist(WriteBatch(new_tasks=new, task_updates=updates, transitions=transitions))
+    return Persist(
+        WriteBatch(new_tasks=new, task_updates=updates, transitions=transitions, outputs=outputs)
+    )
 
 
 def item(tid: str, attempt: int = 1) -> DispatchItem:

@@ -25,3 +25,18 @@ def test_reports_go_in_order_in_messages_of_bounded_size(monkeypatch) -> None:
     ]
     assert updates[0] == done
     assert _agent._messages([]) == []
+
+
+def test_a_reports_output_counts_toward_its_messages_size(monkeypatch) -> None:
+    monkeypatch.setattr(_agent, "_MAX_BATCH_BYTES", 1000)
+    chatty = pb.StatusUpdate(
+        task_id="a",
+        attempt=1,
+        state=task_pb2.TASK_STATE_SUCCEEDED,
+        stdout="o" * 500,
+        stderr="e" * 400,
+    )
+    quiet = pb.StatusUpdate(task_id="b", attempt=1, state=task_pb2.TASK_STATE_SUCCEEDED)
+    messages = _agent._messages([chatty, quiet])
+    assert [[u.task_id for u in m.status.updates] for m in messages] == [["a"], ["b"]]
+    assert messages[0].status.updates[0] == chatty

@@ -281,6 +281,13 @@ class _Process:
         pass
 
 
+class _NoOutput:
+    """A worker slot's output files, for a worker that never writes any."""
+
+    def take(self, limit: int) -> tuple[str, str]:
+        return "", ""
+
+
 class _Channel:
     def __init__(self) -> None:
         self.sent: list[tuple[Any, ...]] = []
@@ -312,7 +319,7 @@ cloudpickle.register_pickle_by_value(__import__(__name__))
 
 @pytest.mark.parametrize("seed", range(3))
 async def test_the_pool_never_counts_on_a_function_its_worker_dropped(seed: int) -> None:
-    # The pool's _launch writes real frames; the worker's real _run reads them into its
+    # The pool's _launch writes real frames; the worker's real run_task reads them into its
     # own LRU. Small bounds (worker 2x pool), payload sizes from ~1 KB to ~60 KB, and
     # some functions that cannot be unpickled (the worker keeps nothing of those).
     rng = random.Random(seed)
@@ -327,7 +334,7 @@ async def test_the_pool_never_counts_on_a_function_its_worker_dropped(seed: int)
     pool = WorkerPool(1, listener)
     from heartline.endpoint._workers import _Worker
 
-    worker = _Worker(_Process())  # type: ignore[arg-type]
+    worker = _Worker(_Process(), _NoOutput())  # type: ignore[arg-type]
     worker.functions = LruCache(6, 90_000)
     held: LruCache[str, Any] = LruCache(12, 180_000)  # the worker process's own cache
     channel = _Channel()
@@ -340,8 +347,7 @@ async def test_the_pool_never_counts_on_a_function_its_worker_dropped(seed: int)
         pool._launch(worker, job)
         frame = _decode_frames(worker.process.stdin)
         assert frame[0] == "run" and frame[1] == job.task_id
-        _worker._run(channel, held, *frame[1:])  # type: ignore[arg-type]
-        done = channel.sent[-1]
+        done = _worker.run_task(channel, held, *frame[1:])
         assert done[0] == "done"
         pool._handle(worker, done)
         pool._idle.clear()

@@ -65,3 +65,16 @@ def test_agents_keep_more_functions_than_the_server_counts_on() -> None:
         (_defaults.WORKER_SENT_FUNCTIONS, _defaults.WORKER_FUNCTION_CACHE),
     ):
         assert kept[0] >= assumed[0] and kept[1] >= assumed[1]
+
+
+def test_the_output_limit_is_one_default_for_server_agent_and_cli() -> None:
+    from heartline.endpoint._workers import WorkerPool
+
+    pool = WorkerPool(1, None)  # type: ignore[arg-type]
+    assert ServerConfig().max_output == pool.max_output == _defaults.MAX_OUTPUT
+    for command in ("server", "up"):
+        out = CliRunner().invoke(main, [command, "--help"], terminal_width=200).output
+        assert f"[default: {_defaults.MAX_OUTPUT}]" in out, out
+    assert ServerConfig(max_output=0).max_output == 0  # keeps none
+    with pytest.raises(ValueError, match="max_output must be an int of at least 0"):
+        ServerConfig(max_output=-1)

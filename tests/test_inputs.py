@@ -19,7 +19,7 @@ from heartline._serialize import TaskInput, dumps_args, dumps_function, dumps_re
 from heartline.endpoint import _worker
 from heartline.endpoint._workers import WorkerPool, _Worker
 from heartline.v1 import endpoint_service_pb2 as pb
-from tests.test_caches import _agent, _Channel, _decode_frames, _Listener, _Process
+from tests.test_caches import _agent, _Channel, _decode_frames, _Listener, _NoOutput, _Process
 
 cloudpickle.register_pickle_by_value(__import__(__name__))
 
@@ -68,7 +68,7 @@ async def test_a_dispatch_carries_its_inputs_to_the_worker(tmp_path: Path) -> No
     # Each job through the pool's "run" frame into the worker's real _run.
     listener = _Listener()
     pool = WorkerPool(1, listener)
-    worker = _Worker(_Process())  # type: ignore[arg-type]
+    worker = _Worker(_Process(), _NoOutput())  # type: ignore[arg-type]
     channel = _Channel()
     held: LruCache[str, Any] = LruCache(8, 1 << 20)
     results = []
@@ -76,8 +76,8 @@ async def test_a_dispatch_carries_its_inputs_to_the_worker(tmp_path: Path) -> No
         pool._launch(worker, job)
         frame = _decode_frames(worker.process.stdin)
         assert frame[0] == "run" and frame[-1] == job.inputs
-        _worker._run(channel, held, *frame[1:])  # type: ignore[arg-type]
-        pool._handle(worker, channel.sent[-1])
+        done = _worker.run_task(channel, held, *frame[1:])
+        pool._handle(worker, done)
         pool._idle.clear()
         outcome = listener.outcomes.pop(job.task_id)
         assert outcome.failure is None, outcome.failure

@@ -39,6 +39,7 @@ from heartline.server._model import (
     PRIORITY_LOW,
     PRIORITY_NORMAL,
     ErrorInfo,
+    OutputRow,
     Standing,
     TaskRecord,
 )
@@ -458,6 +459,8 @@ def test_raised_without_retries_left_is_errored_and_kept(sched: Scheduler) -> No
                 ),
             ),
             transitions=(tr("t1", S.RUNNING, S.ERRORED, "raised KeyError", 3.0, attempt=2),),
+            # A later attempt's output replaces the earlier one's, even when empty.
+            outputs=(OutputRow("t1", "", ""),),
         ),
         SendAcks("A", (("t1", 2),)),
         NotifyWatchers((changed("t1", S.ERRORED, "raised KeyError", 3.0, attempt=2, error=error),)),
@@ -550,6 +553,7 @@ def test_system_failures_requeue_until_max_system_retries_then_error_with_the_re
                 ),
             ),
             transitions=(tr("t1", S.DISPATCHED, S.ERRORED, "worker-died", 3.0, attempt=3),),
+            outputs=(OutputRow("t1", "", ""),),
         ),
         SendAcks("A", (("t1", 3),)),
         NotifyWatchers((changed("t1", S.ERRORED, "worker-died", 3.0, attempt=3, error=final),)),
@@ -1031,6 +1035,55 @@ def test_errored_past_its_retention_is_failed_on_tick() -> None:
 
 
 # ------------------------------------------------------------- duplicate reports
+
+
+def test_an_attempts_output_is_stored_in_its_step_and_never_held(sched: Scheduler) -> None:
+    running(sched, "t1")
+
+    out = sched.handle(
+        report("A", sr("t1", S.SUCCEEDED, result=b"1", stdout="hi\n", stderr="careful\n"), time=2.0)
+    )
+
+    assert out == [
+        persist(
+            updates=(row("t1", S.SUCCEEDED, start_time=1.0, settle_time=2.0, result=b"1"),),
+            transitions=(tr("t1", S.RUNNING, S.SUCCEEDED, "returned", 2.0),),
+            outputs=(OutputRow("t1", "hi\n", "careful\n"),),
+        ),
+        SendAcks("A", (("t1", 1),)),
+        NotifyWatchers((changed("t1", S.SUCCEEDED, "returned", 2.0, result=b"1"),)),
+    ]
+    assert "t1" not in sched.tasks
+
+
+def test_a_first_attempt_that_wrote_nothing_stores_no_output(sched: Scheduler) -> None:
+    running(sched, "t1", "t2")
+    out = sched.handle(
+        report("A", sr("t1", S.SUCCEEDED, result=b"1"), sr("t2", S.ERRORED, error=raised()), time=2)
+    )
+    assert out[0].batch.outputs == ()  # type: ignore[union-attr]
+
+
+def test_each_attempts_output_replaces_the_last_one_even_when_empty(sched: Scheduler) -> None:
+    """A system-failed attempt's output stays with the task until the next attempt ends."""
+    sched.handle(submit(spec("t1", max_system_retries=1)), connect("A"))
+    died = system_error(FAILURE_WORKER_DIED)
+
+    out = sched.handle(report("A", sr("t1", S.ERRORED, 1, error=died, stdout="so far\n"), time=1))
+    assert out[0].batch.outputs == (OutputRow("t1", "so far\n", ""),)  # type: ignore[union-attr]
+    assert sched.tasks["t1"].state == S.DISPATCHED and sched.tasks["t1"].attempt == 2
+
+    out = sched.handle(report("A", sr("t1", S.SUCCEEDED, 2, result=b"ok"), time=2))
+    assert out[0].batch.outputs == (OutputRow("t1", "", ""),)  # type: ignore[union-attr]
+
+
+def test_the_output_of_a_discarded_report_is_not_stored(sched: Scheduler) -> None:
+    running(sched, "t1")
+    sched.handle(report("A", sr("t1", S.SUCCEEDED, result=b"first", stdout="first\n"), time=2))
+    out = sched.handle(
+        report("A", sr("t1", S.SUCCEEDED, result=b"again", stdout="again\n"), time=3)
+    )
+    assert out == [SendAcks("A", (("t1", 1),))]
 
 
 def test_late_terminal_report_of_an_earlier_attempt_is_acked_and_discarded(

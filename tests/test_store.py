@@ -17,6 +17,7 @@ from heartline.server._model import (
     EndpointRow,
     ErrorInfo,
     FunctionRow,
+    OutputRow,
     Standing,
     TaskRow,
     TransitionRow,
@@ -152,6 +153,57 @@ async def test_updates_of_one_task_in_a_group_are_coalesced(store: SqliteStore) 
         *[(a, b, 1.0 + i) for i, (a, b) in enumerate(zip(steps, steps[1:], strict=False))],
         (S.RUNNING, S.RUNNING, 9.0),
     ]
+
+
+async def test_output_is_written_apart_from_the_row_and_the_last_one_wins(
+    store: SqliteStore,
+) -> None:
+    await store.write(submitted(task("t1"), task("t2")))
+    running = task("t1", state=S.RUNNING)
+    errored = task("t1", state=S.ERRORED, error=ErrorInfo("ValueError", "bad", "tb"))
+    await store.write(
+        WriteBatch(task_updates=(errored,), outputs=(OutputRow("t1", "out 1\n", "err 1\n"),))
+    )
+    (row, _) = (await store.get_tasks(["t1"]))["t1"]
+    assert (row.stdout, row.stderr) == ("out 1\n", "err 1\n")
+    assert row == errored._replace(stdout="out 1\n", stderr="err 1\n")
+    # A task update keeps the stored output; a list of tasks leaves it out.
+    await store.write(WriteBatch(task_updates=(running,)))
+    (row, _) = (await store.get_tasks(["t1"], include_history=True))["t1"]
+    assert (row.state, row.stdout, row.stderr) == (S.RUNNING, "out 1\n", "err 1\n")
+    assert {(r.task_id, r.stdout, r.stderr) for r in await store.list_tasks()} == {
+        ("t1", "", ""),
+        ("t2", "", ""),
+    }
+    # In one commit group: the last output of a task wins, whatever updates come after it.
+    async with writer_paused(store):
+        futures = [
+            store.write(WriteBatch(task_updates=(errored,), outputs=(OutputRow("t1", "2", ""),))),
+            store.write(WriteBatch(outputs=(OutputRow("t1", "3", "three"),))),
+            store.write(WriteBatch(task_updates=(running,))),
+        ]
+    await asyncio.gather(*futures)
+    got = await store.get_tasks(["t1", "t2"])
+    assert (got["t1"][0].state, got["t1"][0].stdout, got["t1"][0].stderr) == (
+        S.RUNNING,
+        "3",
+        "three",
+    )
+    assert (got["t2"][0].stdout, got["t2"][0].stderr) == ("", "")
+    # An empty output replaces a stored one too (a later attempt that printed nothing).
+    await store.write(WriteBatch(outputs=(OutputRow("t1", "", ""),)))
+    (row, _) = (await store.get_tasks(["t1"]))["t1"]
+    assert (row.stdout, row.stderr) == ("", "")
+
+
+async def test_a_malformed_output_fails_its_own_batch_only(store: SqliteStore) -> None:
+    await store.write(submitted(task("t1")))
+    bad = store.write(WriteBatch(outputs=(OutputRow("t1", b"bytes", ""),)))  # type: ignore[arg-type]
+    good = store.write(WriteBatch(outputs=(OutputRow("t1", "fine", ""),)))
+    with pytest.raises(TypeError, match="task t1: output must be two strings"):
+        await bad
+    await good
+    assert (await store.get_tasks(["t1"]))["t1"][0].stdout == "fine"
 
 
 async def test_history_keeps_every_field_and_any_cause(store: SqliteStore) -> None:

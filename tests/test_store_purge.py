@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from heartline._states import TaskState
-from heartline.server._model import FunctionRow, TaskRow, TransitionRow, WriteBatch
+from heartline.server._model import FunctionRow, OutputRow, TaskRow, TransitionRow, WriteBatch
 from heartline.server._store import SqliteStore
 
 S = TaskState
@@ -94,3 +94,19 @@ async def test_the_candidates_are_read_without_the_payloads(tmp_path: Path) -> N
             "EXPLAIN QUERY PLAN SELECT function_id FROM functions WHERE register_time < ?", (1.0,)
         ).fetchall()
     assert "COVERING INDEX functions_registered" in " ".join(str(row[-1]) for row in plan)
+
+
+async def test_the_purge_clears_the_output_of_the_tasks_it_purges(store: SqliteStore) -> None:
+    tasks = [task("old", "f", S.SUCCEEDED, 50.0), task("recent", "f", S.FAILED, CUTOFF + 5)]
+    await store.write(
+        WriteBatch(
+            new_tasks=tuple(tasks),
+            transitions=tuple(TransitionRow(t.task_id, None, t.state, "x", 10.0, 1) for t in tasks),
+            outputs=(OutputRow("old", "said", "warned"), OutputRow("recent", "said", "warned")),
+        )
+    )
+    assert await store.purge_results(CUTOFF) == 1
+    rows = await store.get_tasks(["old", "recent"])
+    old, recent = rows["old"][0], rows["recent"][0]
+    assert old.payload_purged and (old.stdout, old.stderr) == ("", "")
+    assert (recent.stdout, recent.stderr) == ("said", "warned")

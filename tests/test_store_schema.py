@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from heartline._states import TaskState
-from heartline.server._model import TaskRow, TransitionRow, WriteBatch
+from heartline.server._model import OutputRow, TaskRow, TransitionRow, WriteBatch
 from heartline.server._store import SCHEMA_VERSION, SqliteStore
 
 S = TaskState
@@ -57,8 +57,32 @@ async def test_a_file_it_cannot_read_is_refused_untouched(
     assert tables(path) == {"meta", "tasks", "sqlite_autoindex_meta_1", "sqlite_autoindex_tasks_1"}
 
 
+def make_version_5(path: Path) -> None:
+    """Turn a store file of today's schema into one of version 5: no output columns."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.executescript(
+            "BEGIN;"
+            "ALTER TABLE tasks DROP COLUMN stderr;"
+            "ALTER TABLE tasks DROP COLUMN stdout;"
+            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
+            "COMMIT;"
+        )
+    finally:
+        conn.close()
+
+
+def columns(path: Path, table: str = "tasks") -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"PRAGMA table_info({table})").fetchall()
+    finally:
+        conn.close()
+
+
 def make_version_4(path: Path, transitions: list[tuple[object, ...]]) -> None:
     """Turn a store file of today's schema into one of version 4: history in a table."""
+    make_version_5(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.executescript(
@@ -81,7 +105,7 @@ def make_version_4(path: Path, transitions: list[tuple[object, ...]]) -> None:
 
 
 async def test_a_version_4_file_is_upgraded_with_its_history(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6  # upgraded through version 5
     path = tmp_path / "v4.db"
     first = SqliteStore(path)
     await first.open()
@@ -123,6 +147,41 @@ async def test_a_version_4_file_is_upgraded_with_its_history(tmp_path: Path) -> 
     finally:
         await second.close()
     assert "transitions" not in tables(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
+    finally:
+        conn.close()
+
+
+async def test_a_version_5_file_is_upgraded_to_keep_task_output(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh.db"
+    path = tmp_path / "v5.db"
+    for file in (fresh, path):
+        store = SqliteStore(file)
+        await store.open()
+        try:
+            await store.write(
+                WriteBatch(new_tasks=(task("t1", S.SUCCEEDED), task("t2", S.WAITING_FOR_EP)))
+            )
+        finally:
+            await store.close()
+    make_version_5(path)
+    assert "stdout" not in [c[1] for c in columns(path)]
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        got = await store.get_tasks(["t1", "t2"])
+        # Tasks stored before keep no output: none was captured.
+        assert got["t1"][0] == task("t1", S.SUCCEEDED)
+        assert (got["t1"][0].stdout, got["t1"][0].stderr) == ("", "")
+        await store.write(WriteBatch(outputs=(OutputRow("t2", "printed\n", "warned\n"),)))
+        (row, _) = (await store.get_tasks(["t2"]))["t2"]
+        assert (row.stdout, row.stderr) == ("printed\n", "warned\n")
+    finally:
+        await store.close()
+    # The same columns, in the same order, as a file made by this version.
+    assert columns(path) == columns(fresh)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]

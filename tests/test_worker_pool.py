@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -127,6 +131,37 @@ def chatty(n: int) -> int:
     return n * 2
 
 
+def writes_everywhere(mark: str) -> str:
+    """Output of every kind: print, sys.stderr, C-level writes to fd 1 and 2, a child."""
+    print(f"print {mark}")
+    print(f"error {mark}", file=sys.stderr)
+    os.write(1, f"fd1 {mark}\n".encode())
+    os.write(2, f"fd2 {mark}\n".encode())
+    sys.stdout.flush()  # the child writes after everything above
+    subprocess.run(["sh", "-c", f"echo child {mark}"], check=True)
+    return mark
+
+
+def hides_its_stdout() -> None:
+    sys.stdout = io.StringIO()  # and never puts it back
+    print("into the void")
+
+
+def prints_then_dies(how: str) -> None:
+    print("line one")
+    print("line two", file=sys.stderr)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # past its walltime
+
+
+def prints_lines(n: int) -> int:
+    for i in range(n):
+        print(f"line {i:05d} of the task's stdout")
+    print("é" * 3, file=sys.stderr)
+    return n
+
+
 def returns_lock() -> threading.Lock:
     return threading.Lock()
 
@@ -236,9 +271,14 @@ async def test_print_does_not_corrupt_frames(
     pool: tuple[WorkerPool, Recorder], capfd: pytest.CaptureFixture[str]
 ) -> None:
     p, rec = pool
-    assert value(await run(p, rec, job(chatty, 100))) == 200
-    assert value(await run(p, rec, job(chatty, 1))) == 2
-    assert "hello from the task" in capfd.readouterr().err
+    many = await run(p, rec, job(chatty, 100))
+    assert value(many) == 200
+    one = await run(p, rec, job(chatty, 1))
+    assert value(one) == 2
+    # The prints and the raw write are the task's output, not the agent's.
+    assert one.stdout == "hello from the task \n\x00\x00\x00\x10garbage-not-a-frame"
+    assert many.stdout.startswith("hello from the task " * 100 + "\n")
+    assert "hello from the task" not in capfd.readouterr().err
 
 
 async def test_unpicklable_result_is_a_serialization_error(
@@ -354,3 +394,59 @@ async def test_frames_are_read_whole_however_the_pipe_cuts_them() -> None:
     async with asyncio.timeout(WAIT):
         await pool._read_frames(None, stream)  # type: ignore[arg-type]
     assert seen == frames
+
+
+async def test_each_task_gets_its_own_output_of_every_kind() -> None:
+    rec = Recorder()
+    p = WorkerPool(1, rec)  # one worker: the second task runs where the first one wrote
+    runner = asyncio.create_task(p.run())
+    try:
+        first = await run(p, rec, job(writes_everywhere, "A"))
+        await run(p, rec, job(hides_its_stdout))  # the worker puts its stdout back after it
+        second = await run(p, rec, job(writes_everywhere, "B"))
+        quiet = await run(p, rec, job(pow, 2, 3))
+    finally:
+        p.close()
+        async with asyncio.timeout(WAIT):
+            await runner
+    assert value(first) == "A" and value(second) == "B" and value(quiet) == 8
+    assert first.stdout == "print A\nfd1 A\nchild A\n"
+    assert first.stderr == "error A\nfd2 A\n"
+    assert second.stdout == "print B\nfd1 B\nchild B\n"
+    assert second.stderr == "error B\nfd2 B\n"
+    assert (quiet.stdout, quiet.stderr) == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("how", "kind"), [("kill", FailureKind.WORKER_DIED), ("walltime", FailureKind.WALLTIME)]
+)
+async def test_a_worker_that_dies_mid_task_keeps_what_it_printed(
+    pool: tuple[WorkerPool, Recorder], how: str, kind: FailureKind
+) -> None:
+    p, rec = pool
+    outcome = await run(
+        p, rec, job(prints_then_dies, how, walltime=0.5 if how == "walltime" else 0)
+    )
+    assert outcome.failure is not None and outcome.failure.kind is kind
+    # Every line is written out as it is printed: none is lost with the worker.
+    assert outcome.stdout == "line one\n"
+    assert outcome.stderr == "line two\n"
+    # The slot's next worker starts with empty output.
+    after = await run(p, rec, job(pow, 2, 2))
+    assert (after.stdout, after.stderr) == ("", "")
+
+
+async def test_a_long_output_is_cut_to_its_tail(pool: tuple[WorkerPool, Recorder]) -> None:
+    p, rec = pool
+    p.max_output = 1000
+    line = len("line 00000 of the task's stdout\n")
+    outcome = await run(p, rec, job(prints_lines, 10_000))
+    assert value(outcome) == 10_000
+    marker, tail = outcome.stdout.split("\n", 1)
+    assert marker == f"[... {10_000 * line - 1000} bytes cut ...]"
+    assert len(tail.encode()) == 1000
+    assert tail.endswith("line 09999 of the task's stdout\n")
+    assert outcome.stderr == "ééé\n"
+    p.max_output = 0
+    outcome = await run(p, rec, job(prints_lines, 3))
+    assert value(outcome) == 3 and (outcome.stdout, outcome.stderr) == ("", "")

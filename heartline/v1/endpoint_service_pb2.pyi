@@ -62,18 +62,22 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusUpdate(_message.Message):
-    __slots__ = ("task_id", "attempt", "state", "result", "error")
+    __slots__ = ("task_id", "attempt", "state", "result", "error", "stdout", "stderr")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     state: _task_pb2.TaskState
     result: bytes
     error: _task_pb2.RemoteError
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[_Union[_task_pb2.RemoteError, _Mapping]] = ...) -> None: ...
+    stdout: str
+    stderr: str
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[_Union[_task_pb2.RemoteError, _Mapping]] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ...) -> None: ...
 
 class StatusBatch(_message.Message):
     __slots__ = ("updates",)
@@ -92,14 +96,16 @@ class ConnectRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[StatusBatch, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "agent_id", "max_payload_bytes")
+    __slots__ = ("heartbeat_interval_seconds", "agent_id", "max_payload_bytes", "max_output_bytes")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     agent_id: str
     max_payload_bytes: int
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., agent_id: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ...) -> None: ...
+    max_output_bytes: int
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., agent_id: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
 
 class Dispatch(_message.Message):
     __slots__ = ("task_id", "attempt", "function_id", "function", "args", "walltime_seconds", "inputs")

@@ -165,7 +165,7 @@ class TaskSpec(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., args: _Optional[bytes] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_retries: _Optional[int] = ..., max_system_retries: _Optional[int] = ..., walltime_seconds: _Optional[float] = ..., held: _Optional[bool] = ..., name: _Optional[str] = ..., run_after: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[str]] = ..., when: _Optional[_Iterable[_Union[WhenExpression, _Mapping]]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "pending", "endpoint_id", "endpoint_name", "function_id", "attempt", "priority", "result", "error", "submit_time", "start_time", "settle_time", "history", "group_id", "owner", "waiting_reason", "max_retries", "max_system_retries", "walltime_seconds", "resubmitted_from", "payload_purged", "name", "skip_reason", "input_task_ids")
+    __slots__ = ("task_id", "state", "pending", "endpoint_id", "endpoint_name", "function_id", "attempt", "priority", "result", "error", "submit_time", "start_time", "settle_time", "history", "group_id", "owner", "waiting_reason", "max_retries", "max_system_retries", "walltime_seconds", "resubmitted_from", "payload_purged", "name", "skip_reason", "input_task_ids", "stdout", "stderr")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,8 @@ class Task(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     SKIP_REASON_FIELD_NUMBER: _ClassVar[int]
     INPUT_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     pending: bool
@@ -216,7 +218,9 @@ class Task(_message.Message):
     name: str
     skip_reason: SkipReason
     input_task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., pending: _Optional[bool] = ..., endpoint_id: _Optional[str] = ..., endpoint_name: _Optional[str] = ..., function_id: _Optional[str] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[_Union[RemoteError, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., settle_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., group_id: _Optional[str] = ..., owner: _Optional[str] = ..., waiting_reason: _Optional[str] = ..., max_retries: _Optional[int] = ..., max_system_retries: _Optional[int] = ..., walltime_seconds: _Optional[float] = ..., resubmitted_from: _Optional[str] = ..., payload_purged: _Optional[bool] = ..., name: _Optional[str] = ..., skip_reason: _Optional[_Union[SkipReason, str]] = ..., input_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stdout: str
+    stderr: str
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., pending: _Optional[bool] = ..., endpoint_id: _Optional[str] = ..., endpoint_name: _Optional[str] = ..., function_id: _Optional[str] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[_Union[RemoteError, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., settle_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., group_id: _Optional[str] = ..., owner: _Optional[str] = ..., waiting_reason: _Optional[str] = ..., max_retries: _Optional[int] = ..., max_system_retries: _Optional[int] = ..., walltime_seconds: _Optional[float] = ..., resubmitted_from: _Optional[str] = ..., payload_purged: _Optional[bool] = ..., name: _Optional[str] = ..., skip_reason: _Optional[_Union[SkipReason, str]] = ..., input_task_ids: _Optional[_Iterable[str]] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
     __slots__ = ("task_id", "state", "pending", "attempt", "cause", "time", "result", "error", "skip_reason", "group_id")
