@@ -41,6 +41,7 @@ from heartline._states import TaskState
 from heartline._tls import channel_credentials, describe
 from heartline._watchdog import watch_loop
 from heartline.endpoint._config import AgentConfig, Identity
+from heartline.endpoint._engine import Engine, EngineListener
 from heartline.endpoint._outbox import Outbox
 from heartline.endpoint._workers import Job, Outcome, WorkerPool
 from heartline.v1 import endpoint_service_pb2 as pb
@@ -105,6 +106,16 @@ class _Reregister(Exception):
     """The server does not know our endpoint id; register again without backing off."""
 
 
+def _make_engine(config: AgentConfig, listener: EngineListener) -> Engine:
+    """The engine ``config.executor`` names; the Dask one is imported only when asked
+    for (an optional extra, and a second to import)."""
+    if config.executor == "dask":
+        from heartline.endpoint._dask import DaskEngine
+
+        return DaskEngine(listener, config.dask_scheduler, local_workers=config.workers)
+    return WorkerPool(config.workers, listener, endpoint_name=config.name)
+
+
 class Agent:
     """An endpoint agent: registers, holds the Connect stream, runs tasks on workers.
 
@@ -116,7 +127,9 @@ class Agent:
         self._config = config
         self._agent_id = str(uuid.uuid4())
         self._state = AgentState.NEW
-        self._pool = WorkerPool(config.workers, self, endpoint_name=config.name)
+        self._engine: Engine = _make_engine(config, self)
+        # The engine's capacity moved since the last hello or Capacity message.
+        self._capacity_due = False
         self._identity: Identity | None = None
         # Pickled functions by id, least recently used out first. A Dispatch carries the
         # function only when the server does not count on us holding it; it counts on
@@ -170,8 +183,9 @@ class Agent:
     # -- figures for metrics (read on the agent's event loop) --------------------------
 
     @property
-    def pool(self) -> WorkerPool:
-        return self._pool
+    def engine(self) -> Engine:
+        """What runs this agent's tasks (worker processes, or a Dask cluster)."""
+        return self._engine
 
     def held_by_state(self) -> dict[TaskState, int]:
         """Tasks held here (not yet finished), by the last state reported for each."""
@@ -221,17 +235,17 @@ class Agent:
         self._unacked.update(self._disk.open())
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._pool.run())
+                tg.create_task(self._engine.run())
                 link = tg.create_task(self._link(ready))
                 watchdog = tg.create_task(watch_loop())
                 await self._stop_requested.wait()
                 self._state = AgentState.STOPPING
                 link.cancel()
                 watchdog.cancel()
-                self._pool.close()
+                self._engine.close()
         finally:
             self._state = AgentState.STOPPED
-            self._pool.close()
+            self._engine.close()
             self._flush_disk()
             self._disk.close(keep=bool(self._unacked))
             try:
@@ -385,7 +399,7 @@ class Agent:
                     interval = _defaults.HEARTBEAT_INTERVAL
                 self._max_payload = max(0, first.welcome.max_payload_bytes)
                 if first.welcome.HasField("max_output_bytes"):
-                    self._pool.max_output = max(0, first.welcome.max_output_bytes)
+                    self._engine.max_output = max(0, first.welcome.max_output_bytes)
                 self._state = AgentState.CONNECTED
                 self._failures = 0
                 logger.info(
@@ -414,7 +428,7 @@ class Agent:
             endpoint_id=identity.endpoint_id,
             agent_id=self._agent_id,
             version=_VERSION,
-            capacity=self._config.workers,
+            capacity=self._hello_capacity(),
             prefetch=self._config.effective_prefetch,
             held_tasks=[
                 pb.HeldTask(task_id=task_id, attempt=held.attempt, state=held.state)
@@ -434,11 +448,19 @@ class Agent:
             ),
         )
 
+    def _hello_capacity(self) -> int:
+        self._capacity_due = False  # the hello says it
+        return self._engine.capacity
+
     async def _send_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         # The only writer of the stream once the hello is out (grpc allows one write
         # in flight); while a write is in flight the outbox fills and goes up next.
         while True:
             await self._pacer.wait()
+            if self._capacity_due:
+                self._capacity_due = False
+                capacity = pb.Capacity(capacity=self._engine.capacity)
+                await _write(call, pb.ConnectRequest(capacity=capacity))
             if self._outbox:
                 self._flush_disk()  # a report is on disk before it can be acked
                 updates, self._outbox = self._outbox, []
@@ -491,7 +513,7 @@ class Agent:
                 if held.attempt >= d.attempt:
                     continue  # already ours (e.g. dispatched again after a reconnect)
                 # A newer attempt supersedes the one running here.
-                self._pool.cancel(d.task_id)
+                self._engine.cancel(d.task_id)
                 del self._held[d.task_id]
             if (d.task_id, d.attempt) in self._unacked:
                 continue  # already finished; the report is on its way
@@ -512,7 +534,7 @@ class Agent:
                 )
             elif self._state is not AgentState.STOPPING:
                 inputs = d.inputs
-                self._pool.submit(
+                self._engine.submit(
                     Job(
                         d.task_id,
                         d.attempt,
@@ -534,9 +556,14 @@ class Agent:
     def _on_cancel(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
             if self._held.pop(task_id, None) is not None:
-                self._pool.cancel(task_id)
+                self._engine.cancel(task_id)
 
-    # -- the pool's listener ------------------------------------------------------------
+    # -- the engine's listener ----------------------------------------------------------
+
+    def capacity_changed(self, capacity: int) -> None:
+        logger.info("event=capacity-changed capacity=%d", capacity)
+        self._capacity_due = True
+        self._pacer.urgent()
 
     def task_launched(self, job: Job) -> None:
         self._advance(job, _LAUNCH)

@@ -18,6 +18,10 @@ def _default_workers() -> int:
     return os.cpu_count() or 1
 
 
+EXECUTORS = ("process", "dask")
+"""What an agent may run its tasks on (``AgentConfig.executor``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     """How an endpoint agent runs. Defaults that read the environment do so when the
@@ -31,7 +35,16 @@ class AgentConfig:
     ``127.0.0.1:50051``."""
 
     workers: int = field(default_factory=_default_workers)
-    """Worker processes, each running one task at a time; default ``os.cpu_count()``."""
+    """Worker processes, each running one task at a time; default ``os.cpu_count()``. With
+    the ``dask`` executor and no scheduler address: the workers of the LocalCluster."""
+
+    executor: str = "process"
+    """What runs the tasks: ``process`` (worker processes on this machine) or ``dask``
+    (futures on a Dask distributed cluster; ``pip install 'heartline[dask]'``)."""
+
+    dask_scheduler: str | None = None
+    """With the ``dask`` executor: the scheduler's address (``tcp://HOST:PORT``); None
+    starts a LocalCluster with ``workers`` workers, stopped with the agent."""
 
     prefetch: int | None = None
     """Tasks the server may send beyond free workers; None means 4 x ``workers``, at
@@ -73,6 +86,12 @@ class AgentConfig:
             raise ValueError(f"invalid endpoint name {self.name!r}: {_defaults.ENDPOINT_NAME_RULE}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}"
+            )
+        if self.dask_scheduler is not None and self.executor != "dask":
+            raise ValueError("dask_scheduler is for the dask executor (executor='dask')")
         if self.prefetch is not None and self.prefetch < 0:
             raise ValueError(f"prefetch must not be negative, not {self.prefetch}")
         if not 0 < self.reconnect_min <= self.reconnect_max:

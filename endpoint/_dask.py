@@ -244,6 +244,8 @@ class DaskEngine:
         self._address = scheduler_address
         self._local_workers = local_workers or os.cpu_count() or 1
         self._poll_interval = poll_interval
+        self.max_output = 0
+        """Unused: what a task prints goes to its Dask worker's log (the seam's field)."""
         self._state = EngineState.NEW
         self._attempts: dict[str, _Attempt] = {}  # by task id
         self._by_key: dict[str, _Attempt] = {}

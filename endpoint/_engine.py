@@ -40,6 +40,11 @@ class EngineListener(PoolListener, Protocol):
 class Engine(Protocol):
     """What the agent needs of whatever runs its tasks."""
 
+    max_output: int
+    """Bytes of each of a task's stdout and stderr to report with its outcome (the last
+    ones); the agent sets the server's. An engine that cannot capture output (Dask's:
+    what a task prints goes to the Dask worker's log) reports none."""
+
     @property
     def capacity(self) -> int:
         """Jobs that can run at once now (worker slots, or a cluster's threads)."""

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from heartline._metrics import on_loop
 from heartline._states import TaskState
 from heartline.endpoint._agent import Agent, AgentState
-from heartline.endpoint._workers import WorkerState
+from heartline.endpoint._workers import WorkerPool, WorkerState
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,8 @@ class AgentFigures:
 
 def snapshot(agent: Agent) -> AgentFigures:
     """Copy the figures; must run on the agent's event loop."""
+    # Worker processes are the process engine's; a Dask cluster has its own dashboard.
+    pool = agent.engine if isinstance(agent.engine, WorkerPool) else None
     return AgentFigures(
         agent_id=agent.agent_id,
         endpoint=agent.config.name,
@@ -45,8 +47,8 @@ def snapshot(agent: Agent) -> AgentFigures:
         held=agent.held_by_state(),
         finished=agent.finished_by_state(),
         unacked=agent.unacked_reports,
-        workers=agent.pool.workers_by_state(),
-        worker_restarts=agent.pool.worker_restarts,
+        workers=pool.workers_by_state() if pool is not None else {},
+        worker_restarts=pool.worker_restarts if pool is not None else 0,
     )
 
 

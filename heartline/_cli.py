@@ -210,13 +210,15 @@ def endpoint() -> None:
 @click.option("--server", "server_address", default=None, help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].")
 @click.option("--workers", type=int, default=None, help="Worker processes [default: CPU count].")
 @click.option("--prefetch", type=int, default=None, help=f"Tasks queued beyond free workers [default: {_defaults.PREFETCH_PER_WORKER} x workers, at least {_defaults.MIN_PREFETCH}].")
+@click.option("--executor", type=click.Choice(["process", "dask"]), default="process", show_default=True, help="Run tasks on worker processes here, or on a Dask distributed cluster (pip install 'heartline[dask]').")
+@click.option("--dask-scheduler", default=None, metavar="tcp://HOST:PORT", help="With --executor dask: the Dask scheduler to use [default: a LocalCluster of --workers workers, started and stopped with the agent].")
 @click.option("--token", default=None, envvar=_defaults.ENV_TOKEN, help="Bearer token.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("--stop-with-fd", type=int, default=None, hidden=True, help="Stop when this pipe closes (heartline up).")
 @click.option("--allow-function", "allow_functions", multiple=True, metavar="ID", help="Run only this function (its id, from Client.register_function); repeat for more. Replaces the allowed_functions of the endpoint's config file [default: that list, else every function].")
 @_metrics_option
 @tls_client_options
-def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop_with_fd, allow_functions, metrics) -> None:
+def endpoint_start(name, server_address, workers, prefetch, executor, dask_scheduler, token, verbose, stop_with_fd, allow_functions, metrics) -> None:
     """Start an endpoint agent that runs tasks on this machine.
 
     Its settings file, $HEARTLINE_HOME/endpoints/NAME/config.toml, may hold the
@@ -229,7 +231,14 @@ def endpoint_start(name, server_address, workers, prefetch, token, verbose, stop
     _setup_logging(verbose)
     if not ENDPOINT_NAME.match(name):
         raise click.BadParameter(f"invalid endpoint name {name[:80]!r}: {ENDPOINT_NAME_RULE}", param_hint="--name")
-    kwargs = {"name": name, "token": token, "metrics": metrics, "tls": cli_tls()}
+    if dask_scheduler is not None and executor != "dask":
+        raise click.BadParameter("is for --executor dask", param_hint="--dask-scheduler")
+    if executor == "dask":
+        try:
+            import distributed  # noqa: F401 - only to say what is missing, here and now
+        except ImportError:
+            raise click.UsageError("--executor dask needs Dask distributed: pip install 'heartline[dask]'") from None
+    kwargs = {"name": name, "token": token, "metrics": metrics, "tls": cli_tls(), "executor": executor, "dask_scheduler": dask_scheduler}
     if allow_functions:
         try:
             check_function_ids(allow_functions, "--allow-function")

@@ -22,6 +22,7 @@ from heartline.server._auth import caller, registering_refusal, serving_refusal
 from heartline.server._convert import error_from_proto, state_from_proto
 from heartline.server._core import AgentConnection, ServerCore
 from heartline.server._events import (
+    AgentCapacity,
     AgentConnected,
     AgentLost,
     AgentReported,
@@ -177,7 +178,9 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
             await asyncio.gather(reader, writer, return_exceptions=True)
             if self.core.connections.get(agent_id) is conn:
                 del self.core.connections[agent_id]
-                self.core.feed_soon(AgentLost(agent_id, time.time(), "stream-closed", conn.stream_id))
+                self.core.feed_soon(
+                    AgentLost(agent_id, time.time(), "stream-closed", conn.stream_id)
+                )
                 log.info("agent disconnected agent=%s", agent_id)
 
     async def _read(self, conn: AgentConnection, context) -> None:
@@ -215,5 +218,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                         )
                     )
                 core.feed_soon(AgentReported(agent_id, tuple(reports), time.time()))
+            elif kind == "capacity":
+                core.feed_soon(AgentCapacity(agent_id, message.capacity.capacity, time.time()))
             else:
                 core.feed_soon(AgentSeen(agent_id, time.time()))

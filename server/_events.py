@@ -103,6 +103,15 @@ class AgentLost:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentCapacity:
+    """The agent can now run ``capacity`` tasks at once (its engine scaled)."""
+
+    agent_id: str
+    capacity: int
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSeen:
     """A heartbeat (or any message) arrived from the agent."""
 
@@ -167,6 +176,7 @@ Event = (
     | AgentConnected
     | AgentLost
     | AgentSeen
+    | AgentCapacity
     | AgentReported
     | TasksCommanded
     | GroupCommanded

@@ -26,6 +26,7 @@ from heartline._states import ON_AGENT_STATES, PENDING_STATES, SkipReason, TaskS
 from heartline.server._deps import Dependencies, GroupRecord
 from heartline.server._dispatch import AgentState, Dispatcher, EndpointQueue
 from heartline.server._events import (
+    AgentCapacity,
     AgentConnected,
     AgentLost,
     AgentReported,
@@ -571,6 +572,17 @@ class Scheduler(GroupSteps):
         if agent is not None:
             agent.last_seen = event.time
 
+    def _on_agent_capacity(self, event: AgentCapacity) -> None:
+        agent = self.agents.get(event.agent_id)
+        if agent is None:
+            return  # a stream already declared lost: its next hello says it again
+        agent.last_seen = event.time
+        # Fewer slots than tasks held is allowed (credit goes negative): nothing is taken
+        # back from the agent; it is sent nothing more until its tasks drain.
+        agent.capacity = max(0, event.capacity)
+        self._step.agents.add(agent.agent_id)
+        self._step.endpoints.add(agent.endpoint_id)
+
     def _on_agent_reported(self, event: AgentReported) -> None:
         agent = self.agents.get(event.agent_id)
         if agent is None:
@@ -790,6 +802,7 @@ class Scheduler(GroupSteps):
         AgentConnected: _on_agent_connected,
         AgentLost: _on_agent_lost,
         AgentSeen: _on_agent_seen,
+        AgentCapacity: _on_agent_capacity,
         AgentReported: _on_agent_reported,
         TasksCommanded: _on_commanded,
         GroupCommanded: GroupSteps._on_group_commanded,

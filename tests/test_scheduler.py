@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from heartline._states import TaskState
 from heartline.server._dispatch import EndpointQueue
 from heartline.server._events import (
+    AgentCapacity,
     AgentLost,
     AgentSeen,
     CloseAgent,
@@ -200,6 +201,25 @@ def test_dispatch_takes_high_before_normal_before_low_then_the_oldest(sched: Sch
     dispatches = [i for i in out if isinstance(i, SendDispatches)]
     assert [i.task_id for d in dispatches for i in d.items] == ["high", "normal-old", "normal-new"]
     assert sched.tasks["low"].state == S.WAITING_FOR_EP
+
+
+def test_a_capacity_change_moves_the_agents_credit(sched: Scheduler) -> None:
+    # A Dask cluster scales: the agent says so; more goes out at once, and a shrink takes
+    # nothing back (credit below zero until its tasks drain).
+    sched.handle(submit("t1", "t2", "t3", "t4", "t5"))
+    sched.handle(connect("A", capacity=1, prefetch=0, time=1.0))
+    assert sched.agents["A"].in_flight == {"t1"}
+
+    out = sched.handle(AgentCapacity("A", 3, 2.0))
+
+    assert [i for i in out if isinstance(i, SendDispatches)] == [
+        SendDispatches("A", (item("t2"), item("t3")))
+    ]
+    assert sched.agents["A"].capacity == 3 and sched.agents["A"].last_seen == 2.0
+    assert sched.handle(AgentCapacity("A", 1, 3.0)) == []
+    assert sched.agents["A"].credit == -2
+    assert sched.waiting_reason("t4") == "no free slot on the endpoint"
+    assert sched.handle(AgentCapacity("gone", 5, 4.0)) == []  # an agent already lost
 
 
 def test_dispatch_spreads_across_agents_by_free_credit_with_one_batch_per_agent(
