@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -59,9 +60,17 @@ def _wait_for(proc: subprocess.Popen[bytes], log: Path, needle: str, timeout: fl
     raise RuntimeError(f"no {needle!r} from pid {proc.pid}:\n{log.read_text(errors='replace')}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A cluster of processes started here: its scheduler's address and every pid."""
+
+    address: str
+    pids: tuple[int, ...]
+
+
 @contextlib.contextmanager
-def local_cluster(workers: int) -> Iterator[str]:
-    """A scheduler and ``workers`` one-thread workers as processes; yields the address."""
+def local_cluster(workers: int) -> Iterator[Cluster]:
+    """A scheduler and ``workers`` one-thread workers as processes, stopped on the way out."""
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="dask-alone-") as folder:
 
@@ -106,7 +115,7 @@ def local_cluster(workers: int) -> Iterator[str]:
             ]
             for worker, log in started:
                 _wait_for(worker, log, "Registered to:")
-            yield address
+            yield Cluster(address, tuple(p.pid for p in procs))
         finally:
             for proc in reversed(procs):
                 proc.terminate()
@@ -154,7 +163,7 @@ def main() -> None:
     parser.add_argument("--scheduler", help="tcp://HOST:PORT of a running scheduler")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        address = args.scheduler or stack.enter_context(local_cluster(args.workers))
+        address = args.scheduler or stack.enter_context(local_cluster(args.workers)).address
         figures = asyncio.run(measure(address, args.n, args.rtt))
     print(
         json.dumps(

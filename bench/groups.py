@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import _start, _stop, _wait_for  # a sibling script  # noqa: E402
+from throughput import _start, _stop, _wait_for  # a sibling script
 
 
 def noop(i: int) -> int:
@@ -40,7 +40,7 @@ def inc(x: int) -> int:
     return x + 1
 
 
-async def _store_group(client, n: int) -> float:  # noqa: ANN001
+async def _store_group(client, n: int) -> float:
     from heartline import Group
 
     g = Group("store", endpoint="offline")
@@ -53,7 +53,7 @@ async def _store_group(client, n: int) -> float:  # noqa: ANN001
     return took
 
 
-async def _wide(client, n: int) -> float:  # noqa: ANN001
+async def _wide(client, n: int) -> float:
     from heartline import Group
 
     g = Group("wide", endpoint="local")
@@ -68,7 +68,7 @@ async def _wide(client, n: int) -> float:  # noqa: ANN001
     return n / took
 
 
-async def _plain(client, n: int, batch: int) -> float:  # noqa: ANN001
+async def _plain(client, n: int, batch: int) -> float:
     start = time.perf_counter()
     ids: list[str] = []
     for lo in range(0, n, batch):
@@ -80,7 +80,7 @@ async def _plain(client, n: int, batch: int) -> float:  # noqa: ANN001
     return n / took
 
 
-async def _chain(client, n: int) -> float:  # noqa: ANN001
+async def _chain(client, n: int) -> float:
     from heartline import Group
 
     g = Group("chain", endpoint="local")

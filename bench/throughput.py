@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -48,7 +49,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 def noop(i: int) -> int:
@@ -335,7 +336,7 @@ class _Scraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _Scraper:
+    def __enter__(self) -> Self:
         if self.urls:
             self._thread.start()
         return self
@@ -363,6 +364,13 @@ def main() -> int:
     parser.add_argument(
         "--prefetch", type=int, default=None, help="agent prefetch (default: agent's)"
     )
+    parser.add_argument(
+        "--executor",
+        choices=("process", "dask"),
+        default="process",
+        help="the agent's engine; dask: on a cluster of a scheduler and --workers one-thread "
+        "dask worker processes started here (bench/dask_alone.py measures it without heartline)",
+    )
     parser.add_argument("--port", type=int, default=50591, help="loopback port for the server")
     parser.add_argument("--metrics", action="store_true", help="serve and scrape metrics")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds per scrape")
@@ -382,8 +390,14 @@ def main() -> int:
     )
     opts = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="heartline-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="heartline-bench-"))
         home = Path(tmp)
+        cluster = None
+        if opts.executor == "dask":
+            from dask_alone import local_cluster  # imports distributed: only when asked
+
+            cluster = stack.enter_context(local_cluster(opts.workers))
         address = f"127.0.0.1:{opts.port}"
         env = {**os.environ, "HEARTLINE_HOME": str(home)}
         metrics = [f"127.0.0.1:{_free_port()}" for _ in (1, 2)] if opts.metrics else []
@@ -408,11 +422,15 @@ def main() -> int:
             ]
             if opts.prefetch is not None:
                 agent_args += ["--prefetch", str(opts.prefetch)]
+            if cluster is not None:
+                agent_args += ["--executor", "dask", "--dask-scheduler", cluster.address]
             if metrics:
                 agent_args += ["--metrics", metrics[1]]
             agent = _start(agent_args, env, home / "agent.log")
             _wait_for(lambda: "connected" in (home / "agent.log").read_text(), 30, "agent")
-            workers = _children(agent.pid)
+            # What runs the tasks: the agent's worker processes, or the Dask cluster's
+            # scheduler and workers (counted as "workers").
+            workers = list(cluster.pids) if cluster is not None else _children(agent.pid)
             before = [_cpu_seconds(p) for p in (server.pid, agent.pid, *workers)]
             urls = [f"http://{m}/metrics" for m in metrics]
             profilers = _profile(opts.profile, {"server": server.pid, "agent": agent.pid})
@@ -444,6 +462,7 @@ def main() -> int:
                 "bench": "throughput",
                 "n": opts.n,
                 "workers": opts.workers,
+                "executor": opts.executor,
                 "durable_store": True,
                 "metrics": opts.metrics,
                 "auth": not opts.no_auth,
