@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Stack
+from tests.test_modules import MYLIB2  # the same helper module as the unit tests
 
 TIMEOUT = 120.0  # bound of each script: a few tasks, each far quicker
 
@@ -26,13 +27,6 @@ def helper(x):
 
 def boom(x):
     raise ValueError(f"boom {x}")  # mylib's failing line
-"""
-MYLIB2 = """\
-FACTOR = 3
-
-
-def triple(x):
-    return x * FACTOR
 """
 SCRIPT = """\
 import json
