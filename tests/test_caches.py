@@ -100,7 +100,7 @@ class _FakePool:
 def _agent(tmp_path: Path, bounds: tuple[int, int] | None = None) -> tuple[Agent, _FakePool, list]:
     agent = Agent(AgentConfig(name="local", home=tmp_path, workers=1, server="127.0.0.1:1"))
     pool = _FakePool()
-    agent._pool = pool  # type: ignore[assignment]
+    agent._engine = pool  # type: ignore[assignment]
     if bounds is not None:
         agent._functions = LruCache(*bounds)
     refused: list[tuple[str, str, str]] = []
