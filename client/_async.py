@@ -289,12 +289,14 @@ class AsyncClient(AdminCalls, ClientBase):
         max_system_retries: int | None = None,
         walltime: float | None = None,
         held: bool = False,
+        serializer: str = "auto",
         **kwargs: Any,
     ) -> str:
         """Submit ``function(*args, **kwargs)`` to an endpoint (name or id); return the task id.
 
-        The keyword options (priority, max_retries, max_system_retries, walltime, held)
-        are taken by heartline; pass a function keyword of one of those names through
+        The keyword options (priority, max_retries, max_system_retries, walltime, held,
+        serializer) are taken by heartline (``serializer``: ``"auto"``, ``"bytecode"`` or
+        ``"source"``, how the function travels, see :class:`SubmitOptions`); pass a function keyword of one of those names through
         :meth:`submit_batch`.
 
         Raises:
@@ -306,6 +308,7 @@ class AsyncClient(AdminCalls, ClientBase):
             max_system_retries=max_system_retries,
             walltime=walltime,
             held=held,
+            serializer=serializer,
         )
         prepared = self._prepare([(function, args, kwargs)], options)
         return (await self._submit_prepared(endpoint, prepared))[0]
@@ -320,6 +323,7 @@ class AsyncClient(AdminCalls, ClientBase):
         max_system_retries: int | None = None,
         walltime: float | None = None,
         held: bool = False,
+        serializer: str = "auto",
     ) -> list[str]:
         """Submit many ``(function, args, kwargs)`` calls; return their task ids in order.
 
@@ -331,6 +335,7 @@ class AsyncClient(AdminCalls, ClientBase):
             max_system_retries=max_system_retries,
             walltime=walltime,
             held=held,
+            serializer=serializer,
         )
         return await self._submit_prepared(endpoint, self._prepare(calls, options))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from heartline import _defaults
 from heartline._errors import InvalidArgumentError
+from heartline._forms import SERIALIZERS
 from heartline._lru import LruCache
 from heartline._modules import ShipModules, ShipPolicy
 from heartline._serialize import TaskInput, dumps_args, dumps_function, function_id
@@ -85,6 +86,10 @@ class SubmitOptions:
     """Per-attempt walltime in seconds, enforced on the agent; None means none."""
     held: bool = False
     """Submit the task held: it is not dispatched until released."""
+    serializer: str = "auto"
+    """How the function travels: ``"auto"`` (its bytecode, plus its source where that is
+    at hand, so an agent on another Python minor version can run it), ``"bytecode"`` or
+    ``"source"`` (heartline/_forms.py)."""
 
     @classmethod
     def of(
@@ -95,6 +100,7 @@ class SubmitOptions:
         max_system_retries: int | None = None,
         walltime: float | None = None,
         held: bool = False,
+        serializer: str = "auto",
     ) -> SubmitOptions:
         """Validate the user's keyword options.
 
@@ -115,7 +121,11 @@ class SubmitOptions:
                 raise InvalidArgumentError(f"walltime must be seconds, not {walltime!r}")
             if not walltime > 0:
                 raise InvalidArgumentError(f"walltime must be positive, not {walltime!r}")
-        return cls(prio, max_retries, max_system_retries, walltime, bool(held))
+        if serializer not in SERIALIZERS:
+            raise InvalidArgumentError(
+                f"serializer must be one of {', '.join(map(repr, SERIALIZERS))}, not {serializer!r}"
+            )
+        return cls(prio, max_retries, max_system_retries, walltime, bool(held), serializer)
 
     def _spec(self, fid: str, args: bytes) -> task_pb2.TaskSpec:
         spec = task_pb2.TaskSpec(
@@ -155,20 +165,31 @@ class FunctionCache:
 
     def __init__(self, ship: ShipPolicy | None = None) -> None:
         self._ship = ship if ship is not None else ShipPolicy()
+        # Per function, its entry for "auto" (the usual) and for any other serializer
+        # asked for, under that name.
         self._weak: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[Any, str, bytes]] = {}
+        self._other: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, bytes]]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Used on the client's event loop only (AsyncClient._register), so unlocked.
         self._registered: LruCache[str, None] = LruCache(_REGISTERED_MARKS, _REGISTERED_MARKS)
         self._lock = threading.Lock()
 
-    def lookup(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
+    def lookup(self, fn: Callable[..., Any], serializer: str = "auto") -> tuple[str, bytes]:
         """Return ``(function_id, payload)`` of ``fn``, pickling it on first sight.
+
+        ``serializer`` other than ``"auto"`` (the default) picks the forms of the payload
+        (heartline/_forms.py); such entries are kept apart, for functions that take weak
+        references only (others are pickled again each time).
 
         Raises:
             SerializationError: ``fn`` is not callable or cannot be pickled.
             InvalidArgumentError: ``fn`` is a generator or async generator function, or
                 the modules it ships take it over the payload limit.
         """
+        if serializer != "auto":
+            return self._lookup_other(fn, serializer)
         try:
             hit = self._weak.get(fn)
         except TypeError:  # not weak-referenceable (or unhashable)
@@ -191,6 +212,22 @@ class FunctionCache:
                 self._weak[fn] = entry
             except TypeError:
                 self._strong[id(fn)] = (fn, *entry)
+        return entry
+
+    def _lookup_other(self, fn: Callable[..., Any], serializer: str) -> tuple[str, bytes]:
+        try:
+            hit = self._other.get(fn, {}).get(serializer)
+        except TypeError:
+            hit = None
+        if hit is not None:
+            return hit
+        payload = dumps_function(fn, self._ship, serializer)
+        entry = (function_id(payload), payload)
+        with self._lock:
+            try:
+                self._other.setdefault(fn, {})[serializer] = entry
+            except TypeError:
+                pass
         return entry
 
     def is_registered(self, fid: str) -> bool:
@@ -256,7 +293,7 @@ class ClientBase:
                 raise InvalidArgumentError(
                     f"a batch entry must be (function, args, kwargs), not {call!r}"
                 ) from None
-            fid, payload = cache.lookup(fn)
+            fid, payload = cache.lookup(fn, options.serializer)
             functions[fid] = payload
             specs.append(options._spec(fid, dumps_args(tuple(args), dict(kwargs or {}))))
         return PreparedBatch(specs, functions)
@@ -291,7 +328,7 @@ class ClientBase:
         functions: dict[str, bytes] = {}
 
         def spec_of(member: _Member) -> task_pb2.TaskSpec:
-            fid, payload = self._functions.lookup(member.function)
+            fid, payload = self._functions.lookup(member.function, member.options.serializer)
             functions[fid] = payload
             spec = member.options._spec(fid, member.args)
             spec.name = member.name

@@ -135,6 +135,7 @@ class Executor(concurrent.futures.Executor):
         max_system_retries: int | None = None,
         walltime: float | None = None,
         held: bool = False,
+        serializer: str = "auto",
         retry_timeout: float = _defaults.RETRY_TIMEOUT,
         tls: TLS | bool | None = None,
         ship_modules: ShipModules = True,
@@ -147,6 +148,7 @@ class Executor(concurrent.futures.Executor):
             max_system_retries=max_system_retries,
             walltime=walltime,
             held=held,
+            serializer=serializer,
         )
         self._owns_client = client is None
         self.client = (

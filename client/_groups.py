@@ -171,6 +171,7 @@ class Group:
         max_retries: int = 0,
         max_system_retries: int | None = None,
         walltime: float | None = None,
+        serializer: str = "auto",
         **kwargs: Any,
     ) -> TaskRef:
         """Add the DAG task ``name``, calling ``function(*args, **kwargs)``.
@@ -196,6 +197,7 @@ class Group:
             max_retries=max_retries,
             max_system_retries=max_system_retries,
             walltime=walltime,
+            serializer=serializer,
         )
         member = self._member(name, function, args, kwargs, run_after, when, options)
         self._tasks.append(member)
@@ -213,6 +215,7 @@ class Group:
         max_retries: int = 0,
         max_system_retries: int | None = None,
         walltime: float | None = None,
+        serializer: str = "auto",
         **kwargs: Any,
     ) -> TaskRef:
         """Add the finally task ``name``: it runs once every DAG task has settled (its
@@ -224,6 +227,7 @@ class Group:
             max_retries=max_retries,
             max_system_retries=max_system_retries,
             walltime=walltime,
+            serializer=serializer,
         )
         member = self._member(name, function, args, kwargs, (), when, options)
         self._finally.append(member)

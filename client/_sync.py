@@ -154,6 +154,7 @@ class Client:
         max_system_retries: int | None = None,
         walltime: float | None = None,
         held: bool = False,
+        serializer: str = "auto",
         **kwargs: Any,
     ) -> str:
         """Submit ``function(*args, **kwargs)``; see :meth:`AsyncClient.submit`."""
@@ -167,6 +168,7 @@ class Client:
                 max_system_retries=max_system_retries,
                 walltime=walltime,
                 held=held,
+                serializer=serializer,
                 **kwargs,
             )
         )

@@ -312,6 +312,11 @@ class AgentInfo:
     last_heartbeat: datetime.datetime | None
     version: str
     hostname: str
+    python: str = ""
+    """The Python its workers run, "major.minor" ("" from an agent that does not say): a
+    function that is bytecode only (no source form) runs only on the same one."""
+    cloudpickle: str = ""
+    """The cloudpickle version of its workers."""
 
     @classmethod
     def _from_proto(cls, msg: task_service_pb2.AgentInfo) -> AgentInfo:
@@ -322,6 +327,8 @@ class AgentInfo:
             last_heartbeat=_time(msg, "last_heartbeat"),
             version=msg.version,
             hostname=msg.hostname,
+            python=msg.python_version,
+            cloudpickle=msg.cloudpickle_version,
         )
 
 

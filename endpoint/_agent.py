@@ -31,9 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cloudpickle
 import grpc
 
-from heartline import _defaults
+from heartline import _defaults, _forms
 from heartline._errors import HeartlineError, rpc_error_from_grpc, tls_failure
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
@@ -428,6 +429,9 @@ class Agent:
             endpoint_id=identity.endpoint_id,
             agent_id=self._agent_id,
             version=_VERSION,
+            # Which function payloads its workers can load (heartline/_forms.py).
+            python_version=_forms.PYTHON,
+            cloudpickle_version=cloudpickle.__version__,
             capacity=self._hello_capacity(),
             prefetch=self._config.effective_prefetch,
             held_tasks=[
@@ -773,9 +777,16 @@ async def _serve_foreground(config: AgentConfig, stop_with_fd: int | None = None
     async def announce() -> None:
         await ready.wait()
         over = "" if config.tls is None else f" over {describe(config.tls)}"
+        # --workers sizes a Dask agent only through a LocalCluster it starts.
+        if config.executor == "process":
+            runs_on = f"with {config.workers} workers"
+        elif config.dask_scheduler is None:
+            runs_on = f"on a Dask LocalCluster of {config.workers} workers"
+        else:
+            runs_on = f"on the Dask cluster at {config.dask_scheduler}"
         print(
             f"heartline endpoint {config.name!r} (id {agent.endpoint_id}) connected to "
-            f"{config.server}{over} with {config.workers} workers",
+            f"{config.server}{over} {runs_on}",
             file=sys.stderr,
             flush=True,
         )

@@ -131,7 +131,13 @@ def tasks() -> None:
 
 
 @tasks.command("list")
-@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in TaskState]), help="Only tasks in this state (repeatable).")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in TaskState]),
+    help="Only tasks in this state (repeatable).",
+)
 @click.option("--endpoint", default=None, help="Only tasks of this endpoint (name or id).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
 @_address
@@ -143,10 +149,16 @@ def tasks_list(states, endpoint, limit, address, token) -> None:
         rows = hc.list_tasks(states=list(states) or None, endpoint=endpoint, limit=limit)
     table = Table("task", "state", "endpoint", "attempt", "submitted", "settled", "waiting / error")
     for t in rows:
-        note = t.waiting_reason if t.pending else (f"{t.error.type_name}: {t.error.message}" if t.error else "")
+        note = (
+            t.waiting_reason
+            if t.pending
+            else (f"{t.error.type_name}: {t.error.message}" if t.error else "")
+        )
         table.add_row(
             t.id,
-            f"[{_state_style(t.state)}]{t.state.value}[/]" if _state_style(t.state) else t.state.value,
+            f"[{_state_style(t.state)}]{t.state.value}[/]"
+            if _state_style(t.state)
+            else t.state.value,
             t.endpoint,
             str(t.attempt),
             _when(t.submitted),
@@ -170,7 +182,9 @@ def tasks_show(task_id, address, token) -> None:
     console = _console()
     summary = Table(show_header=False, box=None)
     summary.add_row("task", t.id)
-    summary.add_row("state", t.state.value + (f"  ({t.waiting_reason})" if t.waiting_reason else ""))
+    summary.add_row(
+        "state", t.state.value + (f"  ({t.waiting_reason})" if t.waiting_reason else "")
+    )
     summary.add_row("endpoint", t.endpoint)
     summary.add_row("attempt", str(t.attempt))
     summary.add_row("submitted", _when(t.submitted))
@@ -266,13 +280,16 @@ def endpoints_list(address, token) -> None:
     """List endpoints with their agents and queues."""
     with _client(address, token) as hc:
         rows = hc.list_endpoints()
-    table = Table("endpoint", "id", "online", "agents", "workers", "in flight", "queued")
+    table = Table("endpoint", "id", "online", "agents", "python", "workers", "in flight", "queued")
     for ep in rows:
+        # Each agent's Python: a function without a source form runs only on its own.
+        pythons = sorted({a.python or "?" for a in ep.agents})
         table.add_row(
             ep.name,
             ep.id,
             "[green]yes[/]" if ep.online else "[red]no[/]",
             str(len(ep.agents)),
+            ", ".join(pythons) or "-",
             str(sum(a.capacity for a in ep.agents)),
             str(sum(a.in_flight for a in ep.agents)),
             str(ep.queued),

@@ -30,6 +30,7 @@ from typing import Any
 
 import cloudpickle
 
+from heartline import _forms, _sourceform
 from heartline._defaults import MAX_PAYLOAD
 from heartline._errors import SerializationError
 from heartline._modules import ShipPolicy, check_size
@@ -96,34 +97,74 @@ def _is_plain(value: Any) -> bool:
 
 def _dumps(obj: Any) -> bytes:
     """cloudpickle ``obj``, followed by the source map of its by-value code, if any."""
-    buffer = io.BytesIO()
+    return _dumps_noting(obj, io.BytesIO())[0]
+
+
+def _dumps_noting(obj: Any, buffer: io.BytesIO) -> tuple[bytes, bool]:
+    """:func:`_dumps`, and whether any code went by value."""
     pickler = _SourcePickler(buffer)
     pickler.dump(obj)
     if pickler.codes:
         sources = _source_map(pickler.codes)
         if sources:
             pickle.dump(sources, buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    return buffer.getvalue()
+    return buffer.getvalue(), bool(pickler.codes)
 
 
 _SHIP_FOUND = ShipPolicy()
+_CLOUDPICKLE = cloudpickle.__version__
 
 
-def dumps_function(fn: Any, ship: ShipPolicy = _SHIP_FOUND) -> bytes:
+def dumps_function(fn: Any, ship: ShipPolicy = _SHIP_FOUND, serializer: str = "auto") -> bytes:
     """Pickle a callable by value where needed, with the local modules ``ship`` names
     (by default those it uses, found automatically) ahead of it.
 
+    ``serializer`` picks the forms the payload carries (heartline/_forms.py): ``auto``
+    the bytecode form, then the source form where there is one; ``bytecode`` the first
+    only; ``source`` the second only. A function pickled by reference (no code by value)
+    runs on any Python as it is, and carries that one form whatever ``serializer`` says.
+
     Raises:
-        SerializationError: ``fn`` is not callable or cannot be pickled.
+        SerializationError: ``fn`` is not callable or cannot be pickled, or
+            ``serializer="source"`` and it has no source form (the message says why).
         InvalidArgumentError: the modules it ships take its payload over the limit.
     """
     if not callable(fn):
         raise SerializationError(f"{fn!r} is not callable")
     try:
         modules = ship.modules_for(fn)
-        payload = _dumps(WithModules(fn, modules) if modules else fn)
+        payload, by_value = _dumps_noting(WithModules(fn, modules) if modules else fn, io.BytesIO())
     except Exception as exc:
         raise SerializationError(f"cannot serialize function {_name(fn)}: {exc}") from exc
+    python = _forms.PYTHON
+    if not by_value:
+        payload += _forms.trailer(python, _CLOUDPICKLE, (_forms.REFERENCE,))
+    elif serializer == _forms.BYTECODE:
+        payload += _forms.trailer(python, _CLOUDPICKLE, (_forms.BYTECODE,))
+    else:
+        try:
+            source = _sourceform.make(fn, modules)
+        except _sourceform.NoSource as exc:
+            if serializer == _forms.SOURCE:
+                raise SerializationError(
+                    f"{_name(fn)} has no source form, so it can run only on Python {python} "
+                    f"(serializer='source'): {exc}"
+                ) from None
+            source = None
+        except Exception as exc:
+            if serializer == _forms.SOURCE:
+                raise SerializationError(
+                    f"cannot make the source form of {_name(fn)}: {exc}"
+                ) from exc
+            source = None
+        if source is None:
+            payload += _forms.trailer(python, _CLOUDPICKLE, (_forms.BYTECODE,))
+        elif serializer == _forms.SOURCE:
+            payload = source + _forms.trailer(python, _CLOUDPICKLE, (_forms.SOURCE,))
+        else:
+            at = len(payload)
+            forms = (_forms.BYTECODE, _forms.SOURCE)
+            payload += source + _forms.trailer(python, _CLOUDPICKLE, forms, at)
     check_size(f"the function {_name(fn)}", modules, len(payload), MAX_PAYLOAD)
     return payload
 
@@ -196,6 +237,21 @@ def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
             the message names it (and the endpoint, see heartline/_shipped.py).
         Exception: whatever else unpickling raises (the caller says which payload failed).
     """
+    made = _forms.read(data) if data[-1:] != b"." else None
+    if made is not None:
+        if made.python != _forms.PYTHON and _forms.BYTECODE in made.forms:
+            if _forms.SOURCE not in made.forms:
+                # Bytecode of another minor version may crash the process that runs
+                # it: refuse it here (the server sends none such; this is the backstop).
+                raise SerializationError(
+                    f"this function was serialized as bytecode on Python {made.python}, "
+                    f"which this worker's Python {_forms.PYTHON} cannot run: submit it with "
+                    f"serializer='source', or run an agent on Python {made.python}"
+                )
+            return _load_source(data[made.source_at : made.end])
+        if made.forms == (_forms.SOURCE,):
+            return _load_source(data[: made.end])
+        data = data[: made.source_at or made.end]
     stream = io.BytesIO(data)
     try:
         value = pickle.load(stream)
@@ -210,6 +266,17 @@ def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
         if isinstance(found, dict):
             sources = found
     return value, sources
+
+
+def _load_source(data: bytes) -> tuple[Any, SourceMap]:
+    """Load a source form: its function, compiled on this Python, and its lines."""
+    try:
+        fn = pickle.loads(data)
+    except ModuleNotFoundError as exc:
+        if exc.name is None:
+            raise
+        raise missing_module_error(exc) from None
+    return fn, _sourceform.SOURCES
 
 
 def dumps_result(value: Any) -> bytes:
@@ -230,7 +297,9 @@ def loads(data: bytes) -> Any:
         return pickle.loads(data)
     except Exception as exc:
         raise SerializationError(
-            f"cannot deserialize payload: {type(exc).__name__}: {exc}"
+            f"cannot deserialize payload on this Python {_forms.PYTHON} (cloudpickle "
+            f"{_CLOUDPICKLE}): {type(exc).__name__}: {exc} (a value pickled on another "
+            "Python version, or of a class or module this process lacks, may not load)"
         ) from exc
 
 

@@ -16,6 +16,7 @@ import grpc
 
 from heartline import _defaults
 from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
+from heartline._forms import read as read_serialization
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
 from heartline._states import PENDING_STATES
@@ -374,8 +375,22 @@ class ServerCore:
         if inputs:
             inputs.difference_update(row.task_id for row in rows)
         results = await self.store.load_results(sorted(inputs)) if inputs else {}
+        # The Python each bytecode-only function of these tasks needs (heartline/_forms.py).
+        requirements: dict[str, str] = {}
+        for fid in {row.function_id for row in rows}:
+            payload = await self.functions.get(fid)
+            made = read_serialization(payload) if payload is not None else None
+            if made is not None and made.requires:
+                requirements[fid] = made.requires
         persisted = self.execute(
-            self.scheduler.restore(rows, time.time(), counts, groups=groups, results=results)
+            self.scheduler.restore(
+                rows,
+                time.time(),
+                counts,
+                groups=groups,
+                results=results,
+                requirements=requirements,
+            )
         )
         if persisted is not None:
             await persisted

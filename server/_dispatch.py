@@ -29,6 +29,10 @@ class AgentState:
     hostname: str = ""
     version: str = ""
     stream_id: str = ""
+    python: str = ""
+    """The Python its workers run, "major.minor"; empty: unknown (an older agent), taken
+    as able to run anything."""
+    cloudpickle: str = ""
     in_flight: set[str] = field(default_factory=set)
     """Tasks on the agent (dispatched and not settled); each takes one credit."""
 
@@ -70,18 +74,30 @@ class EndpointQueue:
     entries outnumber live ones by 1,024).
     """
 
-    __slots__ = ("_entries", "_tail", "heap", "live", "seq")
+    __slots__ = ("_entries", "_tail", "deferred", "heap", "live", "needs", "parked", "seq")
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, float, int, _Run]] = []
         self.live: dict[str, _Run] = {}
         self.seq = 0
+        self.needs: dict[str, str] = {}
+        """Queued tasks (in the runs, parked or deferred) whose function runs only on one
+        Python (bytecode only): task id -> "major.minor". Empty, dispatch reads no task's
+        Python at all (the common case)."""
+        self.parked: dict[str, TaskRecord] = {}
+        """Tasks no connected agent of the endpoint can run (none runs their Python):
+        out of the runs until an agent that can connects (Dispatcher.connect)."""
+        self.deferred: dict[str, TaskRecord] = {}
+        """Tasks an agent can run but none with free credit could: back in the runs at
+        the start of the next dispatch of the endpoint."""
         self._tail: _Run | None = None
         """The newest run, while tasks may still be appended to it."""
         self._entries = 0
         """Entries in the runs, live or dead."""
 
     def push(self, task: TaskRecord) -> None:
+        if task.python:
+            self.needs[task.task_id] = task.python
         tail = self._tail
         if tail is not None:
             last = tail.tasks[-1]
@@ -100,6 +116,12 @@ class EndpointQueue:
         heapq.heappush(self.heap, (task.priority, task.submit_time, run.seq, run))
 
     def discard(self, task_id: str) -> None:
+        if (
+            self.needs
+            and self.needs.pop(task_id, None) is not None
+            and (self.parked.pop(task_id, None) or self.deferred.pop(task_id, None))
+        ):
+            return  # parked or deferred: not in the runs
         if self.live.pop(task_id, None) is None:
             return
         self._tail = None
@@ -122,6 +144,16 @@ class EndpointQueue:
         self.heap, self._entries, self._tail = heap, entries, None
 
     def pop(self) -> str | None:
+        task = self.pop_task()
+        return None if task is None else task.task_id
+
+    def requeue(self, tasks: list[TaskRecord]) -> None:
+        """Put parked or deferred tasks back in the runs, in dispatch order."""
+        tasks.sort(key=lambda t: (t.priority, t.submit_time))
+        for task in tasks:
+            self.push(task)
+
+    def pop_task(self) -> TaskRecord | None:
         heap, live = self.heap, self.live
         while heap:
             head = heap[0]
@@ -148,17 +180,16 @@ class EndpointQueue:
                 assert after is not None
                 if after.priority != head[0] or after.submit_time != head[1]:
                     heapq.heapreplace(heap, (after.priority, after.submit_time, run.seq, run))
-            task_id = task.task_id
-            if live.get(task_id) is run:
-                del live[task_id]
-                return task_id
+            if live.get(task.task_id) is run:
+                del live[task.task_id]
+                return task
         return None
 
     def __contains__(self, task_id: str) -> bool:
-        return task_id in self.live
+        return task_id in self.live or task_id in self.parked or task_id in self.deferred
 
     def __len__(self) -> int:
-        return len(self.live)
+        return len(self.live) + len(self.parked) + len(self.deferred)
 
 
 class Dispatcher:
@@ -197,7 +228,7 @@ class Dispatcher:
 
     def is_queued(self, task: TaskRecord) -> bool:
         queue = self.queues.get(task.endpoint_id)
-        return queue is not None and task.task_id in queue.live
+        return queue is not None and task.task_id in queue
 
     def queued(self, endpoint_id: str) -> int:
         queue = self.queues.get(endpoint_id)
@@ -207,6 +238,27 @@ class Dispatcher:
 
     def connect(self, agent: AgentState) -> None:
         self.agents[agent.agent_id] = agent
+        queue = self.queues.get(agent.endpoint_id)
+        if queue is not None and queue.parked:
+            # Tasks that waited for an agent on this Python: they may go now.
+            python = agent.python
+            back = [t for t in queue.parked.values() if not python or t.python == python]
+            for task in back:
+                del queue.parked[task.task_id]
+            queue.requeue(back)
+
+    def unable(self, task: TaskRecord) -> str:
+        """Why no connected agent of the task's endpoint can run it, or ""."""
+        need = task.python
+        if not need:
+            return ""
+        pythons = {a.python for a in self.agents.values() if a.endpoint_id == task.endpoint_id}
+        if not pythons or need in pythons or "" in pythons:
+            return ""
+        return (
+            f"no agent runs Python {need} (this function's bytecode); "
+            f"agents: {', '.join(sorted(pythons))}"
+        )
 
     def disconnect(self, agent_id: str) -> list[str]:
         """Forget the agent; return the tasks it held, sorted, for the caller to re-queue
@@ -243,15 +295,19 @@ class Dispatcher:
         if not queue:
             return
         agents = [a for a in self.agents.values() if a.endpoint_id == endpoint_id and a.credit > 0]
+        if queue.needs:
+            # Some task's function runs only on one Python: match each to an agent on it.
+            yield from self._matching(queue, endpoint_id, agents)
+            return
         if len(agents) == 1:
             # One agent (the common case): nothing to spread, only its credit to read.
             agent = agents[0]
-            pop = queue.pop
+            pop = queue.pop_task
             while agent.credit > 0:
-                task_id = pop()
-                if task_id is None:
+                task = pop()
+                if task is None:
                     return
-                yield task_id, agent
+                yield task.task_id, agent
             return
         while agents and queue:
             # Spread by free credit: the agent with the most free slots takes the next task.
@@ -262,3 +318,47 @@ class Dispatcher:
             yield task_id, agent
             if agent.credit <= 0:
                 agents.remove(agent)
+
+    def _matching(
+        self, queue: EndpointQueue, endpoint_id: str, agents: list[AgentState]
+    ) -> Iterator[tuple[str, AgentState]]:
+        """assignments() when some queued task runs only on one Python.
+
+        A task goes to the agent with the most free credit among those that can run it.
+        One that no connected agent can run is parked (until one connects); one whose
+        agents are all busy is deferred (back in the queue at the next dispatch). At
+        most ``_DEFERRED`` are deferred per dispatch, so a long queue of tasks for a busy
+        agent costs a bounded scan, not the whole queue each time.
+        """
+        if queue.deferred:
+            back = list(queue.deferred.values())
+            queue.deferred.clear()
+            queue.requeue(back)
+        pythons = {a.python for a in self.agents.values() if a.endpoint_id == endpoint_id}
+        anything = "" in pythons  # an agent of unknown Python is sent anything
+        needs = queue.needs
+        while agents:
+            task = queue.pop_task()
+            if task is None:
+                return
+            need = task.python
+            if not need:
+                agent = max(agents, key=lambda a: a.credit)
+            else:
+                able = [a for a in agents if a.python == need or not a.python]
+                if not able:
+                    if need in pythons or anything:
+                        queue.deferred[task.task_id] = task
+                        if len(queue.deferred) >= _DEFERRED:
+                            return
+                    else:
+                        queue.parked[task.task_id] = task
+                    continue
+                agent = max(able, key=lambda a: a.credit)
+                del needs[task.task_id]
+            yield task.task_id, agent
+            if agent.credit <= 0:
+                agents.remove(agent)
+
+
+_DEFERRED = 1024

@@ -85,15 +85,19 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
         refusal = serving_refusal(caller(), endpoint)
         if refusal is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        # A capacity of 0 is allowed: a Dask agent says hello before it has reached its
+        # cluster, and a cluster may have no workers yet (dask-jobqueue's adaptive ones
+        # start at 0 and scale on queued tasks, which the agent's prefetch provides).
+        # Refused, such an agent could never connect; its Capacity messages follow.
         if (
             not 0 < len(hello.agent_id) <= MAX_AGENT_ID
-            or not 0 < hello.capacity <= MAX_CAPACITY
+            or not 0 <= hello.capacity <= MAX_CAPACITY
             or hello.prefetch < 0
         ):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"hello needs an agent_id of 1-{MAX_AGENT_ID} characters, a capacity in "
-                f"1..{MAX_CAPACITY} and a prefetch >= 0",
+                f"0..{MAX_CAPACITY} and a prefetch >= 0",
             )
         allowed: frozenset[str] | None = None
         if hello.HasField("allowed_functions"):
@@ -153,6 +157,8 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 hello.hostname,
                 hello.version,
                 conn.stream_id,
+                hello.python_version[:16],
+                hello.cloudpickle_version[:32],
             )
         )
         log.info(

@@ -33,6 +33,8 @@ class NewTask:
     """In a group: its name."""
     inputs: tuple[str, ...] = ()
     """Ids of the tasks whose results it takes, in placeholder order."""
+    python: str = ""
+    """The Python minor version its function needs (bytecode only), or "" for any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class AgentConnected:
     version: str = ""
     stream_id: str = ""
     """Which of the agent's streams this is (a reconnect opens a new one)."""
+    python: str = ""
+    """The Python its workers run, "major.minor"; empty: unknown (runs anything)."""
+    cloudpickle: str = ""
 
 
 @dataclass(frozen=True, slots=True)

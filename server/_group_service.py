@@ -124,7 +124,9 @@ class GroupRpcs:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no group {group_id}")
         return found
 
-    async def _watched_groups(self, group_ids: list[str], scope: str | None) -> list[task_pb2.GroupUpdate]:
+    async def _watched_groups(
+        self, group_ids: list[str], scope: str | None
+    ) -> list[task_pb2.GroupUpdate]:
         """Each group's current status, the first message of a watch; NOT_FOUND as
         GetGroup for one that is unknown or another owner's."""
         found = await asyncio.gather(*(self._own_group(gid, scope) for gid in group_ids))
@@ -152,7 +154,7 @@ class GroupRpcs:
             validate([_shape(spec, is_finally) for spec, is_finally in specs])
         except GroupError as err:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-        await self._check_functions({spec.function_id for spec, _ in specs}, endpoint)
+        needs = await self._check_functions({spec.function_id for spec, _ in specs}, endpoint)
         task_of = {spec.name: new_id() for spec, _ in specs}
         tasks: list[NewTask] = [
             self._new_task(
@@ -160,6 +162,7 @@ class GroupRpcs:
                 spec,
                 task_id=task_of[spec.name],
                 inputs=tuple(task_of[n] for n in spec.inputs),
+                python=needs.get(spec.function_id, ""),
             )
             for spec, _ in specs
         ]

@@ -122,6 +122,9 @@ class TaskRecord:
     # Not stored: runtime placement.
     session_id: str = field(default="", compare=False)
     agent_id: str | None = field(default=None, compare=False)
+    python: str = field(default="", compare=False)
+    """The Python minor version its function needs (bytecode only), or "" for any: from
+    the function's payload (heartline/_forms.py), set at submit and at restore."""
 
     def snapshot(self) -> TaskRow:
         """A frozen copy of the stored columns, safe to hand to the writer thread."""
@@ -167,7 +170,7 @@ _FIELD_ORDER = (
     "attempt", "priority", "max_retries", "max_system_retries", "walltime", "start_time",
     "settle_time", "held_from", "result", "error", "raised_count", "system_failures",
     "resubmitted_from", "group_id", "payload_purged", "standing", "name", "inputs",
-    "skip_reason", "session_id", "agent_id",
+    "skip_reason", "session_id", "agent_id", "python",
 )  # fmt: skip
 """TaskRecord's fields in order: the scheduler makes records positionally (a dataclass
 __init__ of 28 fields matches keywords at several times the cost)."""

@@ -304,9 +304,13 @@ class Scheduler(GroupSteps):
             tuple[GroupRow, GroupStateRow, Mapping[str, tuple[TaskState, SkipReason | None]]]
         ] = (),
         results: Mapping[str, tuple[TaskState, bytes | None]] | None = None,
+        requirements: Mapping[str, str] | None = None,
     ) -> list[Instruction]:
         """Load unsettled tasks from the store after a restart (records as the store
         loads them, or rows).
+
+        ``requirements`` names the Python minor version each bytecode-only function of
+        the tasks needs (function id -> "major.minor"; the others run anywhere).
 
         ``counts`` (the store's tasks by state, settled ones included) seeds
         ``tasks_by_state``; without it only the loaded tasks are counted. ``groups`` are
@@ -349,6 +353,8 @@ class Scheduler(GroupSteps):
             task.endpoint_id = shared.setdefault(task.endpoint_id, task.endpoint_id)
             task.function_id = shared.setdefault(task.function_id, task.function_id)
             task.owner = shared.setdefault(task.owner, task.owner)
+            if requirements:
+                task.python = requirements.get(task.function_id, "")
             self.tasks[task.task_id] = task
             if validate:  # what validate() looks at; a dict entry a task otherwise
                 self._step.touched[task.task_id] = task
@@ -390,6 +396,9 @@ class Scheduler(GroupSteps):
             agents = self.dispatcher.agents_of(task.endpoint_id)
             if not agents:
                 return "endpoint offline: no agent connected"
+            unable = self.dispatcher.unable(task)
+            if unable:
+                return unable
             if all(a.credit <= 0 for a in agents):
                 return "no free slot on the endpoint"
             return "queued for dispatch"
@@ -497,6 +506,8 @@ class Scheduler(GroupSteps):
                 inputs,
                 None,  # skip_reason
                 session_id,
+                None,  # agent_id
+                spec.python,
             )
             tasks[task_id] = task
             new_tasks[task_id] = task
@@ -524,6 +535,8 @@ class Scheduler(GroupSteps):
             hostname=event.hostname,
             version=event.version,
             stream_id=event.stream_id,
+            python=event.python,
+            cloudpickle=event.cloudpickle,
         )
         self.dispatcher.connect(agent)
         self._step.agents.add(agent.agent_id)
@@ -1149,6 +1162,8 @@ class Scheduler(GroupSteps):
         assert queued <= waiting, f"{queued} queued, {waiting} waiting"
         if full:
             for endpoint_id, queue in self.queues.items():
-                for task_id in queue.live:
+                for task_id in (*queue.live, *queue.parked, *queue.deferred):
                     task = self.tasks.get(task_id)
                     assert task is not None and task.endpoint_id == endpoint_id, f"stale {task_id}"
+                for task_id, python in queue.needs.items():
+                    assert task_id in queue and self.tasks[task_id].python == python, task_id

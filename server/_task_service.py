@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import grpc
 
 from heartline._defaults import MAX_HISTORY_TASKS, MAX_IDS, MAX_TASKS_PER_SUBMIT
+from heartline._forms import read as read_serialization
 from heartline._serialize import function_id as hash_function
 from heartline._states import TaskState
 from heartline.server._auth import caller
@@ -123,9 +124,10 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
 
     async def _check_functions(
         self, function_ids: set[str], endpoint: EndpointRow | None = None
-    ) -> None:
+    ) -> dict[str, str]:
         """Refuse a malformed or unknown function id, or (given the endpoint) one the
-        endpoint's allow-list has not."""
+        endpoint's allow-list has not, or one no agent of it can run; return the Python
+        each bytecode-only function needs (see :meth:`_function_needs`)."""
         for fid in function_ids:
             if not _SHA256.match(fid):
                 raise Abort(
@@ -135,11 +137,52 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                 )
         if endpoint is not None:
             self._check_allowed(endpoint, function_ids)
+        needs = await self._function_needs(function_ids)
+        if endpoint is not None and needs:
+            self._check_runnable(endpoint, needs)
+        return needs
+
+    async def _function_needs(
+        self, function_ids: Iterable[str], *, strict: bool = True
+    ) -> dict[str, str]:
+        """The Python minor version each bytecode-only function needs (function id ->
+        "major.minor"), read from its payload's trailer (heartline/_forms.py); the others
+        run on any agent and are not named.
+
+        Raises:
+            Abort: NOT_FOUND, an unknown function.
+        """
+        needs: dict[str, str] = {}
         for fid in function_ids:
-            if await self.core.functions.get(fid) is None:
+            payload = await self.core.functions.get(fid)
+            if payload is None:
+                if not strict:
+                    continue  # the dispatch refuses it, as before (a resubmit's)
                 raise Abort(
                     grpc.StatusCode.NOT_FOUND,
                     f"unknown function {fid}: register it with RegisterFunction first",
+                )
+            made = read_serialization(payload)
+            if made is not None and made.requires:
+                needs[fid] = made.requires
+        return needs
+
+    def _check_runnable(self, endpoint: EndpointRow, needs: dict[str, str]) -> None:
+        """Refuse a bytecode-only function no connected agent of the endpoint can run
+        (another Python minor version), before anything is stored. An endpoint with no
+        agent connected takes it: an agent that can may connect later."""
+        pythons = {a.python for a in self.core.scheduler.dispatcher.agents_of(endpoint.endpoint_id)}
+        if not pythons or "" in pythons:
+            return
+        for fid, need in needs.items():
+            if need not in pythons:
+                agents = ", ".join(sorted(pythons))
+                raise Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"function {fid[:12]} was serialized as bytecode on Python {need} "
+                    f"(it has no source form), and the agents of endpoint {endpoint.name!r} "
+                    f"run Python {agents}: submit it with serializer='source' (a function "
+                    f"whose source is available), or run an agent on Python {need}",
                 )
 
     def _check_allowed(self, endpoint: EndpointRow, function_ids: Iterable[str]) -> None:
@@ -161,6 +204,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         *,
         task_id: str | None = None,
         inputs: tuple[str, ...] = (),
+        python: str = "",
     ) -> NewTask:
         """A checked task of a submission.
 
@@ -204,6 +248,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             held=spec.held,
             name=spec.name,
             inputs=inputs,
+            python=python,
         )
 
     async def _durable(self, future: asyncio.Future[None] | None) -> None:
@@ -249,7 +294,11 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             self.core.requests.remember(row, future)
 
     async def _command(
-        self, command: str, task_ids: Sequence[str], request_id: str, context: grpc.aio.ServicerContext
+        self,
+        command: str,
+        task_ids: Sequence[str],
+        request_id: str,
+        context: grpc.aio.ServicerContext,
     ) -> list[task_pb2.TaskUpdate]:
         owner = self._owner(context)
         scope = self._scope(context)
@@ -275,7 +324,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
 
     async def _explain_unknown(self, task_ids: list[str], command: str, scope: str | None) -> Abort:
         rows = await self.core.store.get_tasks(task_ids)
-        missing = [tid for tid in task_ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]
+        missing = [
+            tid for tid in task_ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)
+        ]
         if missing:
             return Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         tid = task_ids[0]
@@ -320,9 +371,14 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             )
         for i, spec in enumerate(request.tasks):
             _check_plain_task(i, spec)
-        await self._check_functions({spec.function_id for spec in request.tasks}, endpoint)
+        needs = await self._check_functions({spec.function_id for spec in request.tasks}, endpoint)
         tasks = tuple(
-            self._new_task(f"task {i}", spec, inputs=tuple(spec.inputs))
+            self._new_task(
+                f"task {i}",
+                spec,
+                inputs=tuple(spec.inputs),
+                python=needs.get(spec.function_id, "") if needs else "",
+            )
             for i, spec in enumerate(request.tasks)
         )
         inputs = list(dict.fromkeys(tid for task in tasks for tid in task.inputs))
@@ -422,7 +478,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             )
         rows = await self.core.store.get_tasks(ids, include_history=request.include_history)
         scope = self._scope(context)
-        missing = [tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]
+        missing = [
+            tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)
+        ]
         if missing:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         return pb.GetTasksResponse(tasks=[self._task(*rows[tid]) for tid in ids])
@@ -503,7 +561,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                 groups = await self._watched_groups(group_ids, scope) if group_ids else []
                 rows = await self.core.store.get_tasks(ids) if ids else {}
                 missing = [
-                    tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)
+                    tid
+                    for tid in ids
+                    if tid not in rows or not self._sees(rows[tid][0].owner, scope)
                 ]
                 if missing:
                     raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
@@ -528,41 +588,31 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     @refusing
     async def CancelTasks(self, request, context):
         return pb.CancelTasksResponse(
-            updates=await self._command(
-                "cancel", request.task_ids, request.request_id, context
-            )
+            updates=await self._command("cancel", request.task_ids, request.request_id, context)
         )
 
     @refusing
     async def HoldTasks(self, request, context):
         return pb.HoldTasksResponse(
-            updates=await self._command(
-                "hold", request.task_ids, request.request_id, context
-            )
+            updates=await self._command("hold", request.task_ids, request.request_id, context)
         )
 
     @refusing
     async def ReleaseTasks(self, request, context):
         return pb.ReleaseTasksResponse(
-            updates=await self._command(
-                "release", request.task_ids, request.request_id, context
-            )
+            updates=await self._command("release", request.task_ids, request.request_id, context)
         )
 
     @refusing
     async def RetryTasks(self, request, context):
         return pb.RetryTasksResponse(
-            updates=await self._command(
-                "retry", request.task_ids, request.request_id, context
-            )
+            updates=await self._command("retry", request.task_ids, request.request_id, context)
         )
 
     @refusing
     async def GiveUpTasks(self, request, context):
         return pb.GiveUpTasksResponse(
-            updates=await self._command(
-                "give-up", request.task_ids, request.request_id, context
-            )
+            updates=await self._command("give-up", request.task_ids, request.request_id, context)
         )
 
     @refusing
@@ -571,7 +621,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         ids = list(dict.fromkeys(requested))  # one new task per old one, named once
         rows = await self.core.store.get_tasks(ids)
         scope = self._scope(context)
-        missing = [tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)]
+        missing = [
+            tid for tid in ids if tid not in rows or not self._sees(rows[tid][0].owner, scope)
+        ]
         if missing:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no task {missing[0]}")
         by_endpoint: dict[str, list] = {}
@@ -593,6 +645,11 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             endpoint = self.core.endpoints.get(endpoint_id)
             if endpoint is not None:
                 self._check_allowed(endpoint, {r.function_id for r in group})
+        needs = await self._function_needs({r.function_id for r, *_ in rows.values()}, strict=False)
+        for endpoint_id, group in by_endpoint.items():
+            endpoint = self.core.endpoints.get(endpoint_id)
+            if endpoint is not None and needs:
+                self._check_runnable(endpoint, needs)
         owner = self._owner(context)
         # A task that took results takes the same ones again (SPEC section 4); a group
         # task comes back as a plain task.
@@ -624,6 +681,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                         max_system_retries=r.max_system_retries,
                         walltime=r.walltime,
                         inputs=r.inputs,
+                        python=needs.get(r.function_id, ""),
                     )
                     for r in group
                 )
@@ -672,6 +730,8 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                             last_heartbeat=timestamp(a.last_seen),
                             version=a.version,
                             hostname=a.hostname,
+                            python_version=a.python,
+                            cloudpickle_version=a.cloudpickle,
                         )
                         for a in agents
                     ],

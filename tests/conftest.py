@@ -3,9 +3,12 @@ file, and real endpoint agent processes.
 
 - per test: ``sched`` (a pure scheduler, checked fully at the end), ``home``, ``server``, ``start_agent`` (a factory), ``agent``, ``hc``;
 - per module: ``stack`` (one server and a ``local`` agent shared by the module's tests;
-  a module overrides ``stack_workers`` to size that agent);
+  a module overrides ``stack_workers`` to size that agent, ``stack_agent_args`` to pass
+  it more arguments);
 - plain functions for tests that start or restart processes themselves:
-  ``launch_server``, ``relaunch_server``, ``launch_agent``, ``Stack``.
+  ``launch_server``, ``relaunch_server``, ``launch_agent``, ``Stack``, and
+  ``start_dask_cluster`` (a ``dask scheduler`` and ``dask worker`` processes, a
+  :class:`DaskCluster`).
 
 Every process started through ``tests.helpers.start_process`` (so every server and agent
 above) is stopped by PID at teardown of the test or module that owns it, and its output
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,7 @@ from tests.scheduler_kit import make, validate_made
 
 __all__ = [
     "HEARTBEAT",
+    "DaskCluster",
     "ServerProc",
     "Stack",
     "assert_loop_never_blocked",
@@ -48,6 +54,7 @@ __all__ = [
     "launch_agent",
     "launch_server",
     "relaunch_server",
+    "start_dask_cluster",
 ]
 
 HEARTBEAT = 0.2  # seconds; the tests' servers run with short heartbeats
@@ -272,18 +279,94 @@ class Stack:
             )
         return proc
 
-    def solo_endpoint(self) -> str:
+    def solo_endpoint(self, *extra: str) -> str:
         """A fresh endpoint served by one agent with 1 worker and no prefetch, so a task
-        is queued at the server whenever another one runs."""
+        is queued at the server whenever another one runs; ``extra`` goes to the agent
+        (e.g. an executor of one thread)."""
         import uuid
 
         name = f"solo-{uuid.uuid4().hex[:8]}"
-        self.start_agent(name, 1, "--prefetch", "0")
+        self.start_agent(name, 1, "--prefetch", "0", *extra)
         return name
 
     def stop_agents(self) -> None:
         for proc in reversed(self.agents):
             proc.stop()
+
+
+DASK_WAIT = 30.0  # bound on a Dask process's start; a healthy one takes about a second
+
+
+@dataclass
+class DaskCluster:
+    """A real Dask scheduler and worker processes on loopback, stopped by PID with ``group``.
+
+    Workers run without a nanny, so a worker's PID is the process that runs the tasks
+    (a SIGKILL really kills it, and nothing restarts it), each with one thread by default.
+    """
+
+    address: str
+    group: ProcessGroup
+    workers: dict[int, str] = field(default_factory=dict)  # worker PID -> its address
+
+    def add_worker(self, nthreads: int = 1) -> Proc:
+        """Start a worker and return once the scheduler has registered it."""
+        proc = self.group.adopt(
+            start_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    self.address,
+                    "--no-nanny",
+                    "--nthreads",
+                    str(nthreads),
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--death-timeout",
+                    "30",
+                ]
+            )
+        )
+        line = proc.wait_for_line("Start worker at:", timeout=DASK_WAIT)
+        self.workers[proc.pid] = _tcp_address(line)
+        proc.wait_for_line("Registered to:", timeout=DASK_WAIT)
+        return proc
+
+
+def _tcp_address(line: str) -> str:
+    match = re.search(r"tcp://[0-9.]+:[0-9]+", line)
+    assert match is not None, line
+    return match.group(0)
+
+
+def start_dask_cluster(what: str, workers: int) -> DaskCluster:
+    """``dask scheduler`` and ``workers`` one-thread ``dask worker`` processes, in a
+    ProcessGroup of their own named ``what`` (the caller closes it)."""
+    group = ProcessGroup(what)
+    scheduler = group.adopt(
+        start_process(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                # Its HTTP server (metrics, health) runs anyway: on a free port, not :8787.
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ]
+        )
+    )
+    address = _tcp_address(scheduler.wait_for_line("Scheduler at:", timeout=DASK_WAIT))
+    cluster = DaskCluster(address, group)
+    for _ in range(workers):
+        cluster.add_worker()
+    return cluster
 
 
 def _loopback_only(mp: pytest.MonkeyPatch) -> None:
@@ -386,8 +469,18 @@ def stack_workers() -> int:
 
 
 @pytest.fixture(scope="module")
+def stack_agent_args() -> tuple[str, ...]:
+    """More arguments of the module stack's ``local`` agent (e.g. its executor); a module
+    overrides this fixture."""
+    return ()
+
+
+@pytest.fixture(scope="module")
 def stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, stack_workers: int
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    stack_workers: int,
+    stack_agent_args: tuple[str, ...],
 ) -> Iterator[Stack]:
     """One server and one agent of the endpoint ``local`` shared by the tests of a module;
     ``Stack.start_agent`` / ``solo_endpoint`` add agents that live as long as it."""
@@ -402,7 +495,7 @@ def stack(
             srv = launch_server(home, base / "heartline.db")
             group.adopt(srv.proc)
             running = Stack(srv, owner=group)
-            running.start_agent("local", stack_workers)
+            running.start_agent("local", stack_workers, *stack_agent_args)
             yield running
         finally:
             group.close_and_check()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -290,9 +291,53 @@ def wait_state(hc: Client, tid: str, state: TaskState, timeout: float = 30.0) ->
     return assert_eventually(check, timeout=timeout, interval=0.02)
 
 
+def check_history(task: Task) -> None:
+    """The task's history (asked with ``history=True``) tells one consistent story: one
+    submission, then only pairs of the scheduler's transition table, each from where the
+    last one left it, attempts never going down, settled exactly once and last (one
+    SUCCEEDED at most), the last transition's attempt the task's."""
+    from heartline import TaskState
+    from heartline.server._scheduler import _TRANSITIONS
+
+    settled = {s for s in TaskState if not s.pending}
+    submit_states = {TaskState.WAITING_FOR_EP, TaskState.HELD, TaskState.WAITING_FOR_DEPS}
+    h = task.history
+    story = ", ".join(
+        f"{t.from_state.value if t.from_state else None}->{t.to_state.value} "
+        f"({t.cause}, attempt {t.attempt})"
+        for t in h
+    )
+    where = f"task {task.id} [{task.state.value}, attempt {task.attempt}]: {story}"
+    assert h, f"no history: {where}"
+    assert h[0].from_state is None and h[0].to_state in submit_states, (
+        f"bad first transition: {where}"
+    )
+    for prev, step in itertools.pairwise(h):
+        assert step.from_state is not None, f"a second submission: {where}"
+        assert (step.from_state, step.to_state) in _TRANSITIONS, (
+            f"{step.from_state.value}->{step.to_state.value} is not in the table: {where}"
+        )
+        assert step.from_state is prev.to_state, (
+            f"the history skips from {prev.to_state.value}: {where}"
+        )
+        assert step.attempt >= prev.attempt, f"attempt went down: {where}"
+    terminal = [t for t in h if t.to_state in settled]
+    assert len(terminal) == 1, f"settled {len(terminal)} times: {where}"
+    assert h[-1] is terminal[0] and h[-1].to_state is task.state, f"moved after settling: {where}"
+    if task.state is TaskState.SUCCEEDED:
+        assert sum(t.to_state is TaskState.SUCCEEDED for t in h) == 1, f"succeeded twice: {where}"
+    assert h[-1].attempt == task.attempt, where
+
+
 def block(seconds: float) -> str:
-    """A remote function that occupies its worker (until cancelled, for a long ``seconds``)."""
-    time.sleep(seconds)
+    """A remote function that occupies its worker (until cancelled, for a long ``seconds``).
+
+    It sleeps in short slices: on the ``dask`` executor a cancel is an exception raised
+    in the Dask worker's thread, which lands between bytecodes, not inside one long sleep.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
     return "finished"
 
 

@@ -9,7 +9,6 @@ history must be a pair of the scheduler's table, and its attempts must never go 
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import signal
@@ -23,9 +22,8 @@ import pytest
 
 import heartline
 from heartline import Client, TaskState
-from heartline.server._scheduler import _TRANSITIONS
 from tests.conftest import ServerProc, launch_agent, launch_server, relaunch_server
-from tests.helpers import Proc, assert_eventually, tail
+from tests.helpers import Proc, assert_eventually, check_history, tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -38,9 +36,6 @@ SYSTEM_RETRIES = 50  # far above the faults one task can meet here: outcomes sta
 FAULT_CAUSES = frozenset(
     {"stream-closed", "heartbeat-timeout", "endpoint-lost", "server-restarted", "agent-reconnected"}
 )
-SETTLED = frozenset(s for s in TaskState if not s.pending)
-# The first transition of a task (from None) is its submission.
-SUBMIT_STATES = frozenset({TaskState.WAITING_FOR_EP, TaskState.HELD, TaskState.WAITING_FOR_DEPS})
 
 
 # ------------------------------------------------------------------------ remote functions
@@ -177,35 +172,6 @@ def stuck_report(hc: Client, show: int = 8) -> str:
         )
         lines.append(f"task {task.id}: {story}")
     return "\n".join(lines)
-
-
-def check_history(task: heartline.Task) -> None:
-    h = task.history
-    story = ", ".join(
-        f"{t.from_state.value if t.from_state else None}->{t.to_state.value} "
-        f"({t.cause}, attempt {t.attempt})"
-        for t in h
-    )
-    where = f"task {task.id} [{task.state.value}, attempt {task.attempt}]: {story}"
-    assert h, f"no history: {where}"
-    assert h[0].from_state is None and h[0].to_state in SUBMIT_STATES, (
-        f"bad first transition: {where}"
-    )
-    for prev, step in itertools.pairwise(h):
-        assert step.from_state is not None, f"a second submission: {where}"
-        assert (step.from_state, step.to_state) in _TRANSITIONS, (
-            f"{step.from_state.value}->{step.to_state.value} is not in the table: {where}"
-        )
-        assert step.from_state is prev.to_state, (
-            f"the history skips from {prev.to_state.value}: {where}"
-        )
-        assert step.attempt >= prev.attempt, f"attempt went down: {where}"
-    terminal = [t for t in h if t.to_state in SETTLED]
-    assert len(terminal) == 1, f"settled {len(terminal)} times: {where}"
-    assert h[-1] is terminal[0] and h[-1].to_state is task.state, f"moved after settling: {where}"
-    if task.state is TaskState.SUCCEEDED:
-        assert sum(t.to_state is TaskState.SUCCEEDED for t in h) == 1, f"succeeded twice: {where}"
-    assert h[-1].attempt == task.attempt, where
 
 
 DEFAULT_SEED = 20261123

@@ -164,8 +164,9 @@ def test_endpoints_list_shows_local_online(stack: Stack, hc: Client) -> None:
     [row] = [line for line in out.splitlines() if re.search(r"\blocal\b", line)]
     cells = [cell.strip() for cell in row.split("│") if cell.strip()]
     [local] = [ep for ep in hc.list_endpoints() if ep.name == "local"]
-    # endpoint, id, online, agents, workers, ...
-    assert cells[:5] == ["local", local.id, "yes", "1", "2"], out
+    # endpoint, id, online, agents, the agents' Python, workers, ...
+    python = "{}.{}".format(*sys.version_info[:2])
+    assert cells[:6] == ["local", local.id, "yes", "1", python, "2"], out
 
 
 def test_stats_counts(stack: Stack, hc: Client) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-import re
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,8 @@ from heartline._serialize import dumps_args, dumps_function, function_id
 from heartline.endpoint._dask import DaskEngine, EngineState
 from heartline.endpoint._engine import Engine, EngineListener
 from heartline.endpoint._workers import FailureKind, Job, Outcome, WorkerPool
-from tests.conftest import ProcessGroup
-from tests.helpers import Proc, start_process, tail, wait_until
+from tests.conftest import DaskCluster, start_dask_cluster
+from tests.helpers import tail, wait_until
 
 WAIT = 30.0  # bound on any single wait; a healthy cluster answers in well under a second
 
@@ -41,82 +39,21 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 # --------------------------------------------------------------------------- the cluster
 
 
-@dataclass
-class Cluster:
-    """A real scheduler and worker processes on loopback, stopped by PID at the end."""
-
-    address: str
-    group: ProcessGroup
-    workers: dict[int, str] = field(default_factory=dict)  # worker PID -> its address
-
-    def add_worker(self, nthreads: int = 1) -> Proc:
-        proc = self.group.adopt(
-            start_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "distributed.cli.dask_worker",
-                    self.address,
-                    "--no-nanny",
-                    "--nthreads",
-                    str(nthreads),
-                    "--host",
-                    "127.0.0.1",
-                    "--no-dashboard",
-                    "--death-timeout",
-                    "30",
-                ]
-            )
-        )
-        line = proc.wait_for_line("Start worker at:", timeout=WAIT)
-        self.workers[proc.pid] = _address(line)
-        proc.wait_for_line("Registered to:", timeout=WAIT)
-        return proc
-
-
-def _address(line: str) -> str:
-    match = re.search(r"tcp://[0-9.]+:[0-9]+", line)
-    assert match is not None, line
-    return match.group(0)
-
-
-def start_cluster(what: str, workers: int) -> Cluster:
-    group = ProcessGroup(what)
-    scheduler = group.adopt(
-        start_process(
-            [
-                sys.executable,
-                "-m",
-                "distributed.cli.dask_scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-            ]
-        )
-    )
-    cluster = Cluster(_address(scheduler.wait_for_line("Scheduler at:", timeout=WAIT)), group)
-    for _ in range(workers):
-        cluster.add_worker()
-    return cluster
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster() -> Iterator[DaskCluster]:
     """One worker with one thread, shared by the tests that leave the cluster as it was."""
-    shared = start_cluster("the module's dask cluster", workers=1)
+    shared = start_dask_cluster("the module's dask cluster", workers=1)
     yield shared
     shared.group.close_and_check()
 
 
 @pytest.fixture
-def own_cluster() -> Iterator[Callable[[int], Cluster]]:
+def own_cluster() -> Iterator[Callable[[int], DaskCluster]]:
     """A cluster for a test that kills or adds workers."""
-    made: list[Cluster] = []
+    made: list[DaskCluster] = []
 
-    def make(workers: int) -> Cluster:
-        made.append(start_cluster("this test's dask cluster", workers))
+    def make(workers: int) -> DaskCluster:
+        made.append(start_dask_cluster("this test's dask cluster", workers))
         return made[-1]
 
     yield make
@@ -182,7 +119,7 @@ class Recorder:
 
 
 @pytest.fixture
-async def engine(cluster: Cluster) -> AsyncIterator[tuple[DaskEngine, Recorder]]:
+async def engine(cluster: DaskCluster) -> AsyncIterator[tuple[DaskEngine, Recorder]]:
     async with running(DaskEngine(Recorder(), cluster.address, poll_interval=0.5)) as pair:
         yield pair
 
@@ -361,7 +298,7 @@ async def test_walltime_stops_the_task(engine: tuple[DaskEngine, Recorder], tmp_
 
 
 async def test_killed_worker_is_one_system_failure(
-    own_cluster: Callable[[int], Cluster], tmp_path: Path
+    own_cluster: Callable[[int], DaskCluster], tmp_path: Path
 ) -> None:
     """SIGKILL the Dask worker mid-task: one WORKER_DIED for that attempt, and Dask's own
     rerun on the other worker (it allows failures) is stopped, never reported."""
@@ -394,7 +331,7 @@ async def test_killed_worker_is_one_system_failure(
     assert len(recorder.outcomes(first.task_id, 1)) == 1
 
 
-async def test_capacity_follows_the_cluster(own_cluster: Callable[[int], Cluster]) -> None:
+async def test_capacity_follows_the_cluster(own_cluster: Callable[[int], DaskCluster]) -> None:
     cluster = await asyncio.to_thread(own_cluster, 1)
     dask_engine = DaskEngine(Recorder(), cluster.address, poll_interval=0.5)
     async with running(dask_engine) as (_, recorder):
@@ -453,7 +390,7 @@ async def test_local_cluster_starts_and_leaves_nothing() -> None:
         pytest.fail(f"processes left by the LocalCluster: {leftovers()}")
 
 
-async def test_jobs_taken_before_the_cluster_is_reached(cluster: Cluster) -> None:
+async def test_jobs_taken_before_the_cluster_is_reached(cluster: DaskCluster) -> None:
     """A job submitted before run() reaches the cluster waits, then runs."""
     recorder = Recorder()
     dask_engine = DaskEngine(recorder, cluster.address, poll_interval=0.5)
@@ -464,7 +401,7 @@ async def test_jobs_taken_before_the_cluster_is_reached(cluster: Cluster) -> Non
         assert value(await recorder.outcome(early)) == 3
 
 
-async def test_close_reports_nothing(cluster: Cluster, tmp_path: Path) -> None:
+async def test_close_reports_nothing(cluster: DaskCluster, tmp_path: Path) -> None:
     recorder = Recorder()
     dask_engine = DaskEngine(recorder, cluster.address, poll_interval=0.5)
     async with running(dask_engine):

@@ -17,6 +17,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from heartline import _forms
 from heartline._serialize import (
     _SourcePickler,
     describe_exception,
@@ -96,7 +97,12 @@ def test_a_function_passed_as_an_argument_keeps_its_lines() -> None:
 
 
 def test_payloads_without_by_value_code_are_plain_cloudpickle() -> None:
-    assert dumps_function(pow) == cloudpickle.dumps(pow, protocol=pickle.HIGHEST_PROTOCOL)
+    # cloudpickle's stream, then the trailer that says how it was made (heartline/_forms.py).
+    plain = cloudpickle.dumps(pow, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = dumps_function(pow)
+    assert payload.startswith(plain)
+    made = _forms.read(payload)
+    assert made is not None and made.forms == ("reference",) and made.end == len(plain)
     assert dumps_args((1, "a"), {"k": 2}) == cloudpickle.dumps(
         ((1, "a"), {"k": 2}), protocol=pickle.HIGHEST_PROTOCOL
     )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from heartline.v1 import task_pb2 as heartline_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#heartline/v1/endpoint_service.proto\x12\x0cheartline.v1\x1a\x17heartline/v1/task.proto\"\'\n\x17RegisterEndpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x18RegisterEndpointResponse\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"T\n\x08HeldTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.heartline.v1.TaskState\"\xdc\x01\n\x05Hello\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x10\n\x08prefetch\x18\x05 \x01(\x05\x12*\n\nheld_tasks\x18\x06 \x03(\x0b\x32\x16.heartline.v1.HeldTask\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x39\n\x11\x61llowed_functions\x18\x08 \x01(\x0b\x32\x1e.heartline.v1.AllowedFunctions\"(\n\x10\x41llowedFunctions\x12\x14\n\x0c\x66unction_ids\x18\x01 \x03(\t\"\x0b\n\tHeartbeat\"\x1c\n\x08\x43\x61pacity\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x05\"\xb2\x01\n\x0cStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.heartline.v1.TaskState\x12\x0e\n\x06result\x18\x04 \x01(\x0c\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.heartline.v1.RemoteError\x12\x0e\n\x06stdout\x18\x06 \x01(\t\x12\x0e\n\x06stderr\x18\x07 \x01(\t\":\n\x0bStatusBatch\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.heartline.v1.StatusUpdate\"\xc8\x01\n\x0e\x43onnectRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.heartline.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.heartline.v1.HeartbeatH\x00\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x19.heartline.v1.StatusBatchH\x00\x12*\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x16.heartline.v1.CapacityH\x00\x42\t\n\x07message\"\x8e\x01\n\x07Welcome\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x19\n\x11max_payload_bytes\x18\x03 \x01(\x03\x12\x1d\n\x10max_output_bytes\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_max_output_bytes\"\x8b\x01\n\x08\x44ispatch\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0b\x66unction_id\x18\x03 \x01(\t\x12\x10\n\x08\x66unction\x18\x04 \x01(\x0c\x12\x0c\n\x04\x61rgs\x18\x05 \x01(\x0c\x12\x18\n\x10walltime_seconds\x18\x06 \x01(\x01\x12\x0e\n\x06inputs\x18\x07 \x03(\x0c\";\n\rDispatchBatch\x12*\n\ndispatches\x18\x01 \x03(\x0b\x32\x16.heartline.v1.Dispatch\"\x1f\n\x0b\x43\x61ncelBatch\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\'\n\x03\x41\x63k\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"+\n\x08\x41\x63kBatch\x12\x1f\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x11.heartline.v1.Ack\"\xcb\x01\n\x0f\x43onnectResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.heartline.v1.WelcomeH\x00\x12/\n\x08\x64ispatch\x18\x02 \x01(\x0b\x32\x1b.heartline.v1.DispatchBatchH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.heartline.v1.CancelBatchH\x00\x12%\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x16.heartline.v1.AckBatchH\x00\x42\t\n\x07message2\xc0\x01\n\x0f\x45ndpointService\x12\x61\n\x10RegisterEndpoint\x12%.heartline.v1.RegisterEndpointRequest\x1a&.heartline.v1.RegisterEndpointResponse\x12J\n\x07\x43onnect\x12\x1c.heartline.v1.ConnectRequest\x1a\x1d.heartline.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#heartline/v1/endpoint_service.proto\x12\x0cheartline.v1\x1a\x17heartline/v1/task.proto\"\'\n\x17RegisterEndpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x18RegisterEndpointResponse\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"T\n\x08HeldTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.heartline.v1.TaskState\"\x91\x02\n\x05Hello\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x10\n\x08prefetch\x18\x05 \x01(\x05\x12*\n\nheld_tasks\x18\x06 \x03(\x0b\x32\x16.heartline.v1.HeldTask\x12\x10\n\x08hostname\x18\x07 \x01(\t\x12\x39\n\x11\x61llowed_functions\x18\x08 \x01(\x0b\x32\x1e.heartline.v1.AllowedFunctions\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x1b\n\x13\x63loudpickle_version\x18\n \x01(\t\"(\n\x10\x41llowedFunctions\x12\x14\n\x0c\x66unction_ids\x18\x01 \x03(\t\"\x0b\n\tHeartbeat\"\x1c\n\x08\x43\x61pacity\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x05\"\xb2\x01\n\x0cStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.heartline.v1.TaskState\x12\x0e\n\x06result\x18\x04 \x01(\x0c\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.heartline.v1.RemoteError\x12\x0e\n\x06stdout\x18\x06 \x01(\t\x12\x0e\n\x06stderr\x18\x07 \x01(\t\":\n\x0bStatusBatch\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.heartline.v1.StatusUpdate\"\xc8\x01\n\x0e\x43onnectRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.heartline.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.heartline.v1.HeartbeatH\x00\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x19.heartline.v1.StatusBatchH\x00\x12*\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x16.heartline.v1.CapacityH\x00\x42\t\n\x07message\"\x8e\x01\n\x07Welcome\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x19\n\x11max_payload_bytes\x18\x03 \x01(\x03\x12\x1d\n\x10max_output_bytes\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_max_output_bytes\"\x8b\x01\n\x08\x44ispatch\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x13\n\x0b\x66unction_id\x18\x03 \x01(\t\x12\x10\n\x08\x66unction\x18\x04 \x01(\x0c\x12\x0c\n\x04\x61rgs\x18\x05 \x01(\x0c\x12\x18\n\x10walltime_seconds\x18\x06 \x01(\x01\x12\x0e\n\x06inputs\x18\x07 \x03(\x0c\";\n\rDispatchBatch\x12*\n\ndispatches\x18\x01 \x03(\x0b\x32\x16.heartline.v1.Dispatch\"\x1f\n\x0b\x43\x61ncelBatch\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\'\n\x03\x41\x63k\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"+\n\x08\x41\x63kBatch\x12\x1f\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x11.heartline.v1.Ack\"\xcb\x01\n\x0f\x43onnectResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.heartline.v1.WelcomeH\x00\x12/\n\x08\x64ispatch\x18\x02 \x01(\x0b\x32\x1b.heartline.v1.DispatchBatchH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.heartline.v1.CancelBatchH\x00\x12%\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x16.heartline.v1.AckBatchH\x00\x42\t\n\x07message2\xc0\x01\n\x0f\x45ndpointService\x12\x61\n\x10RegisterEndpoint\x12%.heartline.v1.RegisterEndpointRequest\x1a&.heartline.v1.RegisterEndpointResponse\x12J\n\x07\x43onnect\x12\x1c.heartline.v1.ConnectRequest\x1a\x1d.heartline.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,33 +39,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELDTASK']._serialized_start=182
   _globals['_HELDTASK']._serialized_end=266
   _globals['_HELLO']._serialized_start=269
-  _globals['_HELLO']._serialized_end=489
-  _globals['_ALLOWEDFUNCTIONS']._serialized_start=491
-  _globals['_ALLOWEDFUNCTIONS']._serialized_end=531
-  _globals['_HEARTBEAT']._serialized_start=533
-  _globals['_HEARTBEAT']._serialized_end=544
-  _globals['_CAPACITY']._serialized_start=546
-  _globals['_CAPACITY']._serialized_end=574
-  _globals['_STATUSUPDATE']._serialized_start=577
-  _globals['_STATUSUPDATE']._serialized_end=755
-  _globals['_STATUSBATCH']._serialized_start=757
-  _globals['_STATUSBATCH']._serialized_end=815
-  _globals['_CONNECTREQUEST']._serialized_start=818
-  _globals['_CONNECTREQUEST']._serialized_end=1018
-  _globals['_WELCOME']._serialized_start=1021
-  _globals['_WELCOME']._serialized_end=1163
-  _globals['_DISPATCH']._serialized_start=1166
-  _globals['_DISPATCH']._serialized_end=1305
-  _globals['_DISPATCHBATCH']._serialized_start=1307
-  _globals['_DISPATCHBATCH']._serialized_end=1366
-  _globals['_CANCELBATCH']._serialized_start=1368
-  _globals['_CANCELBATCH']._serialized_end=1399
-  _globals['_ACK']._serialized_start=1401
-  _globals['_ACK']._serialized_end=1440
-  _globals['_ACKBATCH']._serialized_start=1442
-  _globals['_ACKBATCH']._serialized_end=1485
-  _globals['_CONNECTRESPONSE']._serialized_start=1488
-  _globals['_CONNECTRESPONSE']._serialized_end=1691
-  _globals['_ENDPOINTSERVICE']._serialized_start=1694
-  _globals['_ENDPOINTSERVICE']._serialized_end=1886
+  _globals['_HELLO']._serialized_end=542
+  _globals['_ALLOWEDFUNCTIONS']._serialized_start=544
+  _globals['_ALLOWEDFUNCTIONS']._serialized_end=584
+  _globals['_HEARTBEAT']._serialized_start=586
+  _globals['_HEARTBEAT']._serialized_end=597
+  _globals['_CAPACITY']._serialized_start=599
+  _globals['_CAPACITY']._serialized_end=627
+  _globals['_STATUSUPDATE']._serialized_start=630
+  _globals['_STATUSUPDATE']._serialized_end=808
+  _globals['_STATUSBATCH']._serialized_start=810
+  _globals['_STATUSBATCH']._serialized_end=868
+  _globals['_CONNECTREQUEST']._serialized_start=871
+  _globals['_CONNECTREQUEST']._serialized_end=1071
+  _globals['_WELCOME']._serialized_start=1074
+  _globals['_WELCOME']._serialized_end=1216
+  _globals['_DISPATCH']._serialized_start=1219
+  _globals['_DISPATCH']._serialized_end=1358
+  _globals['_DISPATCHBATCH']._serialized_start=1360
+  _globals['_DISPATCHBATCH']._serialized_end=1419
+  _globals['_CANCELBATCH']._serialized_start=1421
+  _globals['_CANCELBATCH']._serialized_end=1452
+  _globals['_ACK']._serialized_start=1454
+  _globals['_ACK']._serialized_end=1493
+  _globals['_ACKBATCH']._serialized_start=1495
+  _globals['_ACKBATCH']._serialized_end=1538
+  _globals['_CONNECTRESPONSE']._serialized_start=1541
+  _globals['_CONNECTRESPONSE']._serialized_end=1744
+  _globals['_ENDPOINTSERVICE']._serialized_start=1747
+  _globals['_ENDPOINTSERVICE']._serialized_end=1939
 # @@protoc_insertion_point(module_scope)

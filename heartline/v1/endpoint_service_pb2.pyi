@@ -32,7 +32,7 @@ class HeldTask(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_pb2.TaskState, str]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("endpoint_id", "agent_id", "version", "capacity", "prefetch", "held_tasks", "hostname", "allowed_functions")
+    __slots__ = ("endpoint_id", "agent_id", "version", "capacity", "prefetch", "held_tasks", "hostname", "allowed_functions", "python_version", "cloudpickle_version")
     ENDPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class Hello(_message.Message):
     HELD_TASKS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     endpoint_id: str
     agent_id: str
     version: str
@@ -49,7 +51,9 @@ class Hello(_message.Message):
     held_tasks: _containers.RepeatedCompositeFieldContainer[HeldTask]
     hostname: str
     allowed_functions: AllowedFunctions
-    def __init__(self, endpoint_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., version: _Optional[str] = ..., capacity: _Optional[int] = ..., prefetch: _Optional[int] = ..., held_tasks: _Optional[_Iterable[_Union[HeldTask, _Mapping]]] = ..., hostname: _Optional[str] = ..., allowed_functions: _Optional[_Union[AllowedFunctions, _Mapping]] = ...) -> None: ...
+    python_version: str
+    cloudpickle_version: str
+    def __init__(self, endpoint_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., version: _Optional[str] = ..., capacity: _Optional[int] = ..., prefetch: _Optional[int] = ..., held_tasks: _Optional[_Iterable[_Union[HeldTask, _Mapping]]] = ..., hostname: _Optional[str] = ..., allowed_functions: _Optional[_Union[AllowedFunctions, _Mapping]] = ..., python_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ...) -> None: ...
 
 class AllowedFunctions(_message.Message):
     __slots__ = ("function_ids",)

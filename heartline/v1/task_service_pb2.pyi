@@ -189,20 +189,24 @@ class ListEndpointsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "capacity", "in_flight", "last_heartbeat", "version", "hostname")
+    __slots__ = ("agent_id", "capacity", "in_flight", "last_heartbeat", "version", "hostname", "python_version", "cloudpickle_version")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     capacity: int
     in_flight: int
     last_heartbeat: _timestamp_pb2.Timestamp
     version: str
     hostname: str
-    def __init__(self, agent_id: _Optional[str] = ..., capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    python_version: str
+    cloudpickle_version: str
+    def __init__(self, agent_id: _Optional[str] = ..., capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[str] = ..., hostname: _Optional[str] = ..., python_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("endpoint_id", "name", "online", "agents", "queued", "registered_time")
