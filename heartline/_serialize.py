@@ -253,13 +253,7 @@ def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
             return _load_source(data[: made.end])
         data = data[: made.source_at or made.end]
     stream = io.BytesIO(data)
-    try:
-        value = pickle.load(stream)
-    except ModuleNotFoundError as exc:
-        if exc.name is None:
-            raise
-        # The new message says all; the unpickler's frames would only hide it.
-        raise missing_module_error(exc) from None
+    value = _unpickle(stream)
     sources: SourceMap = {}
     if stream.tell() < len(data):
         found = pickle.load(stream)
@@ -270,13 +264,19 @@ def loads_with_sources(data: bytes) -> tuple[Any, SourceMap]:
 
 def _load_source(data: bytes) -> tuple[Any, SourceMap]:
     """Load a source form: its function, compiled on this Python, and its lines."""
+    return _unpickle(io.BytesIO(data)), _sourceform.SOURCES
+
+
+def _unpickle(stream: io.BytesIO) -> Any:
+    """The next pickle of ``stream``; a module it needs and this process lacks is named
+    in the error (heartline/_shipped.py)."""
     try:
-        fn = pickle.loads(data)
+        return pickle.load(stream)
     except ModuleNotFoundError as exc:
         if exc.name is None:
             raise
+        # The new message says all; the unpickler's frames would only hide it.
         raise missing_module_error(exc) from None
-    return fn, _sourceform.SOURCES
 
 
 def dumps_result(value: Any) -> bytes:
