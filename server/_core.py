@@ -19,7 +19,7 @@ from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
 from heartline._forms import read as read_serialization
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
-from heartline._states import PENDING_STATES
+from heartline._states import PENDING_STATES, TaskState
 from heartline.server._auth import Tokens
 from heartline.server._config import ServerConfig
 from heartline.server._convert import change_to_proto, group_change_to_proto
@@ -640,6 +640,17 @@ class ServerCore:
                     "submit again once some settle, or cancel some"
                 )
         return None
+
+    def retry_refusal(self, task_ids: Iterable[str]) -> str | None:
+        """:meth:`pending_refusal` for a retry: each ERRORED task among ``task_ids`` would
+        be pending again, counted against its owner. Called with no await before the feed."""
+        again: dict[str, int] = {}
+        tasks = self.scheduler.tasks
+        for task_id in task_ids:
+            task = tasks.get(task_id)
+            if task is not None and task.state == TaskState.ERRORED:
+                again[task.owner] = again.get(task.owner, 0) + 1
+        return self.pending_refusal(again) if again else None
 
     def open_watch(self, user: str) -> str | None:
         """Count a new WatchTasks stream of the user; or, past the limit of open watch

@@ -309,6 +309,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
             # A repeat of a command already applied answers the tasks' states now, as
             # the first did once it was stored; it changes nothing again.
             request = self._request_row(request_id, owner, method, body, ids)
+            if command == "retry" and (refusal := self.core.retry_refusal(ids)) is not None:
+                # A retried task is pending again: it counts against the same limit.
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             try:
                 future = self.core.feed(
                     TasksCommanded(command, tuple(ids), time.time(), request=request, owner=scope)

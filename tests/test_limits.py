@@ -39,6 +39,10 @@ def double(x: int) -> int:
     return 2 * x
 
 
+def fail(x: int) -> int:
+    raise ValueError(f"limits {x}")
+
+
 @pytest.fixture
 def limited(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerProc]:
     srv = launch_server(
@@ -190,6 +194,20 @@ def test_a_user_may_have_at_most_the_limit_of_pending_tasks(limited: ServerProc)
             ]
             resubmitted = hc.resubmit(first[:2])
             assert [hc.get_result(t, timeout=TIMEOUT) for t in resubmitted] == [0, 2]
+
+            # A retry makes an ERRORED task pending again: the same limit holds.
+            errored = [hc.submit("later", fail, i, max_retries=0) for i in range(2)]
+            for tid in errored:
+                with pytest.raises(heartline.TaskFailedError):
+                    hc.get_result(tid, timeout=TIMEOUT)
+            held = hc.submit_batch(
+                "later", [(double, (i,), {}) for i in range(PENDING - 1)], held=True
+            )
+            _refused_pending(hc, lambda: hc.retry(errored))
+            assert {hc.get_task(t).state for t in errored} == {TaskState.ERRORED}
+            hc.retry(errored[:1])  # one place left: taken
+            assert hc.get_task(errored[0]).attempt == 2
+            hc.cancel(held)
         finally:
             agents.stop_agents()  # before the server stops
 
