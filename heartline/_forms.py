@@ -21,7 +21,16 @@ import struct
 import sys
 from dataclasses import dataclass
 
-__all__ = ["BYTECODE", "REFERENCE", "SERIALIZERS", "SOURCE", "Serialization", "read", "trailer"]
+__all__ = [
+    "BYTECODE",
+    "REFERENCE",
+    "SERIALIZERS",
+    "SOURCE",
+    "TRAILER_MAX",
+    "Serialization",
+    "read",
+    "trailer",
+]
 
 BYTECODE = "bytecode"
 SOURCE = "source"
@@ -33,6 +42,9 @@ source form where the source is at hand), ``bytecode`` (bytecode only) or ``sour
 (source only: refused if there is none)."""
 
 _TAIL = struct.Struct(">I8s")
+TRAILER_MAX = 1024
+"""A trailer is never longer (its JSON is some 100 bytes): the last this many bytes of a
+payload hold it whole, so :func:`read` of them reads what it would of the payload."""
 _MAGIC = b"\x00hlform1"
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -70,6 +82,7 @@ def trailer(python: str, cloudpickle: str, forms: tuple[str, ...], source_at: in
         },
         separators=(",", ":"),
     ).encode()
+    assert len(body) + _TAIL.size <= TRAILER_MAX, body
     return body + _TAIL.pack(len(body), _MAGIC)
 
 

@@ -16,6 +16,7 @@ import grpc
 
 from heartline import _defaults
 from heartline._defaults import SERVER_FUNCTION_CACHE, STREAM_SENT_FUNCTIONS
+from heartline._forms import TRAILER_MAX
 from heartline._forms import read as read_serialization
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
@@ -375,11 +376,14 @@ class ServerCore:
         if inputs:
             inputs.difference_update(row.task_id for row in rows)
         results = await self.store.load_results(sorted(inputs)) if inputs else {}
-        # The Python each bytecode-only function of these tasks needs (heartline/_forms.py).
+        # The Python each bytecode-only function of these tasks needs (heartline/_forms.py):
+        # from the payloads' trailers, in one read, not each whole payload one at a time.
+        tails = await self.store.function_tails(
+            list({row.function_id for row in rows}), TRAILER_MAX
+        )
         requirements: dict[str, str] = {}
-        for fid in {row.function_id for row in rows}:
-            payload = await self.functions.get(fid)
-            made = read_serialization(payload) if payload is not None else None
+        for fid, tail in tails.items():
+            made = read_serialization(tail)
             if made is not None and made.requires:
                 requirements[fid] = made.requires
         persisted = self.execute(

@@ -2,9 +2,9 @@
 
 A second Python (3.12 or 3.13, found on PATH or under pyenv) gets a venv with heartline
 installed, built once per machine and kept under the user's cache folder, keyed by the
-interpreter's version and a hash of pyproject.toml (a first build takes about 35 s here:
-grpcio ships wheels for both). Without a second Python these tests are skipped, loudly
-(``-rs`` shows why in CI).
+interpreter's version and a hash of this checkout's path and pyproject.toml (a first
+build takes about 35 s here: grpcio ships wheels for both). Without a second Python these
+tests are skipped, loudly (``-rs`` shows why in CI).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from heartline import Client
 from heartline._forms import PYTHON
-from tests.conftest import ServerProc
+from tests.conftest import ServerProc, relaunch_server
 from tests.helpers import Proc, assert_eventually, endpoint_online, start_process, tail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,10 @@ def other_python() -> tuple[Path, str]:
             f"this {PYTHON} (on PATH or under pyenv); they did not run"
         )
     python, version = found
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    # The venv holds an editable install of this checkout: keyed by its path too, so two
+    # checkouts on one machine never test each other's code.
+    key = (ROOT / "pyproject.toml").read_bytes() + str(ROOT.resolve()).encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     venv = cache / "heartline-tests" / f"venv-{version}-{digest}"
     done = venv / ".heartline-built"
@@ -182,6 +185,8 @@ with Client(address) as hc:
         out["bytecode"] = [hc.get_result(t, timeout=60) for t in ids]
         ids = [hc.submit(endpoint, where, i) for i in range(4)]
         out["auto"] = [hc.get_result(t, timeout=60) for t in ids]
+    elif mode == "park":  # queued only: another process waits for them
+        out["ids"] = [hc.submit(endpoint, where, i, serializer="bytecode") for i in range(3)]
 print(json.dumps(out))
 """
 
@@ -246,3 +251,34 @@ def test_one_endpoint_with_agents_on_two_pythons_runs_each_task_where_it_can(
     assert [x for x, _ in out["auto"]] == list(range(4))
     here = list(sys.version_info[:2])
     assert all(v in (mine, here) for _, v in out["auto"])
+
+
+def test_a_restarted_server_still_knows_which_python_its_queued_tasks_need(
+    other_python: tuple[Path, str], server: ServerProc
+) -> None:
+    # The Python a queued bytecode-only task needs is not stored with the task: a restart
+    # reads it back from the trailers of the stored functions.
+    python, version = other_python
+    here = _start_agent(sys.executable, server, "parked")  # registers the endpoint
+    assert_eventually(lambda: endpoint_online(server.address, "parked"), timeout=30)
+    here.stop()  # no agent connected: a bytecode-only task of another Python is taken
+    assert_eventually(lambda: not endpoint_online(server.address, "parked"), timeout=30)
+    ids = _run_client(python, CLIENT, server.address, server.home, "parked", "park")["ids"]
+    server.proc.kill()
+    again = relaunch_server(server)
+    agents: list[Proc] = []
+    try:
+        agents.append(_start_agent(sys.executable, again, "parked"))
+        assert_eventually(lambda: endpoint_online(again.address, "parked"), timeout=30)
+        with Client(again.address) as hc:
+            reasons = {hc.get_task(t).waiting_reason for t in ids}
+            assert reasons == {
+                f"no agent runs Python {version} (this function's bytecode); agents: {PYTHON}"
+            }, reasons
+            agents.append(_start_agent(python, again, "parked"))
+            mine = [int(p) for p in version.split(".")]
+            assert [hc.get_result(t, timeout=60) for t in ids] == [[i, mine] for i in range(3)]
+    finally:
+        for agent in agents:
+            agent.stop()
+        again.proc.stop()

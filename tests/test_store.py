@@ -322,6 +322,8 @@ async def test_functions_endpoints_and_counts(store: SqliteStore) -> None:
     )
     assert await store.get_function("fn-1") == FunctionRow("fn-1", b"pickle-1", "alice", 1.0)
     assert await store.get_function("nope") is None
+    assert await store.function_tails(["fn-1", "nope", "fn-1"], 3) == {"fn-1": b"e-1"}
+    assert await store.function_tails(["fn-1"], 100) == {"fn-1": b"pickle-1"}
     assert await store.get_endpoint("ep-2") == EndpointRow("ep-2", "gpu", "alice", 5.0)
     assert await store.get_endpoint("nope") is None
     assert (await store.get_endpoint_by_name("local", "bob")) == EndpointRow(
