@@ -247,12 +247,16 @@ class Dispatcher:
                 del queue.parked[task.task_id]
             queue.requeue(back)
 
+    def pythons(self, endpoint_id: str) -> set[str]:
+        """The Pythons the endpoint's connected agents run ("" for one that did not say)."""
+        return {a.python for a in self.agents.values() if a.endpoint_id == endpoint_id}
+
     def unable(self, task: TaskRecord) -> str:
         """Why no connected agent of the task's endpoint can run it, or ""."""
         need = task.python
         if not need:
             return ""
-        pythons = {a.python for a in self.agents.values() if a.endpoint_id == task.endpoint_id}
+        pythons = self.pythons(task.endpoint_id)
         if not pythons or need in pythons or "" in pythons:
             return ""
         return (
@@ -334,7 +338,7 @@ class Dispatcher:
             back = list(queue.deferred.values())
             queue.deferred.clear()
             queue.requeue(back)
-        pythons = {a.python for a in self.agents.values() if a.endpoint_id == endpoint_id}
+        pythons = self.pythons(endpoint_id)
         anything = "" in pythons  # an agent of unknown Python is sent anything
         needs = queue.needs
         while agents:

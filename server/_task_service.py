@@ -171,7 +171,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
         """Refuse a bytecode-only function no connected agent of the endpoint can run
         (another Python minor version), before anything is stored. An endpoint with no
         agent connected takes it: an agent that can may connect later."""
-        pythons = {a.python for a in self.core.scheduler.dispatcher.agents_of(endpoint.endpoint_id)}
+        pythons = self.core.scheduler.dispatcher.pythons(endpoint.endpoint_id)
         if not pythons or "" in pythons:
             return
         for fid, need in needs.items():
