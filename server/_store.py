@@ -57,7 +57,14 @@ from heartline.server._model import (
     WriteBatch,
 )
 
-__all__ = ["SqliteStore", "Store", "StoreClosedError", "StoreFigures"]
+__all__ = [
+    "SqliteStore",
+    "Store",
+    "StoreClosedError",
+    "StoreFigures",
+    "is_database_url",
+    "store_for",
+]
 
 _log = logging.getLogger("heartline.server.store")
 
@@ -282,6 +289,34 @@ class Store(abc.ABC):
         """A copy of the store's figures for metrics (callable from any thread); None
         if this store keeps none."""
         return None
+
+    # -- where it is, and whether it still serves this server --------------------------
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where the store is, for logs and the CLI (never a password)."""
+
+    async def wait_lost(self) -> str:
+        """Return, with the reason, once the store can no longer serve this server (its
+        database connection is gone, and with it the leadership that connection held:
+        another server may be active by now). The server then stops. The default: never
+        (an embedded store is lost only through a failed write, which the server sees)."""
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+
+def is_database_url(db: str | os.PathLike[str]) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (else it is a SQLite file's path)."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def store_for(db: str | os.PathLike[str]) -> Store:
+    """The store ``--db`` names: a ``postgresql://`` URL, or the path of a SQLite file."""
+    if is_database_url(db):
+        from heartline.server._pgstore import PostgresStore
+
+        return PostgresStore(str(db))
+    return SqliteStore(db)
 
 
 class _State(enum.Enum):
@@ -936,6 +971,9 @@ class SqliteStore(Store):
             e: frozenset(filter(None, ids.split(",")))
             for e, ids in await self._submit(_select, (sql, ()))
         }
+
+    def describe(self) -> str:
+        return self._path
 
     def figures(self) -> StoreFigures:
         with self._figures_lock:

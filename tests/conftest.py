@@ -42,6 +42,7 @@ from tests.helpers import (
     start_process,
     tail,
 )
+from tests.pg import PgCluster, cluster_or_skip
 from tests.scheduler_kit import make, validate_made
 
 __all__ = [
@@ -417,6 +418,23 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await s.open()
     yield s
     await s.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One PostgreSQL server for the session (for each xdist worker), stopped at its end;
+    skipped, saying why, where none can start (failed under CI: see tests/pg.py)."""
+    cluster = cluster_or_skip()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """The URL of a fresh, empty PostgreSQL database for this test."""
+    return pg_cluster.database()
 
 
 @pytest.fixture
