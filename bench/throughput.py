@@ -1,6 +1,7 @@
 """End-to-end throughput and single-task round trip, through real processes.
 
-Starts a real server (durable SQLite store in a temporary folder) and a real agent
+Starts a real server (durable SQLite store in a temporary folder, or the PostgreSQL
+database ``--db`` names) and a real agent
 with ``--workers`` worker processes on loopback, then measures:
 
 * ``tasks_per_s``: ``submit_batch`` of ``-n`` no-op tasks from one client until every
@@ -372,6 +373,13 @@ def main() -> int:
         "dask worker processes started here (bench/dask_alone.py measures it without heartline)",
     )
     parser.add_argument("--port", type=int, default=50591, help="loopback port for the server")
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="the server's store: a postgresql://... URL of an empty database (default: a "
+        "SQLite file in a temporary folder)",
+    )
     parser.add_argument("--metrics", action="store_true", help="serve and scrape metrics")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds per scrape")
     parser.add_argument("--no-auth", action="store_true", help="server --insecure-no-auth")
@@ -401,7 +409,7 @@ def main() -> int:
         address = f"127.0.0.1:{opts.port}"
         env = {**os.environ, "HEARTLINE_HOME": str(home)}
         metrics = [f"127.0.0.1:{_free_port()}" for _ in (1, 2)] if opts.metrics else []
-        server_args = ["server", "--listen", address, "--db", str(home / "heartline.db")]
+        server_args = ["server", "--listen", address, "--db", opts.db or str(home / "heartline.db")]
         if metrics:
             server_args += ["--metrics", metrics[0]]
         if opts.no_auth:
@@ -464,6 +472,7 @@ def main() -> int:
                 "workers": opts.workers,
                 "executor": opts.executor,
                 "durable_store": True,
+                "store": "postgresql" if opts.db else "sqlite",
                 "metrics": opts.metrics,
                 "auth": not opts.no_auth,
                 **figures,

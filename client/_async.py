@@ -29,6 +29,13 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from heartline import _defaults
+from heartline._channel import (
+    AddressError,
+    ServerTarget,
+    any_listening,
+    open_channel,
+    server_target,
+)
 from heartline._errors import (
     HeartlineError,
     InvalidArgumentError,
@@ -109,7 +116,9 @@ class AsyncClient(AdminCalls, ClientBase):
 
     Args:
         address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
-            ``127.0.0.1:50051``.
+            ``127.0.0.1:50051``. Several servers sharing one store, comma-separated
+            (``"db1:50051,db2:50051"``): calls go to whichever is active, and follow a
+            standby that takes over.
         token: bearer token; default ``$HEARTLINE_TOKEN``, else the token file
             ``$HEARTLINE_HOME/token`` (the server's first start writes it).
         tls: connect over TLS (see :class:`~heartline.TLS`; ``True`` trusts the system's
@@ -126,7 +135,8 @@ class AsyncClient(AdminCalls, ClientBase):
     Raises:
         HeartlineError: a TLS file is missing, unreadable or not PEM (the message names it).
         InvalidArgumentError: ``ship_modules`` names a module that does not import here or
-            has no Python source.
+            has no Python source; or an address list is malformed (a host of it that does
+            not resolve is said at the first call). The message names the item.
     """
 
     def __init__(
@@ -149,6 +159,7 @@ class AsyncClient(AdminCalls, ClientBase):
         self._credentials = channel_credentials(self.tls)
         self._state = ClientState.UNOPENED
         self._channel: grpc.aio.Channel | None = None
+        self._target: ServerTarget | None = None
         self._stub: Any = None
         # Settled updates by task id; resolved from watch streams.
         self._waiters: dict[str, asyncio.Future[task_pb2.TaskUpdate]] = {}
@@ -192,12 +203,13 @@ class AsyncClient(AdminCalls, ClientBase):
             return self._stub
         if self._state is ClientState.CLOSED:
             raise HeartlineError("the client is closed")
-        if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=channel_options())
-        else:
-            self._channel = grpc.aio.secure_channel(
-                self.address, self._credentials, options=channel_options()
-            )
+        try:
+            # A list's host names are looked up here, once, on the caller's loop: IP
+            # addresses and localhost need no lookup, and Client's loop is its own.
+            self._target = server_target(self.address)
+        except AddressError as err:
+            raise InvalidArgumentError(str(err)) from None
+        self._channel = open_channel(self._target, self._credentials, channel_options())
         self._stub = task_service_pb2_grpc.TaskServiceStub(self._channel)
         self._watch_lock = asyncio.Lock()
         self._submit_limit = asyncio.Semaphore(_MAX_SUBMITS_IN_FLIGHT)
@@ -225,9 +237,9 @@ class AsyncClient(AdminCalls, ClientBase):
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call()``, again with jittered backoff while the server is away, for up
         to ``retry_timeout`` seconds. A client that never reached its server gives up at
-        once when nothing answers at the address: that is a wrong address or a server not
-        started, which waiting would only hide. A failed TLS handshake (the server's
-        certificate not trusted) is given up at once, always."""
+        once when nothing answers at the address (see :meth:`_nobody_there`): that is a
+        wrong address or a server not started, which waiting would only hide. A failed
+        TLS handshake (the server's certificate not trusted) is given up at once, always."""
         attempt = 0
         deadline: float | None = None
         while True:
@@ -236,10 +248,10 @@ class AsyncClient(AdminCalls, ClientBase):
             except RPCError as err:
                 if err.code not in _RETRIED_CODES or self._state is not ClientState.OPENED:
                     raise
-                if not self._reached and unreachable_message(self.address, err.details):
-                    raise
                 if tls_failure(err.details):
                     raise  # a certificate that is not trusted stays so
+                if await self._nobody_there(err.details):
+                    raise
                 now = asyncio.get_running_loop().time()
                 if deadline is None:
                     deadline = now + self.retry_timeout
@@ -251,6 +263,24 @@ class AsyncClient(AdminCalls, ClientBase):
                 continue
             self._reached = True
             return result
+
+    async def _nobody_there(self, details: str) -> bool:
+        """Whether a failed call (gRPC's ``details`` of an UNAVAILABLE) means nothing
+        answers at the address, for a client that never reached its server.
+
+        One address: gRPC's words say it (connection refused, a name that does not
+        resolve...). A list: its words only tell of the server that failed last, and a
+        list fails as a whole while its active server is gone and a standby not yet
+        SERVING (or still answering NOT_SERVING, "backend unhealthy"); so nothing
+        answers only when no server of the list even accepts a connection. While one
+        does, the call is retried as for a server that was reached: a standby may take
+        over within seconds.
+        """
+        if self._reached or unreachable_message(self.address, details) is None:
+            return False
+        if self._target is None or not self._target.servers:
+            return True
+        return not await any_listening(self._target)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a background task owned by this client (cancelled on close)."""
@@ -930,7 +960,7 @@ class AsyncClient(AdminCalls, ClientBase):
                 if (
                     err.code() in _FATAL_WATCH_CODES
                     or tls_failure(error.details)
-                    or (not self._reached and unreachable_message(self.address, error.details))
+                    or await self._nobody_there(error.details)
                 ):
                     raise error from err
             finally:

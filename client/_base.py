@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from heartline import _defaults
+from heartline._channel import AddressError, split_servers
 from heartline._errors import InvalidArgumentError
 from heartline._forms import SERIALIZERS
 from heartline._lru import LruCache
@@ -260,7 +261,11 @@ class ClientBase:
         ship_modules: ShipModules = True,
     ) -> None:
         self.address = resolve_address(address)
-        """The server's ``host:port``."""
+        """The server's ``host:port``, or several, comma-separated (they fail over)."""
+        try:
+            split_servers(self.address)  # its form now; host names resolve at first use
+        except AddressError as err:
+            raise InvalidArgumentError(str(err)) from None
         self.tls = _defaults.tls(tls)
         """How the client reaches the server: a :class:`~heartline.TLS`, or None (plaintext)."""
         if (

@@ -110,7 +110,8 @@ class Executor(concurrent.futures.Executor):
 
     Args:
         endpoint: endpoint name or id.
-        address: server ``host:port``; default ``$HEARTLINE_ADDRESS`` or ``127.0.0.1:50051``.
+        address: server ``host:port``, or several comma-separated that fail over (see
+            :class:`Client`); default ``$HEARTLINE_ADDRESS`` or ``127.0.0.1:50051``.
         token: bearer token; default ``$HEARTLINE_TOKEN``, else the token file
             ``$HEARTLINE_HOME/token`` (the server's first start writes it).
         client: an existing Client to use (not closed on shutdown) instead of a new one.

@@ -30,7 +30,9 @@ class Client:
 
     Args:
         address: ``host:port`` of the server; default ``$HEARTLINE_ADDRESS`` or
-            ``127.0.0.1:50051``.
+            ``127.0.0.1:50051``. Several servers sharing one store, comma-separated
+            (``"db1:50051,db2:50051"``): calls go to whichever is active, and follow a
+            standby that takes over.
         token: bearer token; default ``$HEARTLINE_TOKEN``, else the token file
             ``$HEARTLINE_HOME/token`` (the server's first start writes it).
         retry_timeout: seconds a call keeps trying while the server it reached is away
@@ -50,7 +52,8 @@ class Client:
 
     Raises:
         InvalidArgumentError: ``ship_modules`` names a module that does not import here or
-            has no Python source.
+            has no Python source; or an address list is malformed (a host of it that does
+            not resolve is said at the first call). The message names the item.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class Client:
 
     @property
     def address(self) -> str:
-        """The server's ``host:port``."""
+        """The server's ``host:port``, or several, comma-separated."""
         return self._async.address
 
     @property

@@ -35,6 +35,7 @@ import cloudpickle
 import grpc
 
 from heartline import _defaults, _forms
+from heartline._channel import AddressError, open_channel, same_servers, server_target, several
 from heartline._errors import HeartlineError, rpc_error_from_grpc, tls_failure
 from heartline._lru import LruCache
 from heartline._pacer import Pacer
@@ -304,7 +305,9 @@ class Agent:
                     self._stop_requested.set()
                     return
                 reason = str(rpc_error_from_grpc(err, self._config.server, tls=self._uses_tls))
-            except _StreamLost as exc:
+            except (_StreamLost, AddressError) as exc:
+                # A list's host that does not resolve (now) is waited out, as gRPC's own
+                # lookup failure of one address is: DNS may come back.
                 reason = str(exc)
             except Exception as exc:
                 logger.exception("event=stream-error server=%s", self._config.server)
@@ -336,11 +339,19 @@ class Agent:
     def _uses_tls(self) -> bool:
         return self._config.tls is not None
 
-    def _channel(self) -> grpc.aio.Channel:
+    async def _channel(self) -> grpc.aio.Channel:
+        """A channel to the server, or to whichever server of a list is active.
+
+        Raises:
+            AddressError: a host of the list does not resolve.
+        """
         server = self._config.server
-        if self._credentials is None:
-            return grpc.aio.insecure_channel(server, options=_CHANNEL_OPTIONS)
-        return grpc.aio.secure_channel(server, self._credentials, options=_CHANNEL_OPTIONS)
+        if several(server):
+            # Looked up again at each connect (a name may have moved), off the loop.
+            return open_channel(
+                await asyncio.to_thread(server_target, server), self._credentials, _CHANNEL_OPTIONS
+            )
+        return open_channel(server, self._credentials, _CHANNEL_OPTIONS)
 
     async def _register(self, stub: pb_grpc.EndpointServiceStub) -> tuple[Identity, bool]:
         """The endpoint's identity, and whether it was registered just now."""
@@ -349,7 +360,8 @@ class Agent:
         cfg = self._config
         path = cfg.endpoint_dir / "endpoint.json"
         known = Identity.load(path)
-        if known is not None and known.name == cfg.name and known.server == cfg.server:
+        # Any order of the same list is the same servers, so the same store.
+        if known is not None and known.name == cfg.name and same_servers(known.server, cfg.server):
             self._identity = known
             return known, False
         reply = await stub.RegisterEndpoint(
@@ -368,7 +380,7 @@ class Agent:
 
     async def _session(self, ready: asyncio.Event | None) -> None:
         """One connection: hello, welcome, then stream until it breaks."""
-        async with self._channel() as channel:
+        async with await self._channel() as channel:
             stub = pb_grpc.EndpointServiceStub(channel)
             identity, fresh = await self._register(stub)
             call = stub.Connect(metadata=self._metadata())

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heartline import _defaults
+from heartline._channel import split_servers
 from heartline._figures import parse_address
 from heartline._tls import TLS
 
@@ -32,7 +33,9 @@ class AgentConfig:
 
     server: str = field(default_factory=_defaults.address)
     """``HOST:PORT`` of the heartline server; default ``$HEARTLINE_ADDRESS`` or
-    ``127.0.0.1:50051``."""
+    ``127.0.0.1:50051``. Several servers sharing one store, comma-separated
+    (``HOST:PORT,HOST:PORT``): the agent connects to whichever is active, and to the
+    standby that takes over when it dies."""
 
     workers: int = field(default_factory=_default_workers)
     """Worker processes, each running one task at a time; default ``os.cpu_count()``. With
@@ -99,6 +102,7 @@ class AgentConfig:
                 "reconnect_min must be positive and at most reconnect_max, not "
                 f"{self.reconnect_min} and {self.reconnect_max}"
             )
+        split_servers(self.server)  # ValueError when a list is malformed
         if self.metrics is not None:
             parse_address(self.metrics)  # ValueError when malformed
         if self.tls is not None and not isinstance(self.tls, TLS):

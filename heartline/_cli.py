@@ -15,6 +15,9 @@ import click
 from heartline import _defaults
 from heartline._cli_admin import register_admin_commands
 from heartline._cli_ops import (
+    SERVER_HELP,
+    SERVER_METAVAR,
+    check_server,
     cli_tls,
     keep_in_context,
     register_operator_commands,
@@ -47,7 +50,7 @@ def _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_n
         **tls,
         **limits,
         listen=listen,
-        db_path=Path(db) if db else None,
+        db=db or None,
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout,
         insecure_no_auth=insecure_no_auth,
@@ -94,7 +97,7 @@ _server_limit_options = [
 
 _server_options = [
     click.option("--listen", default=_defaults.DEFAULT_ADDRESS, show_default=True, help="HOST:PORT to serve on."),
-    click.option("--db", type=click.Path(dir_okay=False), help="SQLite store [default: $HEARTLINE_HOME/heartline.db]."),
+    click.option("--db", metavar="PATH|URL", help="The store: a SQLite file, or postgresql://USER:PASS@HOST:PORT/DB, which several servers may share (one serves, the others stand by and take over when it dies) [default: $HEARTLINE_HOME/heartline.db]."),
     click.option("--heartbeat-interval", type=float, default=_defaults.HEARTBEAT_INTERVAL, show_default=True, help="Seconds between agent heartbeats."),
     click.option("--heartbeat-timeout", type=float, default=None, help=f"Seconds of silence before an agent is lost [default: {_defaults.HEARTBEAT_TIMEOUT_FACTOR} x interval]."),
     click.option("--insecure-no-auth", is_flag=True, help="Turn authentication off: every caller is 'anonymous', an admin, and needs no token."),
@@ -117,12 +120,13 @@ def _with_server_options(fn):
 def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics) -> None:
     """Run the heartline server."""
     from heartline.server import run_server
+    from heartline.server._store import redacted
 
     _setup_logging(verbose)
     config = _server_config(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, validate, metrics)
 
     def ready(address: str, metrics: str | None) -> None:
-        click.echo(f"heartline server listening on {address}{_tls_note(config)} (store {config.effective_db_path})")
+        click.echo(f"heartline server listening on {address}{_tls_note(config)} (store {redacted(config.effective_db)})")
         if metrics:
             click.echo(f"metrics at http://{metrics}/metrics")
 
@@ -140,6 +144,7 @@ def _tls_note(config) -> str:
 def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics, workers) -> None:
     """Run the server and one local endpoint named 'local', in one command."""
     from heartline.server import run_server
+    from heartline.server._store import redacted
 
     _setup_logging(verbose)
     config = dataclasses.replace(
@@ -176,7 +181,7 @@ def up(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verb
         # The agent gets its own process group so a Ctrl-C reaches it only through us.
         agent.append(subprocess.Popen(cmd, start_new_session=True, pass_fds=(lifeline,), env=agent_env))
         os.close(lifeline)
-        click.echo(f"heartline server listening on {address}{_tls_note(config)} (store {config.effective_db_path})")
+        click.echo(f"heartline server listening on {address}{_tls_note(config)} (store {redacted(config.effective_db)})")
         if metrics:
             click.echo(f"metrics at http://{metrics}/metrics")
         click.echo("endpoint 'local' starting; submit with Executor(endpoint=\"local\"). Ctrl-C stops both.")
@@ -207,7 +212,7 @@ def endpoint() -> None:
 
 @endpoint.command("start")
 @click.option("--name", required=True, help="Endpoint name (registered on first start).")
-@click.option("--server", "server_address", default=None, help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].")
+@click.option("--server", "server_address", default=None, metavar=SERVER_METAVAR, callback=check_server, help=SERVER_HELP)
 @click.option("--workers", type=int, default=None, help="Worker processes [default: CPU count].")
 @click.option("--prefetch", type=int, default=None, help=f"Tasks queued beyond free workers [default: {_defaults.PREFETCH_PER_WORKER} x workers, at least {_defaults.MIN_PREFETCH}].")
 @click.option("--executor", type=click.Choice(["process", "dask"]), default="process", show_default=True, help="Run tasks on worker processes here, or on a Dask distributed cluster (pip install 'heartline[dask]').")
@@ -262,7 +267,11 @@ def endpoint_start(name, server_address, workers, prefetch, executor, dask_sched
         if prefetch < 0:
             raise click.BadParameter("must be at least 0", param_hint="--prefetch")
         kwargs["prefetch"] = prefetch
-    sys.exit(run_agent(AgentConfig(**kwargs), stop_with_fd=stop_with_fd))
+    try:
+        config = AgentConfig(**kwargs)
+    except ValueError as exc:  # the options are checked above: what is left is the environment's address
+        raise click.UsageError(f"${_defaults.ENV_ADDRESS}: {exc}") from None
+    sys.exit(run_agent(config, stop_with_fd=stop_with_fd))
 
 
 register_operator_commands(main)

@@ -22,12 +22,34 @@ if TYPE_CHECKING:
     from heartline._tls import TLS
     from heartline.client import GroupInfo, Task
 
+SERVER_METAVAR = "HOST:PORT[,HOST:PORT...]"
+SERVER_HELP = (
+    "The server; several sharing one store, comma-separated, fail over to whichever is "
+    f"active [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}]."
+)
+
+
+def check_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check the form of a ``--server`` address list before anything connects (its host
+    names are looked up when it does)."""
+    if value is not None:
+        from heartline._channel import split_servers
+
+        try:
+            split_servers(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 _server_address = click.option(
     "--server",
     "address",
     default=None,
     envvar=_defaults.ENV_ADDRESS,
-    help=f"Server HOST:PORT [default: ${_defaults.ENV_ADDRESS} or {_defaults.DEFAULT_ADDRESS}].",
+    metavar=SERVER_METAVAR,
+    callback=check_server,
+    help=SERVER_HELP,
 )
 
 
@@ -71,7 +93,7 @@ def cli_tls() -> TLS | None:
 
 
 def _address(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--server HOST:PORT``, and the TLS options to reach it."""
+    """``--server HOST:PORT[,HOST:PORT...]``, and the TLS options to reach it."""
     return _server_address(tls_client_options(fn))
 
 

@@ -226,6 +226,11 @@ _OPENSSL_REASON = re.compile(r"OPENSSL_internal:[A-Z0-9_]+: ([^:]+)")
 # A connection closed while it was being set up: what a TLS server does to a plaintext
 # client, and a mutual-TLS server to a client without a certificate it trusts.
 _CLOSED_AT_CONNECT = "socket closed"
+# How gRPC begins the text of a call that found no connection: pick_first (one address)
+# says the first, round_robin (an address list, heartline/_channel.py) the second.
+_AT_CONNECT = ("failed to connect", "connections to all backends failing")
+# A list's servers answer but none says SERVING: they stand by (heartline/_channel.py).
+_ALL_STANDING_BY = "backend unhealthy"
 
 
 def tls_failure(details: str) -> bool:
@@ -235,8 +240,12 @@ def tls_failure(details: str) -> bool:
     return _tls_failure(details.lower()) is not None
 
 
+def _at_connect(lowered: str) -> bool:
+    return any(words in lowered for words in _AT_CONNECT)
+
+
 def _tls_failure(lowered: str) -> tuple[tuple[str, ...], str, str] | None:
-    if "failed to connect" not in lowered:
+    if not _at_connect(lowered):
         return None
     return next((f for f in _TLS_FAILURES if any(n in lowered for n in f[0])), None)
 
@@ -246,12 +255,14 @@ def _tls_message(address: str, details: str, tls: bool | None) -> str | None:
     failure = _tls_failure(lowered)
     if failure is not None:
         _, why, hint = failure
-        why = why.format(host=address.rsplit(":", 1)[0].strip("[]"))
+        # A list's certificate check is against its first host (heartline/_channel.py).
+        first = address.split(",", 1)[0].strip()
+        why = why.format(host=first.rsplit(":", 1)[0].strip("[]"))
         reason = _OPENSSL_REASON.search(details)
         if reason and why == _NOT_TRUSTED:
             why = f"{why} ({reason.group(1).strip()})"
         return f"cannot connect to {address} over TLS: {why}; {hint}"
-    if "failed to connect" not in lowered or _CLOSED_AT_CONNECT not in lowered or tls is None:
+    if not _at_connect(lowered) or _CLOSED_AT_CONNECT not in lowered or tls is None:
         return None
     if tls:
         return (
@@ -268,13 +279,19 @@ def _tls_message(address: str, details: str, tls: bool | None) -> str | None:
 
 def unreachable_message(address: str, details: str, *, tls: bool | None = None) -> str | None:
     """A message a newcomer can act on when no server answers at ``address``, or none that
-    it can talk to (a failed TLS handshake); None when ``details`` (gRPC's text of an
-    UNAVAILABLE) says something else. ``tls`` says whether the client used TLS (None:
+    it can talk to (a failed TLS handshake), or, for an address list, none that is active
+    (all stand by); None when ``details`` (gRPC's text of an UNAVAILABLE) says something else. ``tls`` says whether the client used TLS (None:
     unknown), which tells what a connection closed at once means."""
     tls_message = _tls_message(address, details, tls)
     if tls_message is not None:
         return tls_message
     lowered = details.lower()
+    if _ALL_STANDING_BY in lowered:
+        return (
+            f"no heartline server at {address} is active: those that answer stand by (one "
+            "takes over within seconds of the active server's end). Start one, or point at "
+            "the active one with --server HOST:PORT[,HOST:PORT...] or HEARTLINE_ADDRESS"
+        )
     reason = next((why for needle, why in _UNREACHABLE if needle in lowered), None)
     if reason is None:
         return None

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -23,8 +24,9 @@ from heartline.server._config import ServerConfig
 from heartline.server._core import ServerCore
 from heartline.server._decode import DecodeInterceptor
 from heartline.server._endpoint_service import EndpointServicer
+from heartline.server._gate import ActiveGate
 from heartline.server._memory import return_large_frees
-from heartline.server._store import SqliteStore, Store
+from heartline.server._store import Store, is_database_url, store_for
 from heartline.server._task_service import TaskServicer
 from heartline.v1 import (
     admin_service_pb2,
@@ -64,11 +66,13 @@ class Server:
 
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or SqliteStore(config.effective_db_path)
+        self.store = store or store_for(config.effective_db)
         self.core = ServerCore(config, self.store)
         self.port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._gate = ActiveGate()
         self._timers: asyncio.Task[None] | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._metrics: MetricsServer | None = None
 
@@ -78,7 +82,12 @@ class Server:
         return f"{host}:{self.port}"
 
     async def start(self, before_serving: Callable[[str], object] | None = None) -> int:
-        """Open the store, restore unsettled tasks, start serving; return the bound port.
+        """Listen, open the store, restore unsettled tasks, serve; return the bound port.
+
+        The port is bound first, behind a closed gate (server/_gate.py): while the store
+        opens, health says NOT_SERVING and every other call is refused UNAVAILABLE. A
+        PostgreSQL store's ``open()`` waits while another server is active on the same
+        database (this one stands by), so this may take as long as that server lives.
 
         Health says SERVING only at the end, once the endpoints of ``config.endpoints``
         are registered and ``before_serving(address)`` (if given) has returned: a probe
@@ -90,21 +99,19 @@ class Server:
             )
         except HeartlineError as err:
             raise ConfigError(str(err)) from None
-        self.config.effective_db_path.parent.mkdir(parents=True, exist_ok=True)
-        await self.store.open()
-        await self.core.open()
+        if not is_database_url(self.config.effective_db):
+            Path(self.config.effective_db).parent.mkdir(parents=True, exist_ok=True)
         auth = not self.config.insecure_no_auth
-        await self._start_metrics()
-        if auth:
-            await self.core.tokens.first_start(self.config.effective_token_file)
-        for name in self.config.endpoints:
-            # `heartline up`'s local endpoint: the admin's (its agent uses the admin token).
-            await self.core.ensure_endpoint(name, ADMIN if auth else ANONYMOUS)
         # A terminal report carries a result and the tail of two output streams.
         limit = self.config.max_payload + 2 * self.config.max_output + _MESSAGE_HEADROOM
         server = grpc.aio.server(
-            # DecodeInterceptor stays last: it runs after authentication (see _decode.py).
-            interceptors=[AuthInterceptor(self.core.tokens if auth else None), DecodeInterceptor()],
+            # The gate goes first: nothing reaches auth or a service before the store is
+            # open. DecodeInterceptor stays last: it runs after authentication (_decode.py).
+            interceptors=[
+                self._gate,
+                AuthInterceptor(self.core.tokens if auth else None),
+                DecodeInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
@@ -141,13 +148,41 @@ class Server:
             raise ConfigError(f"cannot listen on {self.config.listen}")
         await server.start()
         self._grpc = server
+        where = self.store.describe()
+        self._gate.reason = f"the server at {self.address} is opening its store {where}"
+        log.info("event=bound address=%s store=%s", self.address, where)
+        try:
+            await self.store.open()
+        except (OSError, RuntimeError, ValueError) as err:
+            # sqlite3.Error and asyncpg's errors are Exceptions of their own: name them.
+            raise ConfigError(f"cannot open the store {where}: {err}") from err
+        except Exception as err:
+            if type(err).__module__.split(".")[0] not in ("sqlite3", "asyncpg"):
+                raise
+            raise ConfigError(f"cannot open the store {where}: {err}") from err
+        self._store_watch = asyncio.create_task(self._watch_store())
+        await self.core.open()
+        await self._start_metrics()
+        if auth:
+            await self.core.tokens.first_start(self.config.effective_token_file)
+        for name in self.config.endpoints:
+            # `heartline up`'s local endpoint: the admin's (its agent uses the admin token).
+            await self.core.ensure_endpoint(name, ADMIN if auth else ANONYMOUS)
         self._timers = asyncio.create_task(self._run_timers())
+        self._gate.open()
         log.info("listening on %s (%s)", self.address, self.config.tls_mode)
         if before_serving is not None:
             before_serving(self.address)
         for name in ("", *names[:3]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _watch_store(self) -> None:
+        """Stop the server once its store can no longer serve it (PostgreSQL: the
+        connection that held the leadership is gone, so a standby may be active now)."""
+        reason = await self.store.wait_lost()
+        log.critical("event=store-lost store=%s reason=%s", self.store.describe(), reason)
+        self.core.failed.set()
 
     async def _run_timers(self) -> None:
         try:
@@ -186,10 +221,11 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
-        if self._timers is not None:
-            self._timers.cancel()
-            await asyncio.gather(self._timers, return_exceptions=True)
-            self._timers = None
+        for task in (self._timers, self._store_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._timers = self._store_watch = None
         await self.store.close()
         self._stopped.set()
 
@@ -211,16 +247,31 @@ async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:
     thread) once a signal came, before the server stops. Returns False if the server
     stopped because it failed (see ServerCore.failed).
     """
-    server = Server(config)
-    await server.start(
-        before_serving=None if ready is None else lambda address: ready(address, server.metrics_address)
-    )
+    try:
+        server = Server(config)
+    except ImportError as err:  # --db postgresql://... without its driver
+        raise ConfigError(str(err)) from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A standby waits inside start() for as long as the active server lives: a signal
+    # must reach it there too.
+    starting = asyncio.ensure_future(
+        server.start(
+            before_serving=None
+            if ready is None
+            else lambda address: ready(address, server.metrics_address)
+        )
+    )
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.failed.wait())]
     try:
+        await asyncio.wait([starting, waits[0]], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return True
+        starting.result()  # a ConfigError goes to run_server
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if before_stop is not None:
             await asyncio.to_thread(before_stop)

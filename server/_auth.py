@@ -54,7 +54,7 @@ USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 USER_NAME_RULE = "use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
 
 # Methods anyone may call without a token: probes and `grpcurl list`/`describe`.
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _ENDPOINT_SERVICE = "/heartline.v1.EndpointService/"
 _ADMIN_ONLY = frozenset({"/heartline.v1.AdminService/CreateToken"})
 
@@ -352,7 +352,7 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def _refusal(
+def refusal(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that only refuses."""
@@ -435,17 +435,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             _CALLER.set(NO_AUTH)
             return handler
         method = handler_call_details.method
-        if handler is None or method.startswith(_OPEN_PREFIXES):
+        if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         token = _bearer(handler_call_details.invocation_metadata)
         if not token:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, _MISSING)
+            return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, _MISSING)
         identity = tokens.authenticate(token)
         if identity is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, _INVALID)
-        refusal = authorize(identity, method)
-        if refusal is not None:
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, refusal)
+            return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, _INVALID)
+        denied = authorize(identity, method)
+        if denied is not None:
+            return refusal(handler, grpc.StatusCode.PERMISSION_DENIED, denied)
         # Set in this call's own task: the handler runs in it (tests/test_auth.py checks).
         _CALLER.set(identity)
         if handler.request_streaming or handler.response_streaming:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from heartline import _defaults
 class ServerConfig:
     listen: str = _defaults.DEFAULT_ADDRESS
     """HOST:PORT to listen on; port 0 picks a free port (reported by ``Server.start``)."""
-    db_path: Path | None = None
-    """The SQLite store; None means ``$HEARTLINE_HOME/heartline.db``."""
+    db: str | os.PathLike[str] | None = None
+    """The store: the path of a SQLite file, or a ``postgresql://user:pass@host:port/db``
+    URL (several servers may share one PostgreSQL database: one serves, the others stand
+    by, server/_pgstore.py). None means ``$HEARTLINE_HOME/heartline.db``."""
     heartbeat_interval: float = _defaults.HEARTBEAT_INTERVAL
     """Seconds between agent heartbeats (sent to agents in the welcome)."""
     heartbeat_timeout: float | None = None
@@ -88,5 +91,6 @@ class ServerConfig:
         return Path(self.token_file) if self.token_file else _defaults.token_file()
 
     @property
-    def effective_db_path(self) -> Path:
-        return Path(self.db_path) if self.db_path else _defaults.home() / "heartline.db"
+    def effective_db(self) -> str:
+        """``db``, or the default SQLite file's path."""
+        return os.fspath(self.db) if self.db else str(_defaults.home() / "heartline.db")

@@ -1,5 +1,8 @@
 """The durable store: a narrow interface and its embedded SQLite implementation.
 
+The PostgreSQL store (server/_pgstore.py) keeps the same contract (``Store``); both share
+their SQL-free half, rows to tuples and back, in server/_rows.py.
+
 ``SqliteStore`` keeps one connection on one writer thread. Every operation, reads
 included, goes through one FIFO queue to that thread, so a read sees every write queued
 before it (the scheduler relies on this read-your-writes order). The thread takes the
@@ -20,41 +23,48 @@ import abc
 import asyncio
 import concurrent.futures
 import enum
-import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from heartline._figures import BATCH_ITEMS_BOUNDS, COMMIT_SECONDS_BOUNDS, Buckets
-from heartline._states import (
-    PENDING_STATES,
-    TERMINAL_STATES,
-    CancelMode,
-    GroupStatus,
-    SkipReason,
-    TaskState,
-)
+from heartline._states import TERMINAL_STATES, GroupStatus, SkipReason, TaskState
 from heartline.server._model import (
     EndpointRow,
-    ErrorInfo,
     FunctionRow,
-    GroupMember,
     GroupRow,
     GroupStateRow,
     RequestRow,
-    Standing,
     TaskRecord,
     TaskRow,
     TokenRow,
     TransitionRow,
-    WhenRow,
     WriteBatch,
+)
+from heartline.server._rows import (
+    _GROUP_COLUMNS,
+    _SKIP_OF,
+    _STATE_OF,
+    _TASK_COLUMNS,
+    _UNSETTLED,
+    _Changes,
+    _changes,
+    _group_params,
+    _group_rows,
+    _histories,
+    _history_rows,
+    _members_json,
+    _Records,
+    _task_params,
+    _task_row,
+    _Updates,
 )
 
 __all__ = [
@@ -63,6 +73,7 @@ __all__ = [
     "StoreClosedError",
     "StoreFigures",
     "is_database_url",
+    "redacted",
     "store_for",
 ]
 
@@ -89,29 +100,57 @@ class StoreFigures:
     batch_items: Buckets
     """Queued items (writes and reads) per group commit."""
     queued: int
-    """Items waiting for the writer thread."""
+    """Items waiting for the writer."""
 
 
 class Store(abc.ABC):
-    """Narrow persistence interface of the server."""
+    """Narrow persistence interface of the server.
+
+    The contract every store keeps (tests/store_kit.py runs one suite against each):
+
+    - **One queue, in order.** Writes and reads (every method but ``get_request``) go
+      through one FIFO queue to one writer. A read sees every write queued before it,
+      committed or not yet (read-your-writes: the scheduler relies on it), and batches
+      commit in the order they were written.
+    - **Group commit.** The writer applies what is queued (up to a bound) in ONE
+      transaction and commits once. Each item runs under its own savepoint: an item that
+      fails (a duplicate task id, a malformed row) fails only its own future, and the
+      rest of its group commits. A failed COMMIT fails every future of the group, reads
+      included (they may have seen writes that are gone).
+    - **Coalesced updates.** Within a group, the last update of a task (or of a group's
+      state, or output) wins and is written once; the history each batch appends to a
+      task is joined in order.
+    - **Lifecycle.** A store opens once (``StoreClosedError`` before and after; a second
+      ``open()`` raises ``RuntimeError``); ``close()`` commits everything queued first.
+    - **Restart.** A new store on the same place reads back everything committed:
+      ``load_unsettled`` (oldest first, standing LOST where it was interrupted) and
+      ``load_pending_groups`` are what a restarted scheduler resumes.
+    """
 
     @abc.abstractmethod
     async def open(self) -> None:
-        """Create the schema if missing and start serving."""
+        """Create or upgrade the schema and start serving.
+
+        A store of a schema version it cannot read (newer, or too old to upgrade) is
+        refused, untouched, with a message naming both versions. A store shared by
+        several servers (PostgreSQL) waits here while another server is active.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Commit everything queued, then release the store. Idempotent."""
+        """Commit everything queued, then release the store (and any leadership it
+        held). Idempotent; a never opened store just closes."""
 
     @abc.abstractmethod
     def write(self, batch: WriteBatch) -> asyncio.Future[None]:
         """Queue ``batch``; never blocks.
 
         Must be called on the event loop's thread. The future resolves once the batch is
-        committed, or gets the exception that kept it from committing.
+        committed, or gets the exception that kept it (and only it, unless the COMMIT
+        itself failed) from committing.
 
         Raises:
-            StoreClosedError: the store is not open.
+            StoreClosedError: the store is not open (or lost: see ``wait_lost``).
         """
 
     @abc.abstractmethod
@@ -131,7 +170,8 @@ class Store(abc.ABC):
         limit: int = 100,
         after: tuple[float, str] | None = None,
     ) -> list[TaskRow]:
-        """Tasks newest first (submit_time, task_id descending).
+        """Tasks newest first (submit_time, task_id descending; ids compare by their
+        bytes).
 
         Rows carry no payloads, for speed: ``args`` is ``b""``, ``result`` is ``b""``
         when a result is stored (None when not), ``stdout`` and ``stderr`` are ""; use
@@ -150,7 +190,7 @@ class Store(abc.ABC):
 
     async def release_memory(self) -> None:
         """Free what the store caches (after a restore's big read); it fills again as
-        needed."""
+        needed. Nothing to do where the database keeps its cache in its own process."""
 
     @abc.abstractmethod
     async def load_results(
@@ -209,10 +249,11 @@ class Store(abc.ABC):
     async def get_request(self, request_id: str) -> RequestRow | None:
         """A committed client request id (see RequestRow), or None.
 
-        Unlike the other reads, this one need not wait behind queued writes (a submit
-        asks it before it is fed to the scheduler, and must not stall behind a big
-        commit): a request id still being committed is the caller's to remember
-        (server/_requests.py keeps such ids until their commit is done).
+        Unlike the other reads, this one does not wait behind queued writes (it reads
+        committed rows on a connection of its own: a submit asks it before it is fed to
+        the scheduler, and must not stall behind a big commit): a request id still being
+        committed is the caller's to remember (server/_requests.py keeps such ids until
+        their commit is done).
         """
 
     @abc.abstractmethod
@@ -308,6 +349,17 @@ class Store(abc.ABC):
 def is_database_url(db: str | os.PathLike[str]) -> bool:
     """Whether ``--db`` names a PostgreSQL database (else it is a SQLite file's path)."""
     return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(db: str | os.PathLike[str]) -> str:
+    """``--db`` as logs and the CLI show it: a URL without its password."""
+    if not is_database_url(db):
+        return os.fspath(db)
+    parts = urllib.parse.urlsplit(str(db))
+    if parts.password is None:
+        return str(db)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def store_for(db: str | os.PathLike[str]) -> Store:
@@ -466,12 +518,6 @@ CREATE TABLE IF NOT EXISTS endpoint_allow_lists (
 );
 """
 
-_TASK_COLUMNS = (
-    "task_id, endpoint_id, function_id, owner, state, submit_time, attempt, priority,"
-    " max_retries, max_system_retries, walltime, start_time, settle_time, held_from, result,"
-    " error_type, error_message, error_traceback, error_kind, raised_count, system_failures,"
-    " resubmitted_from, group_id, payload_purged, name, inputs, skip_reason, interrupted"
-)
 _INSERT_TASK = f"INSERT INTO tasks ({_TASK_COLUMNS}, history) VALUES ({', '.join('?' * 29)})"
 _INSERT_ARGS = "INSERT INTO task_args (task_id, args) VALUES (?, ?)"
 # Selects list the columns in TaskRow's order, so _task_row reads them by position.
@@ -499,11 +545,6 @@ _APPEND_HISTORY = "UPDATE tasks SET history = history || ? WHERE task_id = ?"
 _UPDATE_OUTPUT = "UPDATE tasks SET stdout = ?, stderr = ? WHERE task_id = ?"
 _IN_GROUP = "group_id != ''"
 """The partial index tasks_group's own condition: a query over tasks by group names it."""
-_GROUP_COLUMNS = (
-    "group_id, name, owner, endpoint_id, submit_time, fail_fast, timeout, status, pending,"
-    " n_succeeded, n_failed, n_skipped, n_cancelled, n_none, cancel_mode, timed_out,"
-    " settle_time"
-)
 # A new group is pending with no counts until a state row of its batch says otherwise.
 _INSERT_GROUP = (
     "INSERT INTO groups (group_id, name, owner, endpoint_id, submit_time, fail_fast, timeout,"
@@ -527,156 +568,10 @@ _PENDING_GROUP_TASKS = (
     "SELECT t.group_id, t.task_id, t.state, t.skip_reason FROM groups g"
     f" JOIN tasks t ON t.group_id = g.group_id WHERE g.pending = 1 AND t.{_IN_GROUP}"
 )
-_HISTORY = "from\x1fto\x1fcause\x1ftime\x1fattempt\x1e"
-"""The form of one transition in ``tasks.history``: ASCII unit separators between the
-fields and a record separator after each (neither can be in a state; a cause loses
-them). ``from`` is empty for the submit transition, ``time`` is the float's repr."""
-_UNSETTLED = [s.value for s in PENDING_STATES] + [TaskState.ERRORED.value]
 _SELECT_UNSETTLED = (
     f"{_SELECT_TASKS} WHERE state IN ({', '.join('?' * len(_UNSETTLED))})"
     " ORDER BY submit_time, task_id"
 )
-_NO_ERROR = (None, None, None, None)
-# Hot paths: `._value_` is the plain attribute behind the `.value` property (5x faster),
-# and a dict lookup is TaskState(value) without the enum machinery.
-_STATE_OF: dict[str, TaskState] = {s.value: s for s in TaskState}
-_SKIP_OF: dict[str, SkipReason] = {r.value: r for r in SkipReason}
-_GROUP_STATUS_OF: dict[str, GroupStatus] = {g.value: g for g in GroupStatus}
-_CANCEL_OF: dict[str, CancelMode] = {m.value: m for m in CancelMode}
-
-
-def _error_params(e: ErrorInfo | None) -> tuple[Any, ...]:
-    return _NO_ERROR if e is None else (e.type_name, e.message, e.traceback, e.failure_kind)
-
-
-def _task_params(r: TaskRow, history: str) -> tuple[Any, ...]:
-    return (
-        r.task_id, r.endpoint_id, r.function_id, r.owner, r.state._value_,
-        r.submit_time, r.attempt, r.priority, r.max_retries, r.max_system_retries, r.walltime,
-        r.start_time, r.settle_time, None if r.held_from is None else r.held_from._value_,
-        r.result, *_error_params(r.error), r.raised_count, r.system_failures,
-        r.resubmitted_from, r.group_id, r.payload_purged, r.name, ",".join(r.inputs),
-        None if r.skip_reason is None else r.skip_reason._value_, r.interrupted, history,
-    )  # fmt: skip
-
-
-def _update_params(r: TaskRow) -> tuple[Any, ...]:
-    return (
-        r.state._value_, r.attempt, r.start_time, r.settle_time,
-        None if r.held_from is None else r.held_from._value_, r.result, *_error_params(r.error),
-        r.raised_count, r.system_failures, r.payload_purged,
-        None if r.skip_reason is None else r.skip_reason._value_, r.interrupted,
-    )  # fmt: skip
-
-
-def _histories(transitions: Sequence[TransitionRow]) -> dict[str, str]:
-    """task_id -> its transitions of ``transitions`` in ``_HISTORY`` form, in order."""
-    parts: dict[str, list[str]] = {}
-    for t in transitions:
-        cause = t.cause
-        if "\x1e" in cause or "\x1f" in cause:
-            cause = cause.replace("\x1e", " ").replace("\x1f", " ")
-        start = "" if t.from_state is None else t.from_state._value_
-        record = f"{start}\x1f{t.to_state._value_}\x1f{cause}\x1f{t.time!r}\x1f{t.attempt}\x1e"
-        if (mine := parts.get(t.task_id)) is None:
-            parts[t.task_id] = [record]
-        else:
-            mine.append(record)
-    return {task_id: "".join(records) for task_id, records in parts.items()}
-
-
-def _history_rows(task_id: str, history: str) -> list[TransitionRow]:
-    """The transitions a ``tasks.history`` value holds, oldest first."""
-    rows = []
-    for record in history.split("\x1e")[:-1]:
-        start, finish, cause, when, attempt = record.split("\x1f")
-        rows.append(
-            TransitionRow(
-                task_id,
-                _STATE_OF[start] if start else None,
-                _STATE_OF[finish],
-                cause,
-                float(when),
-                int(attempt),
-            )
-        )
-    return rows
-
-
-def _task_row(c: tuple[Any, ...]) -> TaskRow:
-    return TaskRow(
-        task_id=c[0], endpoint_id=c[1], function_id=c[2], args=c[3], owner=c[4],
-        state=_STATE_OF[c[5]], submit_time=c[6], attempt=c[7], priority=c[8],
-        max_retries=c[9], max_system_retries=c[10], walltime=c[11], start_time=c[12],
-        settle_time=c[13], held_from=None if c[14] is None else _STATE_OF[c[14]], result=c[15],
-        error=None if c[16] is None else ErrorInfo(c[16], c[17], c[18], c[19]),
-        raised_count=c[20], system_failures=c[21], resubmitted_from=c[22], group_id=c[23],
-        payload_purged=bool(c[24]), name=c[25], inputs=tuple(c[26].split(",")) if c[26] else (),
-        skip_reason=None if c[27] is None else _SKIP_OF[c[27]], interrupted=bool(c[28]),
-        stdout=(c[29] or "") if len(c) > 29 else "", stderr=(c[30] or "") if len(c) > 30 else "",
-    )  # fmt: skip
-
-
-def _task_record(c: tuple[Any, ...], share: Callable[[Any, Any], Any]) -> TaskRecord:
-    """A row of _SELECT_TASKS as the scheduler holds it. The values many tasks repeat
-    (endpoint, function, owner, walltime) are shared through ``share`` (a dict's
-    setdefault): SQLite makes a new object per row, 250 bytes a task of copies otherwise.
-
-    The same column mapping as ``_task_row(c).to_record()``, spelled out: going through
-    a TaskRow costs a restart 4 s more per million tasks. tests/test_store.py holds the
-    two equal for every column (test_load_unsettled_takes_pending_and_errored_only)."""
-    return TaskRecord(
-        c[0], share(c[1], c[1]), share(c[2], c[2]), c[3], share(c[4], c[4]),
-        _STATE_OF[c[5]], c[6], c[7], c[8], c[9], c[10], share(c[11], c[11]), c[12], c[13],
-        None if c[14] is None else _STATE_OF[c[14]], c[15],
-        None if c[16] is None else ErrorInfo(c[16], c[17], c[18], c[19]),
-        c[20], c[21], c[22], c[23], bool(c[24]),
-        Standing.LOST if c[28] else Standing.FRESH,
-        c[25], tuple(c[26].split(",")) if c[26] else (),
-        None if c[27] is None else _SKIP_OF[c[27]],
-    )  # fmt: skip
-
-
-def _group_params(g: GroupRow) -> tuple[Any, ...]:
-    return (g.group_id, g.name, g.owner, g.endpoint_id, g.submit_time, g.fail_fast, g.timeout)
-
-
-def _members_json(g: GroupRow) -> tuple[str, str]:
-    # NamedTuples encode as JSON arrays in their field order (see the schema).
-    return (g.group_id, json.dumps(g.members, separators=(",", ":")))
-
-
-def _members_of(text: str) -> tuple[GroupMember, ...]:
-    return tuple(
-        GroupMember(
-            name, task_id, bool(is_finally), tuple(run_after), tuple(inputs),
-            tuple(WhenRow(i, op, tuple(values)) for i, op, values in when),
-        )
-        for name, task_id, is_finally, run_after, inputs, when in json.loads(text)
-    )  # fmt: skip
-
-
-def _group_state_params(g: GroupStateRow) -> tuple[Any, ...]:
-    return (
-        g.status._value_, g.pending, *g.counts,
-        None if g.cancel_mode is None else g.cancel_mode._value_, g.timed_out, g.settle_time,
-        g.group_id,
-    )  # fmt: skip
-
-
-def _group_rows(c: tuple[Any, ...]) -> tuple[GroupRow, GroupStateRow]:
-    """A row of _SELECT_GROUPS (members ``()`` when the select left them NULL)."""
-    group = GroupRow(
-        group_id=c[0], name=c[1], owner=c[2], endpoint_id=c[3], submit_time=c[4],
-        fail_fast=bool(c[5]), timeout=c[6], members=() if c[17] is None else _members_of(c[17]),
-    )  # fmt: skip
-    state = GroupStateRow(
-        group_id=c[0], status=_GROUP_STATUS_OF[c[7]], pending=bool(c[8]),
-        counts=(c[9], c[10], c[11], c[12], c[13]),
-        cancel_mode=None if c[14] is None else _CANCEL_OF[c[14]], timed_out=bool(c[15]),
-        settle_time=c[16],
-    )  # fmt: skip
-    return group, state
 
 
 # A queued item: (operation, argument, future). operation None applies a WriteBatch;
@@ -759,6 +654,9 @@ class SqliteStore(Store):
         return self._submit(None, batch)
 
     def _submit(self, op: _Op | None, arg: Any) -> asyncio.Future[Any]:
+        """Queue ``op(conn, arg)`` (None: apply the WriteBatch ``arg``) behind everything
+        queued before it; its future resolves once its group commits. Tests queue their
+        own ops (tests/store_kit.py), as with PostgresStore."""
         if self._state is not _State.OPEN:
             raise StoreClosedError(f"store {self._path} is {self._state.value}")
         assert self._loop is not None
@@ -1069,9 +967,9 @@ class SqliteStore(Store):
             for op, arg, fut in items:
                 if op is not None:
                     # A read or purge must see every update queued before it.
-                    updates.flush(conn)
+                    _flush(conn, updates)
                 outcomes.append((fut, *_apply_one(conn, op, arg, updates)))
-            updates.flush(conn)
+            _flush(conn, updates)
             self._commit(conn)
         except Exception as exc:  # noqa: BLE001 - handed to every future of the group
             _log.error("store: transaction of %d items failed: %r", len(items), exc)
@@ -1089,7 +987,8 @@ class SqliteStore(Store):
         return outcomes
 
     def _commit(self, conn: sqlite3.Connection) -> None:
-        # A method, so tests can make a commit fail.
+        """COMMIT the group's transaction: a method, so tests can count commits or make
+        one fail (tests/store_kit.py; PostgresStore has its own)."""
         conn.execute("COMMIT")
 
 
@@ -1151,54 +1050,6 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
             raise
 
 
-class _Updates:
-    """The UPDATEs of a group's batches, applied together: the last update of a task (or
-    of a group's state) in the group wins, as each one replaces the stored columns, while
-    the history each batch appends to a task is joined in order. So a task pays one
-    UPDATE per commit however many of its transitions the commit holds."""
-
-    __slots__ = ("groups", "history", "outputs", "tasks")
-
-    def __init__(self) -> None:
-        self.tasks: dict[str, tuple[Any, ...]] = {}
-        """task_id -> _UPDATE_TASK params, without the history and the id."""
-        self.history: dict[str, str] = {}
-        """task_id -> history to append, oldest first."""
-        self.groups: dict[str, tuple[Any, ...]] = {}
-        """group_id -> _UPDATE_GROUP params."""
-        self.outputs: dict[str, tuple[str, str]] = {}
-        """task_id -> (stdout, stderr): the last output of a task in the group wins."""
-
-    def add(self, tasks: list[tuple[str, tuple[Any, ...]]], history: dict[str, str]) -> None:
-        self.tasks.update(tasks)
-        mine = self.history
-        for task_id, records in history.items():
-            mine[task_id] = mine.get(task_id, "") + records
-
-    def flush(self, conn: sqlite3.Connection) -> None:
-        if self.tasks:
-            history = self.history
-            conn.executemany(
-                _UPDATE_TASK,
-                [
-                    (*params, history.pop(task_id, ""), task_id)
-                    for task_id, params in self.tasks.items()
-                ],
-            )
-            self.tasks.clear()
-        if self.outputs:
-            # After the task's own UPDATE: that one then rewrites a row without its new
-            # output, not with it.
-            conn.executemany(_UPDATE_OUTPUT, [(*o, t) for t, o in self.outputs.items()])
-            self.outputs.clear()
-        if self.history:
-            conn.executemany(_APPEND_HISTORY, [(h, t) for t, h in self.history.items()])
-            self.history.clear()
-        if self.groups:
-            conn.executemany(_UPDATE_GROUP, self.groups.values())
-            self.groups.clear()
-
-
 def _apply_one(
     conn: sqlite3.Connection, op: _Op | None, arg: Any, updates: _Updates
 ) -> tuple[Any, BaseException | None]:
@@ -1207,7 +1058,7 @@ def _apply_one(
     try:
         if op is None:
             result = None
-            batch_updates = _apply_batch(conn, arg)
+            changes = _apply_batch(conn, arg)
         else:
             result = op(conn, arg)
     except Exception as exc:  # noqa: BLE001 - handed to the item's own future
@@ -1216,22 +1067,23 @@ def _apply_one(
         return None, exc
     conn.execute("RELEASE item")
     if op is None:
-        task_updates, history, group_updates, outputs = batch_updates
-        updates.add(task_updates, history)
-        updates.groups.update(group_updates)
-        if outputs:
-            updates.outputs.update(outputs)
+        updates.add(changes)
     return result, None
 
 
-def _apply_batch(
-    conn: sqlite3.Connection, batch: WriteBatch
-) -> tuple[
-    list[tuple[str, tuple[Any, ...]]],
-    dict[str, str],
-    list[tuple[str, tuple[Any, ...]]],
-    list[tuple[str, tuple[str, str]]],
-]:
+def _flush(conn: sqlite3.Connection, updates: _Updates) -> None:
+    tasks, outputs, history, groups = updates.take()
+    if tasks:
+        conn.executemany(_UPDATE_TASK, tasks)
+    if outputs:
+        conn.executemany(_UPDATE_OUTPUT, outputs)
+    if history:
+        conn.executemany(_APPEND_HISTORY, history)
+    if groups:
+        conn.executemany(_UPDATE_GROUP, groups)
+
+
+def _apply_batch(conn: sqlite3.Connection, batch: WriteBatch) -> _Changes:
     """Insert the batch's rows; return its task updates, the history it appends to tasks
     it did not insert, its group states and its outputs, applied by the caller (after
     every insert of the group, before any read)."""
@@ -1266,17 +1118,7 @@ def _apply_batch(
             [(r.request_id, r.owner, r.method, r.digest, ",".join(r.task_ids), r.time)
              for r in batch.requests],
         )  # fmt: skip
-    # Converted here, inside the batch's savepoint, so a malformed row fails only this batch.
-    task_updates = [(r.task_id, _update_params(r)) for r in batch.task_updates]
-    group_updates = [(g.group_id, _group_state_params(g)) for g in batch.group_states]
-    for _, params in group_updates:
-        if len(params) != 11:
-            raise ValueError(f"group {params[-1]}: counts must be 5 numbers, got {params[2:-4]}")
-    outputs = [(o.task_id, (o.stdout, o.stderr)) for o in batch.outputs]
-    for task_id, (stdout, stderr) in outputs:
-        if type(stdout) is not str or type(stderr) is not str:
-            raise TypeError(f"task {task_id}: output must be two strings")
-    return task_updates, history, group_updates, outputs
+    return _changes(batch, history)
 
 
 def _select(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -1291,20 +1133,9 @@ def _select_tasks(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> l
 
 def _select_records(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[TaskRecord]:
     sql, params = arg
-    share = {}.setdefault
-    records = []
-    append = records.append
-    submit_time = None
-    for c in conn.execute(sql, params):
-        task = _task_record(c, share)
-        # Rows come by submit_time: a submission's tasks share one float again, as they
-        # did before the restart (a dict of every distinct time would cost more).
-        if task.submit_time == submit_time:
-            task.submit_time = submit_time
-        else:
-            submit_time = task.submit_time
-        append(task)
-    return records
+    records = _Records()
+    records.add(conn.execute(sql, params))
+    return records.records
 
 
 def _get_tasks(

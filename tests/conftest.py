@@ -47,6 +47,7 @@ from tests.scheduler_kit import make, validate_made
 
 __all__ = [
     "HEARTBEAT",
+    "STORE_KINDS",
     "DaskCluster",
     "ServerProc",
     "Stack",
@@ -54,6 +55,7 @@ __all__ = [
     "endpoint_online",
     "launch_agent",
     "launch_server",
+    "new_db",
     "relaunch_server",
     "start_dask_cluster",
 ]
@@ -173,7 +175,8 @@ async def loop_watchdog() -> AsyncIterator[None]:
 class ServerProc:
     proc: Proc
     address: str
-    db: Path
+    db: str | Path
+    """A SQLite file, or a PostgreSQL database's URL."""
     home: Path
     args: list[str] = field(default_factory=list)
     extra: tuple[str, ...] = ()
@@ -185,10 +188,17 @@ class ServerProc:
 
 
 def launch_server(
-    home: Path, db: Path, listen: str = "127.0.0.1:0", *extra: str, validate: bool = True
+    home: Path,
+    db: str | Path,
+    listen: str = "127.0.0.1:0",
+    *extra: str,
+    validate: bool = True,
+    ready_line: str = "listening on",
 ) -> ServerProc:
     """Start ``heartline server`` (with ``--validate`` unless told otherwise) and wait until
-    it listens."""
+    it prints ``ready_line``: by default, until it serves (a standby never does while
+    another server is active: wait for ``event=standby`` there, with a ``listen`` port
+    of its own)."""
     args = heartline_cmd(
         "server",
         "--listen",
@@ -202,11 +212,11 @@ def launch_server(
     )
     proc = start_process(args, env={"HEARTLINE_HOME": str(home)})
     try:
-        line = proc.wait_for_line("listening on")
+        line = proc.wait_for_line(ready_line)
     except BaseException:
         proc.kill()
         raise
-    address = line.split("listening on", 1)[1].split()[0]
+    address = line.split("listening on", 1)[1].split()[0] if "listening on" in line else listen
     return ServerProc(proc, address, db, home, args, extra, validate)
 
 
@@ -437,6 +447,32 @@ def pg_url(pg_cluster: PgCluster) -> str:
     return pg_cluster.database()
 
 
+STORE_KINDS = ("sqlite", "postgresql")
+"""The stores a module can run its servers on (``store_kind`` / ``stack_store_kind``)."""
+
+
+def new_db(kind: str, folder: Path, request: pytest.FixtureRequest) -> str | Path:
+    """A fresh store of ``kind``: a SQLite file in ``folder``, or a new PostgreSQL database."""
+    if kind == "sqlite":
+        return folder / "heartline.db"
+    assert kind == "postgresql", kind
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.database()
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """The store of the test's ``server``: a module runs its tests on both by overriding
+    this fixture with ``params=STORE_KINDS``."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="module")
+def stack_store_kind() -> str:
+    """The store of the module's ``stack``; overridden as ``store_kind`` is."""
+    return "sqlite"
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "home"
@@ -446,8 +482,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def server(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerProc]:
-    srv = launch_server(home, tmp_path / "heartline.db")
+def server(
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store_kind: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[ServerProc]:
+    srv = launch_server(home, new_db(store_kind, tmp_path, request))
     monkeypatch.setenv("HEARTLINE_ADDRESS", srv.address)
     yield srv
     srv.proc.stop()  # checked for a blocked loop by _processes_checked
@@ -471,7 +513,8 @@ def agent(start_agent: Callable[..., Proc]) -> Proc:
 @pytest.fixture
 def hc(request: pytest.FixtureRequest) -> Iterator[Client]:
     """A Client of the test's server: the function-scoped ``server`` if the test uses it,
-    else the module's ``stack``."""
+    else the module's ``stack`` (which the test must name too where the module runs its
+    stack on each store: pytest cannot look a parametrized fixture up by name)."""
     target = request.getfixturevalue("server" if "server" in request.fixturenames else "stack")
     with Client(target.address) as client:
         yield client
@@ -499,6 +542,7 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
     stack_workers: int,
     stack_agent_args: tuple[str, ...],
+    stack_store_kind: str,
 ) -> Iterator[Stack]:
     """One server and one agent of the endpoint ``local`` shared by the tests of a module;
     ``Stack.start_agent`` / ``solo_endpoint`` add agents that live as long as it."""
@@ -510,7 +554,7 @@ def stack(
         _loopback_only(mp)
         mp.setenv("HEARTLINE_HOME", str(home))
         try:
-            srv = launch_server(home, base / "heartline.db")
+            srv = launch_server(home, new_db(stack_store_kind, base, request))
             group.adopt(srv.proc)
             running = Stack(srv, owner=group)
             running.start_agent("local", stack_workers, *stack_agent_args)

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -273,6 +273,39 @@ def agents_online(address: str, name: str) -> int:
         if ep.name == name:
             return len(ep.agents) if ep.online else 0
     return 0
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a server that must be given one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(address: str) -> str:
+    """What the server's standard health service says for "" (``SERVING``,
+    ``NOT_SERVING``), or ``UNREACHABLE``."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def with_history(hc: Client, ids: Iterable[str]) -> list[Task]:
+    """The tasks, with their histories, asked a thousand at a time."""
+    ids = list(ids)
+    out: list[Task] = []
+    for i in range(0, len(ids), 1000):
+        out.extend(hc.get_tasks(ids[i : i + 1000], history=True))
+    return out
 
 
 def endpoint_online(address: str, name: str, agents: int = 1) -> bool:

@@ -16,7 +16,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 __all__ = ["PgCluster", "cluster_or_skip", "find_bindir"]
 
@@ -39,7 +40,7 @@ def find_bindir() -> Path | None:
         return Path(env)
     pg_config = shutil.which("pg_config")
     if pg_config:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        out = subprocess.run([pg_config, "--bindir"], check=False, capture_output=True, text=True)
         found = Path(out.stdout.strip())
         if out.returncode == 0 and (found / "initdb").exists():
             return found
@@ -51,12 +52,6 @@ def find_bindir() -> Path | None:
         return versions[-1].parent
     initdb = shutil.which("initdb")
     return Path(initdb).resolve().parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -165,7 +160,7 @@ def cluster_or_skip() -> PgCluster:
     folder = Path(tempfile.mkdtemp(prefix="heartline-pg-"))
     os.chmod(folder, 0o755)
     for attempt in range(3):
-        cluster = PgCluster(bindir, folder, _free_port(), run_as)
+        cluster = PgCluster(bindir, folder, free_port(), run_as)
         try:
             cluster.start()
             return cluster

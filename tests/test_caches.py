@@ -416,7 +416,7 @@ async def test_a_purged_function_is_registered_again_on_submit(tmp_path: Path) -
 
     server = Server(
         ServerConfig(
-            listen="127.0.0.1:0", db_path=tmp_path / "h.db", validate=True, endpoints=("local",)
+            listen="127.0.0.1:0", db=tmp_path / "h.db", validate=True, endpoints=("local",)
         )
     )
     await server.start()

@@ -198,7 +198,9 @@ def writes_later(path: str, seconds: float) -> str:
 
 
 def notes_pid_then_waits(path: str, seconds: float) -> int:
-    Path(path).write_text(str(os.getpid()))
+    # Written whole, then renamed: the test polls for the file and reads it at once.
+    Path(f"{path}.part").write_text(str(os.getpid()))
+    os.replace(f"{path}.part", path)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.02)

@@ -26,7 +26,7 @@ def test_server_agent_client_and_cli_share_the_defaults(monkeypatch: pytest.Monk
     assert server.listen == agent.server == resolve_address(None) == _defaults.DEFAULT_ADDRESS
     assert server.heartbeat_interval == _defaults.HEARTBEAT_INTERVAL
     assert server.effective_heartbeat_timeout == SchedulerConfig().heartbeat_timeout
-    assert server.effective_db_path == tmp_path / "heartline.db"
+    assert server.effective_db == str(tmp_path / "heartline.db")
     assert agent.home == tmp_path == _defaults.home()
     assert agent.token is None and resolve_metadata(None) is None
     assert server.max_payload == SchedulerConfig().max_payload == _defaults.MAX_PAYLOAD

@@ -13,7 +13,7 @@ import pytest
 
 import heartline
 from heartline import Client, Executor, TaskState
-from tests.conftest import Stack
+from tests.conftest import STORE_KINDS, Stack
 from tests.helpers import assert_eventually, start_blocker, wait_state
 
 # The functions below run on the agents' worker processes; ship them by value so the
@@ -24,6 +24,12 @@ TIMEOUT = 20.0  # bound of every wait for a task; far above what any task here n
 
 # The module shares one server and one agent of "local" with 4 workers: the ``stack``
 # fixture of tests/conftest.py (``hc`` is a Client of it).
+
+
+@pytest.fixture(scope="module", params=STORE_KINDS)
+def stack_store_kind(request: pytest.FixtureRequest) -> str:
+    """The module's tests run on a SQLite store, then on a PostgreSQL one."""
+    return request.param
 
 
 # --------------------------------------------------------------------------- remote functions
@@ -90,7 +96,7 @@ def test_executor_reraises_the_remote_exception(stack: Stack) -> None:
             next(results)
 
 
-def test_client_get_result_reraises_and_get_task_keeps_the_error(hc: Client) -> None:
+def test_client_get_result_reraises_and_get_task_keeps_the_error(stack: Stack, hc: Client) -> None:
     tid = hc.submit("local", explode, 3)
     with pytest.raises(heartline.RemoteError) as info:
         hc.get_result(tid, timeout=TIMEOUT)
@@ -106,7 +112,7 @@ def test_client_get_result_reraises_and_get_task_keeps_the_error(hc: Client) -> 
 # --------------------------------------------------------------------------- batch
 
 
-def test_submit_batch_of_2000(hc: Client) -> None:
+def test_submit_batch_of_2000(stack: Stack, hc: Client) -> None:
     n = 2000
     ids = hc.submit_batch("local", [(pow, (2, i), {}) for i in range(n)])
     assert len(ids) == n and len(set(ids)) == n

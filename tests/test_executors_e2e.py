@@ -178,7 +178,9 @@ def dies_with_its_worker_unless(flag: str, pid_file: str, x: int) -> int:
     """Notes its process and waits (the test kills that Dask worker) unless ``flag`` exists."""
     if os.path.exists(flag):
         return x
-    Path(pid_file).write_text(str(os.getpid()))
+    # Written whole, then renamed: the test polls for the file and reads it at once.
+    Path(f"{pid_file}.part").write_text(str(os.getpid()))
+    os.replace(f"{pid_file}.part", pid_file)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         time.sleep(0.02)

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
@@ -24,8 +24,16 @@ import pytest
 import heartline
 from heartline import Client, Executor, TaskState
 from heartline.client import FailureKind
-from tests.conftest import HEARTBEAT, ServerProc, relaunch_server
-from tests.helpers import Proc, agents_online, assert_eventually, run_cli, tail, wait_state
+from tests.conftest import HEARTBEAT, STORE_KINDS, ServerProc, relaunch_server
+from tests.helpers import (
+    Proc,
+    agents_online,
+    assert_eventually,
+    run_cli,
+    tail,
+    wait_state,
+    with_history,
+)
 
 # The functions below run on the agents' worker processes; ship them by value so the
 # workers need not import this test module.
@@ -45,6 +53,12 @@ TERMINAL = frozenset(
 )
 # Causes of the transition that takes a task off an agent that is gone.
 LOST_CAUSES = frozenset({"stream-closed", "heartbeat-timeout", "endpoint-lost"})
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Each test runs on a SQLite store, then on a PostgreSQL one."""
+    return request.param
 
 
 # ------------------------------------------------------------------------ remote functions
@@ -98,14 +112,6 @@ def wait_count(
     assert_eventually(
         check, timeout=timeout, interval=0.02, message=why or f"{n} tasks {state.value}"
     )
-
-
-def with_history(hc: Client, ids: Iterable[str]) -> list[heartline.Task]:
-    ids = list(ids)
-    out: list[heartline.Task] = []
-    for i in range(0, len(ids), 1000):
-        out.extend(hc.get_tasks(ids[i : i + 1000], history=True))
-    return out
 
 
 def assert_settled_once(task: heartline.Task) -> None:

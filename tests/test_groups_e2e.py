@@ -17,7 +17,7 @@ import pytest
 
 import heartline
 from heartline import Client, Executor, Group, GroupStatus, SkipReason, TaskSkippedError, TaskState
-from tests.conftest import ServerProc, Stack, relaunch_server
+from tests.conftest import STORE_KINDS, ServerProc, Stack, relaunch_server
 from tests.helpers import Proc, assert_eventually, grpcurl, heartline_cmd
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -25,6 +25,18 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 TIMEOUT = 60.0  # bound of every wait; far above what any group here needs
 
 # The module shares one server and one agent of "local" (conftest's ``stack``).
+
+
+@pytest.fixture(scope="module", params=STORE_KINDS)
+def stack_store_kind(request: pytest.FixtureRequest) -> str:
+    """The module's tests run on a SQLite store, then on a PostgreSQL one."""
+    return request.param
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Each test runs on a SQLite store, then on a PostgreSQL one."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

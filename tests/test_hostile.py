@@ -400,14 +400,14 @@ async def test_stored_functions_have_a_byte_budget_per_user(tmp_path: Path) -> N
     from heartline.server._rpc import Abort
     from heartline.server._store import SqliteStore
 
-    config = ServerConfig(db_path=tmp_path / "heartline.db", max_function_bytes=3 * MiB)
+    config = ServerConfig(db=tmp_path / "heartline.db", max_function_bytes=3 * MiB)
     rng = random.Random(5)
     payloads = [rng.randbytes(MiB) for _ in range(4)]
 
     async def register(core: ServerCore, payload: bytes, owner: str) -> None:
         await core.register_function(payload, function_id(payload), owner)
 
-    store = SqliteStore(config.effective_db_path)
+    store = SqliteStore(config.effective_db)
     await store.open()
     try:
         core = ServerCore(config, store)
@@ -427,7 +427,7 @@ async def test_stored_functions_have_a_byte_budget_per_user(tmp_path: Path) -> N
         await store.close()
 
     # A restart counts what the store holds.
-    store = SqliteStore(config.effective_db_path)
+    store = SqliteStore(config.effective_db)
     await store.open()
     try:
         core = ServerCore(config, store)

@@ -201,7 +201,7 @@ def _scrape(address: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]
 async def test_a_scrape_takes_its_snapshot_on_the_servers_loop(tmp_path: Path) -> None:
     server = Server(
         ServerConfig(
-            listen="127.0.0.1:0", db_path=tmp_path / "h.db", metrics="127.0.0.1:0", validate=True
+            listen="127.0.0.1:0", db=tmp_path / "h.db", metrics="127.0.0.1:0", validate=True
         )
     )
     await server.start()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("loop_watchdog")
 
 async def test_a_failed_commit_stops_the_server(tmp_path: Path) -> None:
     # Memory would be ahead of the store; only a restart from the store is safe.
-    server = Server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "h.db", validate=True))
+    server = Server(ServerConfig(listen="127.0.0.1:0", db=tmp_path / "h.db", validate=True))
     await server.start()
     try:
 
@@ -33,7 +33,7 @@ async def test_a_failed_commit_stops_the_server(tmp_path: Path) -> None:
 
 
 async def test_a_clean_stop_is_not_a_failure(tmp_path: Path) -> None:
-    server = Server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "h.db", validate=True))
+    server = Server(ServerConfig(listen="127.0.0.1:0", db=tmp_path / "h.db", validate=True))
     await server.start()
     await server.stop(grace=0)
     assert not server.failed.is_set()
@@ -52,7 +52,7 @@ async def test_a_client_giving_up_on_a_command_does_not_drop_its_announcement(
     from heartline import TaskState
     from heartline.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
 
-    server = Server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "h.db", validate=True))
+    server = Server(ServerConfig(listen="127.0.0.1:0", db=tmp_path / "h.db", validate=True))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -103,7 +103,7 @@ async def test_agents_registering_one_name_at_once_get_one_endpoint(tmp_path: Pa
     import asyncio
 
     db = tmp_path / "h.db"
-    server = Server(ServerConfig(listen="127.0.0.1:0", db_path=db, validate=True))
+    server = Server(ServerConfig(listen="127.0.0.1:0", db=db, validate=True))
     await server.start()
     try:
         rows = await asyncio.gather(

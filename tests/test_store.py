@@ -1,12 +1,12 @@
-"""SqliteStore against a real SQLite file: round trips, group commit, ordering, recovery."""
+"""The store contract, against each store (tests/store_kit.py): round trips, group commit,
+ordering, recovery."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import sqlite3
-import threading
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,22 @@ from heartline.server._model import (
     TransitionRow,
     WriteBatch,
 )
-from heartline.server._store import SqliteStore, StoreClosedError
+from heartline.server._store import SqliteStore, Store, StoreClosedError
+from tests import store_kit
+from tests.store_kit import (
+    changes,
+    commit_error,
+    commits_failing,
+    count_commits,
+    duplicate_error,
+    is_sqlite,
+    writer_paused,
+)
+
+# The fixtures: each test that takes `store` or `new_store` runs against every store.
+new_store = store_kit.new_store
+store = store_kit.store
+sqlite_store = store_kit.sqlite_store
 
 S = TaskState
 
@@ -49,41 +64,7 @@ def submitted(*rows: TaskRow) -> WriteBatch:
     )
 
 
-@contextlib.asynccontextmanager
-async def writer_paused(store: SqliteStore) -> AsyncIterator[None]:
-    """Hold the writer thread, so everything queued inside the block forms ONE group."""
-    started, release = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection, arg: None) -> None:
-        started.set()
-        release.wait(30)
-
-    blocker = store._submit(block, None)
-    assert await asyncio.to_thread(started.wait, 30)
-    try:
-        yield
-    finally:
-        release.set()
-        await blocker
-
-
-def count_commits(store: SqliteStore) -> list[int]:
-    commits = [0]
-    real = store._commit
-
-    def counting(conn: sqlite3.Connection) -> None:
-        commits[0] += 1
-        real(conn)
-
-    store._commit = counting  # type: ignore[method-assign]
-    return commits
-
-
-async def total_changes(store: SqliteStore) -> int:
-    return await store._submit(lambda conn, arg: conn.total_changes, None)
-
-
-async def test_round_trip_of_every_field(store: SqliteStore) -> None:
+async def test_round_trip_of_every_field(store: Store) -> None:
     full = task(
         "t-full", endpoint_id="ep-9", function_id="fn-9", args=b"\x00\xffargs", owner="bob",
         state=S.HELD, submit_time=12.5, attempt=3, priority=1, max_retries=4,
@@ -103,7 +84,7 @@ async def test_round_trip_of_every_field(store: SqliteStore) -> None:
     assert await store.get_tasks([]) == {}
 
 
-async def test_get_tasks_many_ids_and_unknowns(store: SqliteStore) -> None:
+async def test_get_tasks_many_ids_and_unknowns(store: Store) -> None:
     rows = [task(f"t{i:04}") for i in range(1200)]  # more ids than one IN (...) chunk
     await store.write(submitted(*rows))
     asked = [r.task_id for r in rows] + ["nope", "t0001"]  # an unknown id and a repeat
@@ -112,7 +93,7 @@ async def test_get_tasks_many_ids_and_unknowns(store: SqliteStore) -> None:
     assert all(len(history) == 1 for _, history in got.values())
 
 
-async def test_update_changes_only_lifecycle_columns(store: SqliteStore) -> None:
+async def test_update_changes_only_lifecycle_columns(store: Store) -> None:
     await store.write(submitted(task("t1")))
     changed = task(
         "t1", state=S.ERRORED, attempt=2, start_time=5.0, settle_time=6.0, raised_count=1,
@@ -123,11 +104,11 @@ async def test_update_changes_only_lifecycle_columns(store: SqliteStore) -> None
     assert row == changed._replace(args=b"args:t1", function_id="fn-1")
 
 
-async def test_updates_of_one_task_in_a_group_are_coalesced(store: SqliteStore) -> None:
+async def test_updates_of_one_task_in_a_group_are_coalesced(store: Store) -> None:
     await store.write(submitted(task("t1")))
     steps = [S.WAITING_FOR_EP, S.DISPATCHED, S.WAITING_FOR_NODES, S.WAITING_FOR_LAUNCH, S.RUNNING]
-    before = await total_changes(store)
     async with writer_paused(store):
+        before = changes(store)
         futures = [
             store.write(
                 WriteBatch(
@@ -135,7 +116,7 @@ async def test_updates_of_one_task_in_a_group_are_coalesced(store: SqliteStore) 
                     transitions=(TransitionRow("t1", start, finish, "agent", 1.0 + i, 1),),
                 )
             )
-            for i, (start, finish) in enumerate(zip(steps, steps[1:], strict=False))
+            for i, (start, finish) in enumerate(itertools.pairwise(steps))
         ]
         # A batch with history and no snapshot of its task appends to the same UPDATE.
         futures.append(
@@ -143,20 +124,21 @@ async def test_updates_of_one_task_in_a_group_are_coalesced(store: SqliteStore) 
                 WriteBatch(transitions=(TransitionRow("t1", S.RUNNING, S.RUNNING, "x", 9.0, 1),))
             )
         )
+        after = changes(store)
     await asyncio.gather(*futures)
     # One UPDATE for four queued ones: the last snapshot wins, the histories join in order.
-    assert await total_changes(store) - before == 1
+    assert await after - await before == 1
     row, history = (await store.get_tasks(["t1"], include_history=True))["t1"]
     assert row.state is S.RUNNING
     assert [(t.from_state, t.to_state, t.time) for t in history] == [
         (None, S.WAITING_FOR_EP, 100.0),
-        *[(a, b, 1.0 + i) for i, (a, b) in enumerate(zip(steps, steps[1:], strict=False))],
+        *[(a, b, 1.0 + i) for i, (a, b) in enumerate(itertools.pairwise(steps))],
         (S.RUNNING, S.RUNNING, 9.0),
     ]
 
 
 async def test_output_is_written_apart_from_the_row_and_the_last_one_wins(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     await store.write(submitted(task("t1"), task("t2")))
     running = task("t1", state=S.RUNNING)
@@ -196,7 +178,7 @@ async def test_output_is_written_apart_from_the_row_and_the_last_one_wins(
     assert (row.stdout, row.stderr) == ("", "")
 
 
-async def test_a_malformed_output_fails_its_own_batch_only(store: SqliteStore) -> None:
+async def test_a_malformed_output_fails_its_own_batch_only(store: Store) -> None:
     await store.write(submitted(task("t1")))
     bad = store.write(WriteBatch(outputs=(OutputRow("t1", b"bytes", ""),)))  # type: ignore[arg-type]
     good = store.write(WriteBatch(outputs=(OutputRow("t1", "fine", ""),)))
@@ -206,7 +188,7 @@ async def test_a_malformed_output_fails_its_own_batch_only(store: SqliteStore) -
     assert (await store.get_tasks(["t1"]))["t1"][0].stdout == "fine"
 
 
-async def test_history_keeps_every_field_and_any_cause(store: SqliteStore) -> None:
+async def test_history_keeps_every_field_and_any_cause(store: Store) -> None:
     await store.write(submitted(task("t1")))
     odd = TransitionRow(
         "t1", S.WAITING_FOR_EP, S.ERRORED, "raised ValueError('a\x1fb\x1ec')\n\tline 2",
@@ -220,7 +202,7 @@ async def test_history_keeps_every_field_and_any_cause(store: SqliteStore) -> No
     assert got.time == 1764624000.123456789
 
 
-async def test_history_is_in_insertion_order(store: SqliteStore) -> None:
+async def test_history_is_in_insertion_order(store: Store) -> None:
     await store.write(submitted(task("t1"), task("t2")))
     # Times out of order on purpose: history follows insertion, not the clock.
     await store.write(
@@ -246,7 +228,7 @@ async def test_history_is_in_insertion_order(store: SqliteStore) -> None:
     assert (await store.get_tasks(["t1"]))["t1"][1] == []  # history only when asked
 
 
-async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> None:
+async def test_list_tasks_filters_and_keyset_pagination(store: Store) -> None:
     rows = [
         task(
             f"t{i:02}",
@@ -255,7 +237,7 @@ async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> N
             endpoint_id="ep-a" if i % 2 else "ep-b",
             state=S.SUCCEEDED if i % 4 == 0 else S.RUNNING,
             result=b"big result" if i % 4 == 0 else None,
-        )  # fmt: skip
+        )
         for i in range(20)
     ]
     await store.write(submitted(*rows))
@@ -266,7 +248,7 @@ async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> N
         pages.append([r.task_id for r in page])
         after = (page[-1].submit_time, page[-1].task_id)
     assert [len(p) for p in pages] == [6, 6, 6, 2]
-    assert sum(pages, []) == [r.task_id for r in newest_first]
+    assert [task_id for page in pages for task_id in page] == [r.task_id for r in newest_first]
 
     def ids(**f: object) -> list[str]:
         return [r.task_id for r in newest_first if all(getattr(r, k) == v for k, v in f.items())]
@@ -284,7 +266,7 @@ async def test_list_tasks_filters_and_keyset_pagination(store: SqliteStore) -> N
         await store.list_tasks(limit=0)
 
 
-async def test_load_unsettled_takes_pending_and_errored_only(store: SqliteStore) -> None:
+async def test_load_unsettled_takes_pending_and_errored_only(store: Store) -> None:
     rows = [task(f"t-{s.name}", state=s, submit_time=float(-i)) for i, s in enumerate(TaskState)]
     await store.write(submitted(*rows))
     lost = task("t-lost", submit_time=99.0, interrupted=True)
@@ -301,7 +283,7 @@ async def test_load_unsettled_takes_pending_and_errored_only(store: SqliteStore)
     assert all(r.endpoint_id is got[0].endpoint_id and r.owner is got[0].owner for r in got)
 
 
-async def test_functions_endpoints_and_counts(store: SqliteStore) -> None:
+async def test_functions_endpoints_and_counts(store: Store) -> None:
     await store.write(
         WriteBatch(
             functions=(FunctionRow("fn-1", b"pickle-1", "alice", 1.0),),
@@ -338,16 +320,15 @@ async def test_functions_endpoints_and_counts(store: SqliteStore) -> None:
     assert (await store.count_by_state("bob"))[S.WAITING_FOR_EP] == 0
 
 
-async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "heartline.db"
-    first = SqliteStore(path)
+async def test_data_survives_close_and_reopen(new_store: Callable[[], Store]) -> None:
+    first = new_store()
     await first.open()
     done = task("t1", state=S.SUCCEEDED, result=b"1024", settle_time=3.0)
     await first.write(submitted(done))
     await first.write(WriteBatch(functions=(FunctionRow("fn-1", b"p", "alice", 1.0),)))
     await first.close()
 
-    second = SqliteStore(path)
+    second = new_store()
     await second.open()
     try:
         got = await second.get_tasks(["t1"], include_history=True)
@@ -358,7 +339,7 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_duplicate_task_fails_only_its_own_batch(store: SqliteStore) -> None:
+async def test_duplicate_task_fails_only_its_own_batch(store: Store) -> None:
     await store.write(submitted(task("old")))
     commits = count_commits(store)
     async with writer_paused(store):
@@ -366,7 +347,7 @@ async def test_duplicate_task_fails_only_its_own_batch(store: SqliteStore) -> No
         duplicate = store.write(submitted(task("b"), task("old")))
         good_after = store.write(submitted(task("c")))
     await good_before
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(duplicate_error(store)):
         await duplicate
     await good_after
     assert commits[0] == 2  # the blocker's group, then ONE commit for all three batches
@@ -375,7 +356,7 @@ async def test_duplicate_task_fails_only_its_own_batch(store: SqliteStore) -> No
     assert len(got["old"][1]) == 1  # the duplicate's transition was rolled back too
 
 
-async def test_purge_results(store: SqliteStore) -> None:
+async def test_purge_results(store: Store) -> None:
     rows = [
         task("old-ok", state=S.SUCCEEDED, settle_time=10.0, result=b"r"),
         task("old-cancelled", state=S.CANCELLED, settle_time=10.0),
@@ -395,7 +376,7 @@ async def test_purge_results(store: SqliteStore) -> None:
         assert got[r.task_id][0] == r
 
 
-async def test_a_read_sees_every_write_queued_before_it(store: SqliteStore) -> None:
+async def test_a_read_sees_every_write_queued_before_it(store: Store) -> None:
     written = store.write(submitted(task("t1")))
     updated = store.write(WriteBatch(task_updates=(task("t1", state=S.DISPATCHED),)))
     got = await store.get_tasks(["t1"])  # not awaiting the writes first
@@ -404,9 +385,8 @@ async def test_a_read_sees_every_write_queued_before_it(store: SqliteStore) -> N
     assert (await store.count_by_state())[S.DISPATCHED] == 1
 
 
-async def test_close_flushes_queued_writes(tmp_path: Path) -> None:
-    path = tmp_path / "heartline.db"
-    s = SqliteStore(path)
+async def test_close_flushes_queued_writes(new_store: Callable[[], Store]) -> None:
+    s = new_store()
     await s.open()
     futures = [s.write(submitted(task(f"t{i}"))) for i in range(50)]
     await s.close()
@@ -417,7 +397,7 @@ async def test_close_flushes_queued_writes(tmp_path: Path) -> None:
     with pytest.raises(StoreClosedError):
         await s.get_tasks(["t1"])
 
-    reopened = SqliteStore(path)
+    reopened = new_store()
     await reopened.open()
     try:
         assert len(await reopened.get_tasks([f"t{i}" for i in range(50)])) == 50
@@ -426,40 +406,39 @@ async def test_close_flushes_queued_writes(tmp_path: Path) -> None:
 
 
 async def test_a_failed_commit_reaches_the_futures_and_the_writer_lives_on(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
-    real = store._commit
-    calls = [0]
+    error = commit_error(store)
+    with commits_failing(store, error) as calls:
+        async with writer_paused(store):  # the first commit is the blocker's own group
+            lost = [store.write(submitted(task("t1"))), store.write(submitted(task("t2")))]
+            read = asyncio.create_task(store.get_tasks(["t1"]))
+            await asyncio.sleep(0)  # one loop turn: the read runs up to its enqueue
+        for fut in lost:
+            with pytest.raises(type(error), match="disk I/O"):
+                await fut
+        with pytest.raises(type(error)):
+            await read  # it saw a write that was then rolled back
+        assert calls[0] == 2
 
-    def broken(conn: sqlite3.Connection) -> None:
-        calls[0] += 1
-        if calls[0] > 1:  # the first commit is the blocker's own group
-            raise sqlite3.OperationalError("disk I/O error")
-        real(conn)
-
-    store._commit = broken  # type: ignore[method-assign]
-    async with writer_paused(store):
-        lost = [store.write(submitted(task("t1"))), store.write(submitted(task("t2")))]
-        read = asyncio.create_task(store.get_tasks(["t1"]))
-        await asyncio.sleep(0)  # one loop turn: the read runs up to its enqueue
-    for fut in lost:
-        with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
-            await fut
-    with pytest.raises(sqlite3.OperationalError):
-        await read  # it saw a write that was then rolled back
-
-    assert calls[0] == 2
-    store._commit = real  # type: ignore[method-assign]
     await store.write(submitted(task("t3")))
     assert set(await store.get_tasks(["t1", "t2", "t3"])) == {"t3"}
 
 
-async def test_close_of_a_never_opened_store_is_a_no_op(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "never.db")
+async def test_close_of_a_never_opened_store_is_a_no_op(
+    new_store: Callable[[], Store], tmp_path: Path
+) -> None:
+    s = new_store()
     await s.close()
-    assert not (tmp_path / "never.db").exists()
+    await s.close()
     with pytest.raises(StoreClosedError):
         s.write(WriteBatch())
+    with pytest.raises(StoreClosedError):
+        await s.get_request("r")
+    with pytest.raises(RuntimeError, match="opens once"):
+        await s.open()
+    if is_sqlite(s):
+        assert not (tmp_path / "heartline.db").exists()
 
 
 async def test_open_fails_cleanly_on_a_bad_path(tmp_path: Path) -> None:
@@ -468,12 +447,12 @@ async def test_open_fails_cleanly_on_a_bad_path(tmp_path: Path) -> None:
         await s.open()
 
 
-async def test_wal_mode_is_on(store: SqliteStore, tmp_path: Path) -> None:
-    mode = await store._submit(
+async def test_wal_mode_is_on(sqlite_store: SqliteStore) -> None:
+    mode = await sqlite_store._submit(
         lambda conn, arg: conn.execute("PRAGMA journal_mode").fetchone(), None
     )
     assert mode == ("wal",)
-    sync = await store._submit(
+    sync = await sqlite_store._submit(
         lambda conn, arg: conn.execute("PRAGMA synchronous").fetchone(), None
     )
     assert sync == (1,)  # NORMAL

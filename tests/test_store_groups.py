@@ -1,15 +1,16 @@
-"""SqliteStore and task groups: groups, their members and state, the group columns of
-tasks, and the reads the scheduler's restore makes (SPEC section 4)."""
+"""The stores and task groups: groups, their members and state, the group columns of
+tasks, and the reads the scheduler's restore makes (SPEC section 4); against each store
+(tests/store_kit.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
+from heartline.server import _pgstore
 from heartline.server._model import (
     FunctionRow,
     GroupMember,
@@ -21,8 +22,22 @@ from heartline.server._model import (
     WhenRow,
     WriteBatch,
 )
-from heartline.server._store import _PENDING_GROUP_TASKS, SqliteStore
-from tests.test_store import count_commits, task, total_changes, writer_paused
+from heartline.server._store import _PENDING_GROUP_TASKS, Store
+from tests import store_kit
+from tests.store_kit import (
+    changes,
+    count_commits,
+    duplicate_error,
+    is_sqlite,
+    query,
+    uses_index,
+    writer_paused,
+)
+from tests.test_store import task
+
+# The fixtures: each test that takes `store` or `new_store` runs against every store.
+new_store = store_kit.new_store
+store = store_kit.store
 
 S = TaskState
 MEMBERS = (
@@ -90,7 +105,7 @@ def submitted_group(g: GroupRow, *tasks: TaskRow, **more: object) -> WriteBatch:
     )
 
 
-async def test_a_group_and_its_tasks_round_trip(store: SqliteStore) -> None:
+async def test_a_group_and_its_tasks_round_trip(store: Store) -> None:
     g = group("g-1", owner="bob", endpoint_id="ep-9", submit_time=12.5, fail_fast=True,
               timeout=600.0, members=MEMBERS)  # fmt: skip
     tasks = member_tasks(g)
@@ -124,7 +139,7 @@ async def test_a_group_and_its_tasks_round_trip(store: SqliteStore) -> None:
     assert unsettled["t-notify"] == tasks[3].to_record() and "t-report" not in unsettled
 
 
-async def test_a_group_of_none_keeps_empty_fields(store: SqliteStore) -> None:
+async def test_a_group_of_none_keeps_empty_fields(store: Store) -> None:
     g = group("g-bare", members=(GroupMember("only", "t-only"),))
     await store.write(submitted_group(g, task("t-only", group_id="g-bare", name="only")))
     assert await store.get_group("g-bare") == (g, fresh("g-bare"))
@@ -132,7 +147,7 @@ async def test_a_group_of_none_keeps_empty_fields(store: SqliteStore) -> None:
     assert (row.inputs, row.skip_reason) == ((), None)
 
 
-async def test_task_updates_write_the_skip_reason(store: SqliteStore) -> None:
+async def test_task_updates_write_the_skip_reason(store: Store) -> None:
     g = group("g-1", members=MEMBERS)
     await store.write(submitted_group(g, *member_tasks(g)))
     skipped = member_tasks(g)[1]._replace(
@@ -148,7 +163,7 @@ async def test_task_updates_write_the_skip_reason(store: SqliteStore) -> None:
     assert (await store.get_tasks(["t-lint"]))["t-lint"][0].skip_reason is None
 
 
-async def test_group_state_updates(store: SqliteStore) -> None:
+async def test_group_state_updates(store: Store) -> None:
     g = group("g-1", members=MEMBERS)
     running = GroupStateRow("g-1", GroupStatus.NONE, True, (1, 0, 0, 0, 2), None, False, None)
     # A state row in the group's own submit batch is applied after its insert.
@@ -165,16 +180,17 @@ async def test_group_state_updates(store: SqliteStore) -> None:
 
     # Several states of one group in one commit: one UPDATE, the last one wins.
     steps = [done._replace(counts=(i, 0, 0, 0, 0), status=GroupStatus.COMPLETED) for i in range(4)]
-    before = await total_changes(store)
     async with writer_paused(store):
+        before = changes(store)
         futures = [store.write(WriteBatch(group_states=(s,))) for s in steps]
+        after = changes(store)
     for f in futures:
         await f
-    assert await total_changes(store) - before == 1
+    assert await after - await before == 1
     assert await store.get_group("g-1") == (g, steps[-1])
 
 
-async def test_list_groups_newest_first_with_filters_and_pages(store: SqliteStore) -> None:
+async def test_list_groups_newest_first_with_filters_and_pages(store: Store) -> None:
     groups = [
         group(f"g-{i:02}", submit_time=float(i // 2), owner="bob" if i % 3 == 0 else "alice",
               members=(GroupMember("a", f"t-{i:02}"),))
@@ -210,7 +226,7 @@ async def test_list_groups_newest_first_with_filters_and_pages(store: SqliteStor
         await store.list_groups(limit=0)
 
 
-async def test_load_pending_groups(store: SqliteStore) -> None:
+async def test_load_pending_groups(store: Store) -> None:
     a = group("g-a", submit_time=2.0, members=MEMBERS)
     a_tasks = list(member_tasks(a))
     a_tasks[0] = a_tasks[0]._replace(state=S.SUCCEEDED, result=b"r", settle_time=3.0)
@@ -236,17 +252,14 @@ async def test_load_pending_groups(store: SqliteStore) -> None:
     }
 
     # The group's tasks are found through the partial index, not a scan of every task.
-    plan = await store._submit(
-        lambda conn, arg: conn.execute(f"EXPLAIN QUERY PLAN {_PENDING_GROUP_TASKS}").fetchall(),
-        None,
-    )
-    assert any("USING INDEX tasks_group" in row[-1] for row in plan), plan
+    sql = _PENDING_GROUP_TASKS if is_sqlite(store) else _pgstore._PENDING_GROUP_TASKS
+    assert await uses_index(store, sql, "tasks_group")
 
     await store.write(WriteBatch(group_states=(fresh("g-c")._replace(pending=False),)))
     assert [g.group_id for g, _, _ in await store.load_pending_groups()] == ["g-a"]
 
 
-async def test_load_results(store: SqliteStore) -> None:
+async def test_load_results(store: Store) -> None:
     rows = [task(f"t{i:04}", state=S.SUCCEEDED, result=f"r{i}".encode()) for i in range(1100)]
     rows += [task("failed", state=S.FAILED), task("running", state=S.RUNNING)]
     await store.write(WriteBatch(new_tasks=tuple(rows)))
@@ -261,19 +274,18 @@ async def test_load_results(store: SqliteStore) -> None:
     assert await store.load_results([]) == {}
 
 
-async def test_groups_survive_close_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "heartline.db"
+async def test_groups_survive_close_and_reopen(new_store: Callable[[], Store]) -> None:
     g = group("g-1", members=MEMBERS, timeout=30.0)
     tasks = member_tasks(g)
     state = GroupStateRow("g-1", GroupStatus.NONE, True, (0, 0, 1, 0, 2), None, True, None)
     skipped = tasks[2]._replace(state=S.SKIPPED, skip_reason=SkipReason.GROUP_TIMED_OUT)
-    first = SqliteStore(path)
+    first = new_store()
     await first.open()
     await first.write(submitted_group(g, *tasks))
     await first.write(WriteBatch(task_updates=(skipped,), group_states=(state,)))
     await first.close()
 
-    second = SqliteStore(path)
+    second = new_store()
     await second.open()
     try:
         assert await second.get_group("g-1") == (g, state)
@@ -286,7 +298,7 @@ async def test_groups_survive_close_and_reopen(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_a_failed_group_insert_stores_nothing_of_its_batch(store: SqliteStore) -> None:
+async def test_a_failed_group_insert_stores_nothing_of_its_batch(store: Store) -> None:
     old = group("g-old", members=MEMBERS)
     await store.write(submitted_group(old, *member_tasks(old)))
     before_tasks = await store.get_tasks(["t-fetch"], include_history=True)
@@ -308,7 +320,7 @@ async def test_a_failed_group_insert_stores_nothing_of_its_batch(store: SqliteSt
         failed = store.write(bad)
         good_after = store.write(submitted_group(c, task("t-c", group_id="g-c", name="c")))
     await good_before
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(duplicate_error(store)):
         await failed
     await good_after
     assert commits[0] == 2  # the blocker's group, then ONE commit for all three batches
@@ -319,13 +331,11 @@ async def test_a_failed_group_insert_stores_nothing_of_its_batch(store: SqliteSt
     assert await store.get_tasks(["t-fetch"], include_history=True) == before_tasks
     assert await store.get_function("fn-bad") is None
     assert await store.get_request("req-bad") is None
-    members = await store._submit(
-        lambda conn, arg: conn.execute("SELECT group_id FROM group_members").fetchall(), None
-    )
+    members = await query(store, "SELECT group_id FROM group_members")
     assert sorted(members) == [("g-a",), ("g-c",), ("g-old",)]
 
 
-async def test_a_malformed_group_state_fails_only_its_batch(store: SqliteStore) -> None:
+async def test_a_malformed_group_state_fails_only_its_batch(store: Store) -> None:
     g = group("g-1", members=(GroupMember("a", "t-a"),))
     await store.write(submitted_group(g, task("t-a", group_id="g-1", name="a")))
     bad = GroupStateRow("g-1", GroupStatus.FAILED, False, (1, 0, 0, 0), None, False, 1.0)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""SqliteStore.purge_results: payloads of old settled tasks, and the functions nothing needs."""
+"""Store.purge_results: payloads of old settled tasks, and the functions nothing needs;
+against each store (tests/store_kit.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from pathlib import Path
 
 from heartline._states import TaskState
 from heartline.server._model import FunctionRow, OutputRow, TaskRow, TransitionRow, WriteBatch
-from heartline.server._store import SqliteStore
+from heartline.server._store import SqliteStore, Store
+from tests import store_kit
+
+# The fixtures: each test that takes `store` runs against every store.
+new_store = store_kit.new_store
+store = store_kit.store
 
 S = TaskState
 CUTOFF = 1000.0
@@ -28,11 +34,11 @@ def function(function_id: str, register_time: float) -> FunctionRow:
     return FunctionRow(function_id, b"pickle:" + function_id.encode(), "alice", register_time)
 
 
-async def stored(store: SqliteStore, ids: list[str]) -> set[str]:
+async def stored(store: Store, ids: list[str]) -> set[str]:
     return {fid for fid in ids if await store.get_function(fid) is not None}
 
 
-async def test_functions_go_with_the_last_payload_that_uses_them(store: SqliteStore) -> None:
+async def test_functions_go_with_the_last_payload_that_uses_them(store: Store) -> None:
     functions = [
         function("old-done", 5.0),  # its only task is purged now: goes
         function("old-done-twice", 5.0),  # two old tasks, both purged: goes
@@ -75,7 +81,7 @@ async def test_functions_go_with_the_last_payload_that_uses_them(store: SqliteSt
     assert "old-in-memory" not in await stored(store, ids)
 
 
-async def test_a_function_registered_again_after_its_purge_is_back(store: SqliteStore) -> None:
+async def test_a_function_registered_again_after_its_purge_is_back(store: Store) -> None:
     await store.write(WriteBatch(functions=(function("f", 5.0),)))
     await store.purge_results(CUTOFF)
     assert await store.get_function("f") is None
@@ -96,7 +102,7 @@ async def test_the_candidates_are_read_without_the_payloads(tmp_path: Path) -> N
     assert "COVERING INDEX functions_registered" in " ".join(str(row[-1]) for row in plan)
 
 
-async def test_the_purge_clears_the_output_of_the_tasks_it_purges(store: SqliteStore) -> None:
+async def test_the_purge_clears_the_output_of_the_tasks_it_purges(store: Store) -> None:
     tasks = [task("old", "f", S.SUCCEEDED, 50.0), task("recent", "f", S.FAILED, CUTOFF + 5)]
     await store.write(
         WriteBatch(
