@@ -1,12 +1,12 @@
 """Rows to tuples and back: the half of the stores that knows no SQL dialect.
 
-Both stores (server/_store.py's SQLite one, server/_pgstore.py's PostgreSQL one) keep the
-same tables and columns, so they share how a row becomes the parameters of a statement,
-how a selected row becomes a TaskRow, TaskRecord or group, the form of a task's history,
-and the bookkeeping that coalesces a commit group's updates (``_Updates``). Selects list
-their columns in the order given here (``_TASK_COLUMNS``, ``_GROUP_COLUMNS``), so the
-readers below take them by position. These run for every row a store writes or reads:
-keep them free of per-row work a store does not need.
+Both stores (server/_store.py's SQLite one, server/_pgstore.py's PostgreSQL one, its SQL
+in server/_pgsql.py) keep the same tables and columns, so they share how a row becomes the
+parameters of a statement, how a selected row becomes a TaskRow, TaskRecord or group, the
+form of a task's history, and the bookkeeping that coalesces a commit group's updates
+(``Updates``). Selects list their columns in the order given here (``TASK_COLUMNS``,
+``GROUP_COLUMNS``), so the readers below take them by position. These run for every row a
+store writes or reads: keep them free of per-row work a store does not need.
 """
 
 from __future__ import annotations
@@ -29,33 +29,52 @@ from heartline.server._model import (
     WriteBatch,
 )
 
-_TASK_COLUMNS = (
+__all__ = [
+    "GROUP_COLUMNS",
+    "SKIP_OF",
+    "STATE_OF",
+    "TASK_COLUMNS",
+    "UNSETTLED",
+    "Changes",
+    "Records",
+    "Updates",
+    "changes",
+    "group_params",
+    "group_rows",
+    "histories",
+    "history_rows",
+    "members_json",
+    "task_params",
+    "task_row",
+]
+
+TASK_COLUMNS = (
     "task_id, endpoint_id, function_id, owner, state, submit_time, attempt, priority,"
     " max_retries, max_system_retries, walltime, start_time, settle_time, held_from, result,"
     " error_type, error_message, error_traceback, error_kind, raised_count, system_failures,"
     " resubmitted_from, group_id, payload_purged, name, inputs, skip_reason, interrupted"
 )
-"""The columns ``_task_params`` fills, in its order (then ``history``). Selects put the
+"""The columns ``task_params`` fills, in its order (then ``history``). Selects put the
 task's args after ``function_id``, then (``get_tasks``) stdout, stderr and the history:
-TaskRow's order, which ``_task_row`` and ``_task_record`` read by position."""
-_GROUP_COLUMNS = (
+TaskRow's order, which ``task_row`` and ``_task_record`` read by position."""
+GROUP_COLUMNS = (
     "group_id, name, owner, endpoint_id, submit_time, fail_fast, timeout, status, pending,"
     " n_succeeded, n_failed, n_skipped, n_cancelled, n_none, cancel_mode, timed_out,"
     " settle_time"
 )
 """GroupRow's columns, then GroupStateRow's: selects list them (then the members) in this
-order, which ``_group_rows`` reads by position."""
+order, which ``group_rows`` reads by position."""
 _HISTORY = "from\x1fto\x1fcause\x1ftime\x1fattempt\x1e"
 """The form of one transition in ``tasks.history``: ASCII unit separators between the
 fields and a record separator after each (neither can be in a state; a cause loses
 them). ``from`` is empty for the submit transition, ``time`` is the float's repr."""
-_UNSETTLED = [s.value for s in PENDING_STATES] + [TaskState.ERRORED.value]
+UNSETTLED = [s.value for s in PENDING_STATES] + [TaskState.ERRORED.value]
 """The states ``load_unsettled`` reads: what a restarted scheduler resumes."""
 _NO_ERROR = (None, None, None, None)
 # Hot paths: `._value_` is the plain attribute behind the `.value` property (5x faster),
 # and a dict lookup is TaskState(value) without the enum machinery.
-_STATE_OF: dict[str, TaskState] = {s.value: s for s in TaskState}
-_SKIP_OF: dict[str, SkipReason] = {r.value: r for r in SkipReason}
+STATE_OF: dict[str, TaskState] = {s.value: s for s in TaskState}
+SKIP_OF: dict[str, SkipReason] = {r.value: r for r in SkipReason}
 _GROUP_STATUS_OF: dict[str, GroupStatus] = {g.value: g for g in GroupStatus}
 _CANCEL_OF: dict[str, CancelMode] = {m.value: m for m in CancelMode}
 
@@ -64,7 +83,7 @@ def _error_params(e: ErrorInfo | None) -> tuple[Any, ...]:
     return _NO_ERROR if e is None else (e.type_name, e.message, e.traceback, e.failure_kind)
 
 
-def _task_params(r: TaskRow, history: str) -> tuple[Any, ...]:
+def task_params(r: TaskRow, history: str) -> tuple[Any, ...]:
     return (
         r.task_id, r.endpoint_id, r.function_id, r.owner, r.state._value_,
         r.submit_time, r.attempt, r.priority, r.max_retries, r.max_system_retries, r.walltime,
@@ -84,7 +103,7 @@ def _update_params(r: TaskRow) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _histories(transitions: Sequence[TransitionRow]) -> dict[str, str]:
+def histories(transitions: Sequence[TransitionRow]) -> dict[str, str]:
     """task_id -> its transitions of ``transitions`` in ``_HISTORY`` form, in order."""
     parts: dict[str, list[str]] = {}
     for t in transitions:
@@ -100,7 +119,7 @@ def _histories(transitions: Sequence[TransitionRow]) -> dict[str, str]:
     return {task_id: "".join(records) for task_id, records in parts.items()}
 
 
-def _history_rows(task_id: str, history: str) -> list[TransitionRow]:
+def history_rows(task_id: str, history: str) -> list[TransitionRow]:
     """The transitions a ``tasks.history`` value holds, oldest first."""
     rows = []
     for record in history.split("\x1e")[:-1]:
@@ -108,8 +127,8 @@ def _history_rows(task_id: str, history: str) -> list[TransitionRow]:
         rows.append(
             TransitionRow(
                 task_id,
-                _STATE_OF[start] if start else None,
-                _STATE_OF[finish],
+                STATE_OF[start] if start else None,
+                STATE_OF[finish],
                 cause,
                 float(when),
                 int(attempt),
@@ -118,16 +137,16 @@ def _history_rows(task_id: str, history: str) -> list[TransitionRow]:
     return rows
 
 
-def _task_row(c: Sequence[Any]) -> TaskRow:
+def task_row(c: Sequence[Any]) -> TaskRow:
     return TaskRow(
         task_id=c[0], endpoint_id=c[1], function_id=c[2], args=c[3], owner=c[4],
-        state=_STATE_OF[c[5]], submit_time=c[6], attempt=c[7], priority=c[8],
+        state=STATE_OF[c[5]], submit_time=c[6], attempt=c[7], priority=c[8],
         max_retries=c[9], max_system_retries=c[10], walltime=c[11], start_time=c[12],
-        settle_time=c[13], held_from=None if c[14] is None else _STATE_OF[c[14]], result=c[15],
+        settle_time=c[13], held_from=None if c[14] is None else STATE_OF[c[14]], result=c[15],
         error=None if c[16] is None else ErrorInfo(c[16], c[17], c[18], c[19]),
         raised_count=c[20], system_failures=c[21], resubmitted_from=c[22], group_id=c[23],
         payload_purged=bool(c[24]), name=c[25], inputs=tuple(c[26].split(",")) if c[26] else (),
-        skip_reason=None if c[27] is None else _SKIP_OF[c[27]], interrupted=bool(c[28]),
+        skip_reason=None if c[27] is None else SKIP_OF[c[27]], interrupted=bool(c[28]),
         stdout=(c[29] or "") if len(c) > 29 else "", stderr=(c[30] or "") if len(c) > 30 else "",
     )  # fmt: skip
 
@@ -138,27 +157,27 @@ def _task_record(c: Sequence[Any], share: Callable[[Any, Any], Any]) -> TaskReco
     setdefault): a database driver makes a new object per row, 250 bytes a task of copies
     otherwise.
 
-    The same column mapping as ``_task_row(c).to_record()``, spelled out: going through
+    The same column mapping as ``task_row(c).to_record()``, spelled out: going through
     a TaskRow costs a restart 4 s more per million tasks. tests/test_store.py holds the
     two equal for every column, in every store
     (test_load_unsettled_takes_pending_and_errored_only)."""
     return TaskRecord(
         c[0], share(c[1], c[1]), share(c[2], c[2]), c[3], share(c[4], c[4]),
-        _STATE_OF[c[5]], c[6], c[7], c[8], c[9], c[10], share(c[11], c[11]), c[12], c[13],
-        None if c[14] is None else _STATE_OF[c[14]], c[15],
+        STATE_OF[c[5]], c[6], c[7], c[8], c[9], c[10], share(c[11], c[11]), c[12], c[13],
+        None if c[14] is None else STATE_OF[c[14]], c[15],
         None if c[16] is None else ErrorInfo(c[16], c[17], c[18], c[19]),
         c[20], c[21], c[22], c[23], bool(c[24]),
         Standing.LOST if c[28] else Standing.FRESH,
         c[25], tuple(c[26].split(",")) if c[26] else (),
-        None if c[27] is None else _SKIP_OF[c[27]],
+        None if c[27] is None else SKIP_OF[c[27]],
     )  # fmt: skip
 
 
-def _group_params(g: GroupRow) -> tuple[Any, ...]:
+def group_params(g: GroupRow) -> tuple[Any, ...]:
     return (g.group_id, g.name, g.owner, g.endpoint_id, g.submit_time, g.fail_fast, g.timeout)
 
 
-def _members_json(g: GroupRow) -> tuple[str, str]:
+def members_json(g: GroupRow) -> tuple[str, str]:
     # NamedTuples encode as JSON arrays in their field order (see the schema).
     return (g.group_id, json.dumps(g.members, separators=(",", ":")))
 
@@ -181,7 +200,7 @@ def _group_state_params(g: GroupStateRow) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _group_rows(c: Sequence[Any]) -> tuple[GroupRow, GroupStateRow]:
+def group_rows(c: Sequence[Any]) -> tuple[GroupRow, GroupStateRow]:
     """A row of _SELECT_GROUPS (members ``()`` when the select left them NULL)."""
     group = GroupRow(
         group_id=c[0], name=c[1], owner=c[2], endpoint_id=c[3], submit_time=c[4],
@@ -196,7 +215,7 @@ def _group_rows(c: Sequence[Any]) -> tuple[GroupRow, GroupStateRow]:
     return group, state
 
 
-class _Records:
+class Records:
     """TaskRecords made from rows of a select of tasks ordered by submit_time, fed in
     one go (SQLite's cursor) or in chunks (PostgreSQL's)."""
 
@@ -223,7 +242,7 @@ class _Records:
         self._submit_time = submit_time
 
 
-_Changes = tuple[
+Changes = tuple[
     list[tuple[str, tuple[Any, ...]]],
     dict[str, str],
     list[tuple[str, tuple[Any, ...]]],
@@ -233,7 +252,7 @@ _Changes = tuple[
 history it appends, its group states (by group id) and its outputs (by task id)."""
 
 
-def _changes(batch: WriteBatch, history: dict[str, str]) -> _Changes:
+def changes(batch: WriteBatch, history: dict[str, str]) -> Changes:
     """What ``batch`` changes in rows it did not insert (``history``: the history it
     appends to them), as parameters, checked: a store converts them inside the batch's
     savepoint, so a malformed row fails only its own batch."""
@@ -249,7 +268,7 @@ def _changes(batch: WriteBatch, history: dict[str, str]) -> _Changes:
     return task_updates, history, group_updates, outputs
 
 
-class _Updates:
+class Updates:
     """The UPDATEs of a group's batches, applied together: the last update of a task (or
     of a group's state) in the group wins, as each one replaces the stored columns, while
     the history each batch appends to a task is joined in order. So a task pays one
@@ -270,7 +289,7 @@ class _Updates:
         self.outputs: dict[str, tuple[str, str]] = {}
         """task_id -> (stdout, stderr): the last output of a task in the group wins."""
 
-    def add(self, changes: _Changes) -> None:
+    def add(self, changes: Changes) -> None:
         tasks, history, groups, outputs = changes
         self.tasks.update(tasks)
         mine = self.history
@@ -319,4 +338,4 @@ class _Updates:
 
 
 _NOTHING: tuple[tuple[()], tuple[()], tuple[()], tuple[()]] = ((), (), (), ())
-"""What ``_Updates.take`` gives when nothing is due."""
+"""What ``Updates.take`` gives when nothing is due."""

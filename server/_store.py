@@ -49,31 +49,36 @@ from heartline.server._model import (
     WriteBatch,
 )
 from heartline.server._rows import (
-    _GROUP_COLUMNS,
-    _SKIP_OF,
-    _STATE_OF,
-    _TASK_COLUMNS,
-    _UNSETTLED,
-    _Changes,
-    _changes,
-    _group_params,
-    _group_rows,
-    _histories,
-    _history_rows,
-    _members_json,
-    _Records,
-    _task_params,
-    _task_row,
-    _Updates,
+    GROUP_COLUMNS,
+    SKIP_OF,
+    STATE_OF,
+    TASK_COLUMNS,
+    UNSETTLED,
+    Changes,
+    Records,
+    Updates,
+    changes,
+    group_params,
+    group_rows,
+    histories,
+    history_rows,
+    members_json,
+    task_params,
+    task_row,
 )
 
 __all__ = [
+    "MAX_GROUP",
+    "SCHEMA_VERSION",
+    "Outcome",
     "SqliteStore",
     "Store",
     "StoreClosedError",
     "StoreFigures",
+    "StoreState",
     "is_database_url",
     "redacted",
+    "settle",
     "store_for",
 ]
 
@@ -81,7 +86,7 @@ _log = logging.getLogger("heartline.server.store")
 
 SCHEMA_VERSION = 6
 """The schema this code writes. Versions 4 and 5 are upgraded at open (``_MIGRATIONS``)."""
-_MAX_GROUP = 4096
+MAX_GROUP = 4096
 """Most queue items applied in one transaction: bounds the latency of a group under load."""
 _MAX_VARS = 500
 """Ids bound per ``IN (...)`` query (well under SQLite's variable limit)."""
@@ -371,7 +376,9 @@ def store_for(db: str | os.PathLike[str]) -> Store:
     return SqliteStore(db)
 
 
-class _State(enum.Enum):
+class StoreState(enum.Enum):
+    """Where a store is in its life: new, open, closing, closed (a store opens once)."""
+
     NEW = "new"
     OPEN = "open"
     CLOSING = "closing"
@@ -518,18 +525,18 @@ CREATE TABLE IF NOT EXISTS endpoint_allow_lists (
 );
 """
 
-_INSERT_TASK = f"INSERT INTO tasks ({_TASK_COLUMNS}, history) VALUES ({', '.join('?' * 29)})"
+_INSERT_TASK = f"INSERT INTO tasks ({TASK_COLUMNS}, history) VALUES ({', '.join('?' * 29)})"
 _INSERT_ARGS = "INSERT INTO task_args (task_id, args) VALUES (?, ?)"
-# Selects list the columns in TaskRow's order, so _task_row reads them by position.
+# Selects list the columns in TaskRow's order, so task_row reads them by position.
 _ARGS = "(SELECT args FROM task_args a WHERE a.task_id = tasks.task_id)"
-_SELECT_TASKS = "SELECT " + _TASK_COLUMNS.replace(" owner,", f" {_ARGS}, owner,") + " FROM tasks"
+_SELECT_TASKS = "SELECT " + TASK_COLUMNS.replace(" owner,", f" {_ARGS}, owner,") + " FROM tasks"
 # get_tasks: with the output (and the history after it when asked).
 _SELECT_TASKS_OUTPUT = _SELECT_TASKS.replace(" FROM tasks", ", stdout, stderr FROM tasks")
 _SELECT_TASKS_HISTORY = _SELECT_TASKS_OUTPUT.replace(" FROM tasks", ", history FROM tasks")
 # list_tasks leaves payloads behind; `x''` for a stored result keeps "has a result" visible.
 _SELECT_TASKS_LIGHT = (
     "SELECT "
-    + _TASK_COLUMNS.replace(" owner,", " x'', owner,").replace(
+    + TASK_COLUMNS.replace(" owner,", " x'', owner,").replace(
         " result,", " CASE WHEN result IS NULL THEN NULL ELSE x'' END,"
     )
     + " FROM tasks"
@@ -558,18 +565,18 @@ _UPDATE_GROUP = (
     " n_cancelled = ?, n_none = ?, cancel_mode = ?, timed_out = ?, settle_time = ?"
     " WHERE group_id = ?"
 )
-# Selects list GroupRow's columns, then GroupStateRow's, so _group_rows reads them by
+# Selects list GroupRow's columns, then GroupStateRow's, so group_rows reads them by
 # position; the light one (list_groups) leaves the members behind.
 _MEMBERS = "(SELECT members FROM group_members m WHERE m.group_id = groups.group_id)"
-_SELECT_GROUPS = f"SELECT {_GROUP_COLUMNS}, {_MEMBERS} FROM groups"
-_SELECT_GROUPS_LIGHT = f"SELECT {_GROUP_COLUMNS}, NULL FROM groups"
+_SELECT_GROUPS = f"SELECT {GROUP_COLUMNS}, {_MEMBERS} FROM groups"
+_SELECT_GROUPS_LIGHT = f"SELECT {GROUP_COLUMNS}, NULL FROM groups"
 # The tasks of every pending group, found through the partial index tasks_group.
 _PENDING_GROUP_TASKS = (
     "SELECT t.group_id, t.task_id, t.state, t.skip_reason FROM groups g"
     f" JOIN tasks t ON t.group_id = g.group_id WHERE g.pending = 1 AND t.{_IN_GROUP}"
 )
 _SELECT_UNSETTLED = (
-    f"{_SELECT_TASKS} WHERE state IN ({', '.join('?' * len(_UNSETTLED))})"
+    f"{_SELECT_TASKS} WHERE state IN ({', '.join('?' * len(UNSETTLED))})"
     " ORDER BY submit_time, task_id"
 )
 
@@ -578,10 +585,10 @@ _SELECT_UNSETTLED = (
 # _CLOSE stops the thread; anything else is called as op(conn, arg) inside the transaction.
 _Op = Callable[[sqlite3.Connection, Any], Any]
 _CLOSE: _Op = lambda conn, arg: None  # a unique marker, never called
-_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
-def _settle(outcomes: list[_Outcome]) -> None:
+def settle(outcomes: list[Outcome]) -> None:
     """Resolve a group's futures on the loop (a caller may have cancelled its own)."""
     for fut, result, exc in outcomes:
         if fut.done():
@@ -601,7 +608,7 @@ class SqliteStore(Store):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = os.fspath(path)
-        self._state = _State.NEW
+        self._state = StoreState.NEW
         self._queue: queue.SimpleQueue[tuple[_Op | None, Any, asyncio.Future[Any]]]
         self._queue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -620,7 +627,7 @@ class SqliteStore(Store):
     # -- lifecycle (event loop side) --------------------------------------------------
 
     async def open(self) -> None:
-        if self._state is not _State.NEW:
+        if self._state is not StoreState.NEW:
             raise RuntimeError(f"store is {self._state.value}; a store opens once")
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
@@ -629,15 +636,15 @@ class SqliteStore(Store):
         )
         self._thread.start()
         await ready
-        self._state = _State.OPEN
+        self._state = StoreState.OPEN
 
     async def close(self) -> None:
-        if self._state is _State.NEW:
-            self._state = _State.CLOSED
+        if self._state is StoreState.NEW:
+            self._state = StoreState.CLOSED
             return
-        if self._state is _State.OPEN:
+        if self._state is StoreState.OPEN:
             # Refuse new work first, so the close marker is the last item queued.
-            self._state = _State.CLOSING
+            self._state = StoreState.CLOSING
             assert self._loop is not None
             self._closed = self._loop.create_future()
             self._queue.put((_CLOSE, None, self._closed))
@@ -645,8 +652,8 @@ class SqliteStore(Store):
             await asyncio.shield(self._closed)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        if self._state is not _State.CLOSED:
-            self._state = _State.CLOSED
+        if self._state is not StoreState.CLOSED:
+            self._state = StoreState.CLOSED
             await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
             await asyncio.to_thread(self._reader.shutdown)
 
@@ -657,7 +664,7 @@ class SqliteStore(Store):
         """Queue ``op(conn, arg)`` (None: apply the WriteBatch ``arg``) behind everything
         queued before it; its future resolves once its group commits. Tests queue their
         own ops (tests/store_kit.py), as with PostgresStore."""
-        if self._state is not _State.OPEN:
+        if self._state is not StoreState.OPEN:
             raise StoreClosedError(f"store {self._path} is {self._state.value}")
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -706,7 +713,7 @@ class SqliteStore(Store):
         return await self._submit(_select_tasks, (sql, params))
 
     async def load_unsettled(self) -> list[TaskRecord]:
-        return await self._submit(_select_records, (_SELECT_UNSETTLED, _UNSETTLED))
+        return await self._submit(_select_records, (_SELECT_UNSETTLED, UNSETTLED))
 
     async def release_memory(self) -> None:
         await self._submit(_execute, ("PRAGMA shrink_memory", ()))
@@ -774,7 +781,7 @@ class SqliteStore(Store):
         return {o: int(total) for o, total in await self._submit(_select, (sql, params))}
 
     async def get_request(self, request_id: str) -> RequestRow | None:
-        if self._state is not _State.OPEN:
+        if self._state is not StoreState.OPEN:
             raise StoreClosedError(f"store {self._path} is {self._state.value}")
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self._reader, self._read_request, request_id)
@@ -928,13 +935,13 @@ class SqliteStore(Store):
         try:
             conn = self._connect()
         except BaseException as exc:  # noqa: BLE001 - handed to open()'s caller
-            loop.call_soon_threadsafe(_settle, [(ready, None, exc)])
+            loop.call_soon_threadsafe(settle, [(ready, None, exc)])
             return
-        loop.call_soon_threadsafe(_settle, [(ready, None, None)])
+        loop.call_soon_threadsafe(settle, [(ready, None, None)])
         while True:
             items = [self._queue.get()]
             try:
-                while len(items) < _MAX_GROUP:
+                while len(items) < MAX_GROUP:
                     items.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
@@ -948,19 +955,19 @@ class SqliteStore(Store):
                     closed = exc
                 outcomes.append((items[closing][2], None, closed))
             try:
-                loop.call_soon_threadsafe(_settle, outcomes)
+                loop.call_soon_threadsafe(settle, outcomes)
             except RuntimeError:
                 # The loop is closed: nobody is left to hear these outcomes.
                 _log.warning("store: event loop closed; %d outcomes dropped", len(outcomes))
             if closing is not None:
                 return
 
-    def _apply_group(self, conn: sqlite3.Connection, items: list[Any]) -> list[_Outcome]:
+    def _apply_group(self, conn: sqlite3.Connection, items: list[Any]) -> list[Outcome]:
         """Apply ``items`` in one transaction; return their outcomes (never raises)."""
-        outcomes: list[_Outcome] = []
+        outcomes: list[Outcome] = []
         if not items:
             return outcomes
-        updates = _Updates()
+        updates = Updates()
         started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -995,7 +1002,7 @@ class SqliteStore(Store):
 def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
     """History moves from the ``transitions`` table into ``tasks.history``."""
     conn.execute("ALTER TABLE tasks ADD COLUMN history TEXT NOT NULL DEFAULT ''")
-    # The same form as _histories writes, oldest first (rowids grow with insertion).
+    # The same form as histories writes, oldest first (rowids grow with insertion).
     conn.execute(
         "UPDATE tasks SET history = coalesce((SELECT group_concat(record, '') FROM ("
         "  SELECT coalesce(from_state, '') || char(31) || to_state || char(31)"
@@ -1051,7 +1058,7 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
 
 
 def _apply_one(
-    conn: sqlite3.Connection, op: _Op | None, arg: Any, updates: _Updates
+    conn: sqlite3.Connection, op: _Op | None, arg: Any, updates: Updates
 ) -> tuple[Any, BaseException | None]:
     """Apply one item under its own savepoint, so its failure undoes only itself."""
     conn.execute("SAVEPOINT item")
@@ -1071,7 +1078,7 @@ def _apply_one(
     return result, None
 
 
-def _flush(conn: sqlite3.Connection, updates: _Updates) -> None:
+def _flush(conn: sqlite3.Connection, updates: Updates) -> None:
     tasks, outputs, history, groups = updates.take()
     if tasks:
         conn.executemany(_UPDATE_TASK, tasks)
@@ -1083,12 +1090,12 @@ def _flush(conn: sqlite3.Connection, updates: _Updates) -> None:
         conn.executemany(_UPDATE_GROUP, groups)
 
 
-def _apply_batch(conn: sqlite3.Connection, batch: WriteBatch) -> _Changes:
+def _apply_batch(conn: sqlite3.Connection, batch: WriteBatch) -> Changes:
     """Insert the batch's rows; return its task updates, the history it appends to tasks
     it did not insert, its group states and its outputs, applied by the caller (after
     every insert of the group, before any read)."""
     # A new task's own transitions ride in its INSERT; the rest wait for the UPDATEs.
-    history = _histories(batch.transitions) if batch.transitions else {}
+    history = histories(batch.transitions) if batch.transitions else {}
     if batch.functions:
         conn.executemany(
             "INSERT OR IGNORE INTO functions (function_id, payload, owner, register_time)"
@@ -1102,11 +1109,11 @@ def _apply_batch(conn: sqlite3.Connection, batch: WriteBatch) -> _Changes:
             [(e.endpoint_id, e.name, e.owner, e.register_time) for e in batch.endpoints],
         )
     if batch.new_groups:
-        conn.executemany(_INSERT_GROUP, map(_group_params, batch.new_groups))
-        conn.executemany(_INSERT_MEMBERS, map(_members_json, batch.new_groups))
+        conn.executemany(_INSERT_GROUP, map(group_params, batch.new_groups))
+        conn.executemany(_INSERT_MEMBERS, map(members_json, batch.new_groups))
     if batch.new_tasks:
         conn.executemany(
-            _INSERT_TASK, [_task_params(r, history.pop(r.task_id, "")) for r in batch.new_tasks]
+            _INSERT_TASK, [task_params(r, history.pop(r.task_id, "")) for r in batch.new_tasks]
         )
         conn.executemany(_INSERT_ARGS, [(r.task_id, r.args) for r in batch.new_tasks])
     if batch.requests:
@@ -1118,7 +1125,7 @@ def _apply_batch(conn: sqlite3.Connection, batch: WriteBatch) -> _Changes:
             [(r.request_id, r.owner, r.method, r.digest, ",".join(r.task_ids), r.time)
              for r in batch.requests],
         )  # fmt: skip
-    return _changes(batch, history)
+    return changes(batch, history)
 
 
 def _select(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -1128,12 +1135,12 @@ def _select(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[tu
 
 def _select_tasks(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[TaskRow]:
     sql, params = arg
-    return [_task_row(c) for c in conn.execute(sql, params)]
+    return [task_row(c) for c in conn.execute(sql, params)]
 
 
 def _select_records(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> list[TaskRecord]:
     sql, params = arg
-    records = _Records()
+    records = Records()
     records.add(conn.execute(sql, params))
     return records.records
 
@@ -1148,7 +1155,7 @@ def _get_tasks(
         marks = ", ".join("?" * len(chunk))
         select = _SELECT_TASKS_HISTORY if include_history else _SELECT_TASKS_OUTPUT
         for c in conn.execute(f"{select} WHERE task_id IN ({marks})", chunk):
-            found[c[0]] = (_task_row(c), _history_rows(c[0], c[31]) if include_history else [])
+            found[c[0]] = (task_row(c), history_rows(c[0], c[31]) if include_history else [])
     return found
 
 
@@ -1161,7 +1168,7 @@ def _load_results(
         marks = ", ".join("?" * len(chunk))
         sql = f"SELECT task_id, state, result FROM tasks WHERE task_id IN ({marks})"
         for task_id, state, result in conn.execute(sql, chunk):
-            found[task_id] = (_STATE_OF[state], result)
+            found[task_id] = (STATE_OF[state], result)
     return found
 
 
@@ -1183,7 +1190,7 @@ def _select_groups(
     conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]
 ) -> list[tuple[GroupRow, GroupStateRow]]:
     sql, params = arg
-    return [_group_rows(c) for c in conn.execute(sql, params)]
+    return [group_rows(c) for c in conn.execute(sql, params)]
 
 
 def _load_pending_groups(
@@ -1196,8 +1203,8 @@ def _load_pending_groups(
         return []
     tasks: dict[str, dict[str, tuple[TaskState, SkipReason | None]]] = {c[0]: {} for c in groups}
     for group_id, task_id, state, skip in conn.execute(_PENDING_GROUP_TASKS):
-        tasks[group_id][task_id] = (_STATE_OF[state], None if skip is None else _SKIP_OF[skip])
-    return [(*_group_rows(c), tasks[c[0]]) for c in groups]
+        tasks[group_id][task_id] = (STATE_OF[state], None if skip is None else SKIP_OF[skip])
+    return [(*group_rows(c), tasks[c[0]]) for c in groups]
 
 
 def _execute(conn: sqlite3.Connection, arg: tuple[str, Sequence[Any]]) -> None:

@@ -22,7 +22,14 @@ import pytest
 
 import heartline
 from heartline import Client, TaskState
-from tests.conftest import ServerProc, launch_agent, launch_server, relaunch_server
+from tests.conftest import (
+    STORE_KINDS,
+    ServerProc,
+    launch_agent,
+    launch_server,
+    new_db,
+    relaunch_server,
+)
 from tests.helpers import Proc, assert_eventually, check_history, tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -60,11 +67,11 @@ def fail(x: int) -> int:
 class Chaos:
     """The processes of one run, and what was submitted."""
 
-    def __init__(self, base: Path, rng: random.Random) -> None:
+    def __init__(self, base: Path, rng: random.Random, db: str | Path) -> None:
         self.rng = rng
         self.home = base / "home"
         self.home.mkdir()
-        self.db = base / "heartline.db"
+        self.db = db
         self.server: ServerProc = launch_server(self.home, self.db)
         self.address = self.server.address
         self.dead_servers: list[ServerProc] = []
@@ -266,14 +273,15 @@ def run_chaos(chaos: Chaos, seed: int) -> None:
     )
 
 
+@pytest.mark.parametrize("store_kind", STORE_KINDS)
 def test_chaos_settles_every_task_exactly_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_kind: str, request: pytest.FixtureRequest
 ) -> None:
     # A fixed seed by default, so CI runs the same plan every time; set
     # HEARTLINE_CHAOS_SEED to explore others.
     seed = int(os.environ.get("HEARTLINE_CHAOS_SEED") or DEFAULT_SEED)
     print(f"chaos seed {seed} (replay with HEARTLINE_CHAOS_SEED={seed})")
-    chaos = Chaos(tmp_path, random.Random(seed))
+    chaos = Chaos(tmp_path, random.Random(seed), new_db(store_kind, tmp_path, request))
     monkeypatch.setenv("HEARTLINE_ADDRESS", chaos.address)
     monkeypatch.setenv("HEARTLINE_HOME", str(chaos.home))  # its server's token file
     try:

@@ -23,7 +23,14 @@ from heartline.server._scheduler import Scheduler
 from heartline.server._store import SqliteStore
 from heartline.v1 import task_pb2, task_service_pb2_grpc
 from heartline.v1 import task_service_pb2 as pb
-from tests.conftest import ServerProc, launch_agent, launch_server, relaunch_server
+from tests.conftest import (
+    STORE_KINDS,
+    ServerProc,
+    launch_agent,
+    launch_server,
+    new_db,
+    relaunch_server,
+)
 from tests.helpers import Proc, agents_online, assert_eventually, authed_channel
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -210,8 +217,11 @@ def kill_and_relaunch(server: ServerProc) -> ServerProc:
     return restarted
 
 
-def test_executor_map_and_single_submits_survive_a_server_sigkill(home: Path, tmp_path: Path) -> None:
-    server = launch_server(home, tmp_path / "heartline.db")
+@pytest.mark.parametrize("store_kind", STORE_KINDS)
+def test_executor_map_and_single_submits_survive_a_server_sigkill(
+    home: Path, tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    server = launch_server(home, new_db(store_kind, tmp_path, request))
     launch_agent(server.address, home, "local", 2)
     assert_eventually(lambda: agents_online(server.address, "local") == 1, timeout=TIMEOUT)
     n_map, n_single = 5000, 2000

@@ -21,7 +21,7 @@ from heartline.server._model import (
     TransitionRow,
     WriteBatch,
 )
-from heartline.server._store import _MAX_GROUP, Store
+from heartline.server._store import MAX_GROUP, Store
 from tests import store_kit
 from tests.store_kit import count_commits, is_sqlite, writer_paused
 from tests.test_store import submitted, task
@@ -234,7 +234,7 @@ async def test_figures_count_each_group_and_what_is_queued(store: Store) -> None
 async def test_a_group_holds_at_most_max_group_items(store: Store) -> None:
     commits = count_commits(store)
     async with writer_paused(store):
-        futures = [store.write(WriteBatch()) for _ in range(_MAX_GROUP + 5)]
+        futures = [store.write(WriteBatch()) for _ in range(MAX_GROUP + 5)]
     await asyncio.gather(*futures)
     assert commits[0] == 3  # the blocker's group, a full one, and the last five
     assert store.figures().batch_items.counts[-1] == 0  # type: ignore[union-attr] - none over

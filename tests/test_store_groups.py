@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from heartline._states import CancelMode, GroupStatus, SkipReason, TaskState
-from heartline.server import _pgstore
+from heartline.server import _pgsql
 from heartline.server._model import (
     FunctionRow,
     GroupMember,
@@ -252,7 +252,7 @@ async def test_load_pending_groups(store: Store) -> None:
     }
 
     # The group's tasks are found through the partial index, not a scan of every task.
-    sql = _PENDING_GROUP_TASKS if is_sqlite(store) else _pgstore._PENDING_GROUP_TASKS
+    sql = _PENDING_GROUP_TASKS if is_sqlite(store) else _pgsql._PENDING_GROUP_TASKS
     assert await uses_index(store, sql, "tasks_group")
 
     await store.write(WriteBatch(group_states=(fresh("g-c")._replace(pending=False),)))

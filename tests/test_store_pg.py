@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from heartline._states import TaskState
-from heartline.server import _pgstore
+from heartline.server import _pgsql, _pgstore
 from heartline.server._model import FunctionRow, TransitionRow, WriteBatch
 from heartline.server._pgstore import PostgresStore
 from heartline.server._store import SCHEMA_VERSION, SqliteStore, StoreClosedError
@@ -276,7 +276,7 @@ async def test_the_writer_connection_keeps_alive(pg_store: PostgresStore) -> Non
 async def test_unsettled_tasks_are_read_in_chunks(
     pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_pgstore, "_CHUNK", 3)
+    monkeypatch.setattr(_pgsql, "_CHUNK", 3)
     rows = [task(f"t{i}", submit_time=float(i // 2)) for i in range(8)]
     await pg_store.write(submitted(*reversed(rows)))
     got = await pg_store.load_unsettled()
