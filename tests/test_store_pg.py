@@ -232,6 +232,38 @@ async def test_a_database_it_cannot_read_is_refused_untouched(
         store.write(WriteBatch())
 
 
+async def test_an_older_database_is_upgraded_one_step_a_transaction(
+    pg_url: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await admin.execute(
+        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '4');"
+    )
+    seen: list[tuple[str, bool]] = []
+
+    def step(name: str) -> Callable[[Any], Any]:
+        async def upgrade(conn: Any) -> None:
+            seen.append((await conn.fetchval("SELECT value FROM meta"), conn.is_in_transaction()))
+            await conn.execute(f"CREATE TABLE {name} (x integer)")
+
+        return upgrade
+
+    monkeypatch.setitem(_pgsql._PG_MIGRATIONS, 4, step("step_4_ran"))
+    monkeypatch.setitem(_pgsql._PG_MIGRATIONS, 5, step("step_5_ran"))
+    store = PostgresStore(pg_url)
+    await asyncio.wait_for(store.open(), WAIT)
+    try:
+        # Each step saw the version it upgrades, inside a transaction of its own.
+        assert seen == [("4", True), ("5", True)]
+        assert await admin.fetchval("SELECT value FROM meta") == str(SCHEMA_VERSION)
+        names = {r[0] for r in await admin.fetch("SELECT tablename FROM pg_tables")}
+        assert {"step_4_ran", "step_5_ran", "tasks", "groups"} <= names
+        await store.write(submitted(task("t1")))
+        assert list(await store.get_tasks(["t1"])) == ["t1"]
+    finally:
+        await store.close()
+
+
 async def test_the_schema_is_sqlite_s_in_postgresql_types(
     pg_store: PostgresStore, admin: Any, tmp_path: Path
 ) -> None:
