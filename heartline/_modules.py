@@ -589,7 +589,9 @@ class _Closures:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the Executor pickles in its callers' threads
-        self._kept: LruCache[Any, tuple[int, tuple[Any, ...], tuple[ShippedModule, ...]]] = (
+        self._kept: LruCache[
+            Any, tuple[tuple[Any, ...], int, tuple[Any, ...], tuple[ShippedModule, ...]]
+        ] = (
             LruCache(_CLOSURES_KEPT, _CLOSURE_BYTES_KEPT)
         )
 
@@ -600,14 +602,24 @@ class _Closures:
         with self._lock:
             known = self._kept.get(key)
         if known is not None:
-            loaded, stamps, modules = known
-            if loaded == len(sys.modules) and stamps == tuple(_stamp(m.filename) for m in modules):
+            kept_roots, loaded, stamps, modules = known
+            # The very module objects (an id is reused once a module is dropped from
+            # sys.modules and another, maybe from another folder, takes its place), no
+            # module loaded since, no shipped file changed.
+            if (
+                all(ref() is m for ref, m in zip(kept_roots, roots, strict=True))
+                and loaded == len(sys.modules)
+                and stamps == tuple(_stamp(m.filename) for m in modules)
+            ):
                 return modules
         loaded = len(sys.modules)
         modules = tuple(_sources(_closure(roots, registered)))
         stamps = tuple(_stamp(m.filename) for m in modules)
+        refs = tuple(weakref.ref(m) for m in roots)
         with self._lock:
-            self._kept.put(key, (loaded, stamps, modules), sum(len(m.source) for m in modules))
+            self._kept.put(
+                key, (refs, loaded, stamps, modules), sum(len(m.source) for m in modules)
+            )
         return modules
 
 

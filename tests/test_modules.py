@@ -418,3 +418,34 @@ def test_a_shipped_module_that_fails_to_load_there_is_named(folder: Path, tmp_pa
         "the module 'mylib3' shipped with the function failed to load where this task ran: "
         "FileNotFoundError"
     ), message
+
+
+def test_a_module_object_taking_a_dropped_ones_id_is_read_again(
+    folder: Path, tmp_path: Path
+) -> None:
+    # Closures of one module are kept by the module's id; once a module leaves
+    # sys.modules, another (here from another folder) may get its id. Simulated by
+    # filing the first module's kept closure under the second's id.
+    import mylib2 as first
+
+    closures = _modules._Closures()
+    closures.shipped((first,), ())  # the first call may import what discovery needs
+    shipped = closures.shipped((first,), ())
+    assert [m.source for m in shipped if m.name == "mylib2"] == [MYLIB2]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mylib2.py").write_text(MYLIB2.replace("FACTOR = 3", "FACTOR = 30"))
+    del sys.modules["mylib2"]
+    sys.path.insert(0, str(other))
+    try:
+        import mylib2 as second
+    finally:
+        sys.path.remove(str(other))
+    assert second is not first and second.__file__ == str(other / "mylib2.py")
+    kept = closures._kept.get(((("mylib2", id(first)),), ()))
+    assert kept is not None
+    closures._kept.put(((("mylib2", id(second)),), ()), kept, 1)
+    again = closures.shipped((second,), ())
+    assert [m.source for m in again if m.name == "mylib2"] == [
+        MYLIB2.replace("FACTOR = 3", "FACTOR = 30")
+    ]
