@@ -28,7 +28,6 @@ import logging
 import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
@@ -227,12 +226,7 @@ class PostgresStore(Store):
         return await asyncio.shield(self._lost)
 
     def describe(self) -> str:
-        parts = urllib.parse.urlsplit(redacted(self._url))
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        if not any(k == "password" for k, _ in query):
-            return urllib.parse.urlunsplit(parts)
-        kept = urllib.parse.urlencode([(k, v) for k, v in query if k != "password"])
-        return urllib.parse.urlunsplit(parts._replace(query=kept))
+        return redacted(self._url)
 
     def figures(self) -> StoreFigures:
         with self._figures_lock:

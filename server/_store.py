@@ -357,14 +357,19 @@ def is_database_url(db: str | os.PathLike[str]) -> bool:
 
 
 def redacted(db: str | os.PathLike[str]) -> str:
-    """``--db`` as logs and the CLI show it: a URL without its password."""
+    """``--db`` as logs and the CLI show it: a URL without its password (``***`` in its
+    place, and a ``password`` query parameter dropped)."""
     if not is_database_url(db):
         return os.fspath(db)
     parts = urllib.parse.urlsplit(str(db))
-    if parts.password is None:
-        return str(db)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        kept = urllib.parse.urlencode([(k, v) for k, v in query if k != "password"])
+        parts = parts._replace(query=kept)
+    return urllib.parse.urlunsplit(parts)
 
 
 def store_for(db: str | os.PathLike[str]) -> Store:
