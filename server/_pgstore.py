@@ -33,6 +33,7 @@ from typing import Any
 
 from heartline._figures import BATCH_ITEMS_BOUNDS, COMMIT_SECONDS_BOUNDS, Buckets
 from heartline._states import SkipReason, TaskState
+from heartline.server import _pgsql as pgsql
 from heartline.server._model import (
     EndpointRow,
     FunctionRow,
@@ -44,33 +45,6 @@ from heartline.server._model import (
     TokenRow,
     TransitionRow,
     WriteBatch,
-)
-from heartline.server._pgsql import (
-    SELECT_ENDPOINTS,
-    SELECT_GROUPS,
-    SELECT_GROUPS_LIGHT,
-    SELECT_TASKS_LIGHT,
-    SELECT_UNSETTLED,
-    TOKEN_COLUMNS,
-    Where,
-    apply_batch,
-    create_token,
-    execute,
-    flush,
-    get_tasks,
-    inserts,
-    load_pending_groups,
-    load_tokens,
-    migrate,
-    pg_changes,
-    pg_histories,
-    pg_text,
-    purge,
-    revoke_token,
-    select,
-    select_groups,
-    select_records,
-    select_tasks,
 )
 from heartline.server._rows import STATE_OF, UNSETTLED, Updates
 from heartline.server._store import (
@@ -172,7 +146,7 @@ class PostgresStore(Store):
         try:
             conn = await self._connect()
             await self._lead(conn)
-            await migrate(conn, self.describe())
+            await pgsql.migrate(conn, self.describe())
             reader = await self._connect()
             if self._state is not StoreState.NEW:  # closed while it stood by
                 raise StoreClosedError(f"store {self.describe()} is {self._state.value}")
@@ -324,7 +298,7 @@ class PostgresStore(Store):
             await conn.execute("BEGIN")
             for op, arg, fut in items:
                 outcomes.append((fut, *await group.apply(op, arg)))
-            await flush(conn, group.updates)
+            await pgsql.flush(conn, group.updates)
             await self._commit(conn)
         except Exception as exc:  # noqa: BLE001 - handed to every future of the group
             _log.error("store: transaction of %d items failed: %r", len(items), exc)
@@ -352,7 +326,7 @@ class PostgresStore(Store):
     async def get_tasks(
         self, task_ids: Sequence[str], *, include_history: bool = False
     ) -> dict[str, tuple[TaskRow, list[TransitionRow]]]:
-        return await self._submit(get_tasks, (list(dict.fromkeys(task_ids)), include_history))
+        return await self._submit(pgsql.get_tasks, (list(dict.fromkeys(task_ids)), include_history))
 
     async def list_tasks(
         self,
@@ -365,7 +339,7 @@ class PostgresStore(Store):
     ) -> list[TaskRow]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        where = Where()
+        where = pgsql.Where()
         if states is not None:
             if not states:
                 return []
@@ -376,22 +350,24 @@ class PostgresStore(Store):
             where.add("owner = {}", owner)
         if after is not None:
             where.add("(submit_time, task_id) < ({}, {})", *after)
-        sql = f"{SELECT_TASKS_LIGHT}{where} ORDER BY submit_time DESC, task_id DESC LIMIT {{}}"
-        return await self._submit(select_tasks, where.finish(sql, limit))
+        sql = (
+            f"{pgsql.SELECT_TASKS_LIGHT}{where} ORDER BY submit_time DESC, task_id DESC LIMIT {{}}"
+        )
+        return await self._submit(pgsql.select_tasks, where.finish(sql, limit))
 
     async def load_unsettled(self) -> list[TaskRecord]:
-        return await self._submit(select_records, (SELECT_UNSETTLED, [UNSETTLED]))
+        return await self._submit(pgsql.select_records, (pgsql.SELECT_UNSETTLED, [UNSETTLED]))
 
     async def load_results(
         self, task_ids: Sequence[str]
     ) -> dict[str, tuple[TaskState, bytes | None]]:
         sql = "SELECT task_id, state, result FROM tasks WHERE task_id = ANY($1::text[])"
-        rows = await self._submit(select, (sql, [list(dict.fromkeys(task_ids))]))
+        rows = await self._submit(pgsql.select, (sql, [list(dict.fromkeys(task_ids))]))
         return {task_id: (STATE_OF[state], result) for task_id, state, result in rows}
 
     async def get_group(self, group_id: str) -> tuple[GroupRow, GroupStateRow] | None:
-        sql = f"{SELECT_GROUPS} WHERE group_id = $1"
-        rows = await self._submit(select_groups, (sql, [group_id]))
+        sql = f"{pgsql.SELECT_GROUPS} WHERE group_id = $1"
+        rows = await self._submit(pgsql.select_groups, (sql, [group_id]))
         return rows[0] if rows else None
 
     async def list_groups(
@@ -404,27 +380,27 @@ class PostgresStore(Store):
     ) -> list[tuple[GroupRow, GroupStateRow]]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        where = Where()
+        where = pgsql.Where()
         if owner is not None:
             where.add("owner = {}", owner)
         if pending_only:
             where.add("pending = 1")
         if after is not None:
             where.add("(submit_time, group_id) < ({}, {})", *after)
-        sql = f"{SELECT_GROUPS_LIGHT}{where} ORDER BY submit_time DESC, group_id DESC LIMIT {{}}"
-        return await self._submit(select_groups, where.finish(sql, limit))
+        sql = f"{pgsql.SELECT_GROUPS_LIGHT}{where} ORDER BY submit_time DESC, group_id DESC LIMIT {{}}"
+        return await self._submit(pgsql.select_groups, where.finish(sql, limit))
 
     async def load_pending_groups(
         self,
     ) -> list[tuple[GroupRow, GroupStateRow, dict[str, tuple[TaskState, SkipReason | None]]]]:
-        return await self._submit(load_pending_groups, None)
+        return await self._submit(pgsql.load_pending_groups, None)
 
     async def get_function(self, function_id: str) -> FunctionRow | None:
         sql = (
             "SELECT function_id, payload, owner, register_time FROM functions"
             " WHERE function_id = $1"
         )
-        rows = await self._submit(select, (sql, [function_id]))
+        rows = await self._submit(pgsql.select, (sql, [function_id]))
         return FunctionRow(*rows[0]) if rows else None
 
     async def function_tails(self, function_ids: Sequence[str], size: int) -> dict[str, bytes]:
@@ -432,18 +408,18 @@ class PostgresStore(Store):
             "SELECT function_id, substr(payload, greatest(octet_length(payload) - $2 + 1, 1))"
             " FROM functions WHERE function_id = ANY($1::text[])"
         )
-        rows = await self._submit(select, (sql, [list(dict.fromkeys(function_ids)), size]))
+        rows = await self._submit(pgsql.select, (sql, [list(dict.fromkeys(function_ids)), size]))
         return {function_id: tail for function_id, tail in rows}
 
     async def function_size(self, function_id: str) -> int | None:
         sql = "SELECT octet_length(payload) FROM functions WHERE function_id = $1"
-        rows = await self._submit(select, (sql, [function_id]))
+        rows = await self._submit(pgsql.select, (sql, [function_id]))
         return int(rows[0][0]) if rows else None
 
     async def function_bytes_by_owner(self, owner: str | None = None) -> dict[str, int]:
         where, params = ("WHERE owner = $1", [owner]) if owner is not None else ("", [])
         sql = f"SELECT owner, sum(octet_length(payload)) FROM functions {where} GROUP BY owner"
-        return {o: int(total) for o, total in await self._submit(select, (sql, params))}
+        return {o: int(total) for o, total in await self._submit(pgsql.select, (sql, params))}
 
     async def get_request(self, request_id: str) -> RequestRow | None:
         if self._state is not StoreState.OPEN:
@@ -455,7 +431,7 @@ class PostgresStore(Store):
         async with self._reader_lock:
             if self._reader is None or self._reader.is_closed():
                 self._reader = await self._connect()
-            row = await self._reader.fetchrow(sql, pg_text(request_id))
+            row = await self._reader.fetchrow(sql, pgsql.pg_text(request_id))
         if row is None:
             return None
         rid, owner, method, digest, task_ids, when = row
@@ -464,58 +440,58 @@ class PostgresStore(Store):
         )
 
     async def get_endpoint(self, endpoint_id: str) -> EndpointRow | None:
-        sql = f"{SELECT_ENDPOINTS} WHERE endpoint_id = $1"
-        rows = await self._submit(select, (sql, [endpoint_id]))
+        sql = f"{pgsql.SELECT_ENDPOINTS} WHERE endpoint_id = $1"
+        rows = await self._submit(pgsql.select, (sql, [endpoint_id]))
         return EndpointRow(*rows[0]) if rows else None
 
     async def get_endpoint_by_name(self, name: str, owner: str) -> EndpointRow | None:
-        sql = f"{SELECT_ENDPOINTS} WHERE owner = $1 AND name = $2"
-        rows = await self._submit(select, (sql, [owner, name]))
+        sql = f"{pgsql.SELECT_ENDPOINTS} WHERE owner = $1 AND name = $2"
+        rows = await self._submit(pgsql.select, (sql, [owner, name]))
         return EndpointRow(*rows[0]) if rows else None
 
     async def list_endpoints(self, owner: str | None = None) -> list[EndpointRow]:
         where, params = (" WHERE owner = $1", [owner]) if owner is not None else ("", [])
-        sql = f"{SELECT_ENDPOINTS}{where} ORDER BY owner, name"
-        return [EndpointRow(*r) for r in await self._submit(select, (sql, params))]
+        sql = f"{pgsql.SELECT_ENDPOINTS}{where} ORDER BY owner, name"
+        return [EndpointRow(*r) for r in await self._submit(pgsql.select, (sql, params))]
 
     async def count_by_state(self, owner: str | None = None) -> dict[TaskState, int]:
         where, params = (" WHERE owner = $1", [owner]) if owner is not None else ("", [])
         sql = f"SELECT state, count(*) FROM tasks{where} GROUP BY state"
         counts = dict.fromkeys(TaskState, 0)
-        counts.update((TaskState(s), n) for s, n in await self._submit(select, (sql, params)))
+        counts.update((TaskState(s), n) for s, n in await self._submit(pgsql.select, (sql, params)))
         return counts
 
     async def purge_results(
         self, settled_before: float, keep_functions: Collection[str] = ()
     ) -> int:
-        return await self._submit(purge, (settled_before, sorted(keep_functions)))
+        return await self._submit(pgsql.purge, (settled_before, sorted(keep_functions)))
 
     # -- users, tokens and shares: rare writes, each an op of its own on the queue -------
 
     async def create_token(self, row: TokenRow, secret_hash: str) -> None:
-        await self._submit(create_token, (row, secret_hash))
+        await self._submit(pgsql.create_token, (row, secret_hash))
 
     async def list_tokens(self, user: str | None = None) -> list[TokenRow]:
         where, params = (' WHERE "user" = $1', [user]) if user is not None else ("", [])
-        sql = f"SELECT {TOKEN_COLUMNS} FROM tokens{where} ORDER BY created, token_id"
-        return [TokenRow(*r) for r in await self._submit(select, (sql, params))]
+        sql = f"SELECT {pgsql.TOKEN_COLUMNS} FROM tokens{where} ORDER BY created, token_id"
+        return [TokenRow(*r) for r in await self._submit(pgsql.select, (sql, params))]
 
     async def revoke_token(self, token_id: str, when: float) -> TokenRow | None:
-        return await self._submit(revoke_token, (token_id, when))
+        return await self._submit(pgsql.revoke_token, (token_id, when))
 
     async def load_tokens(self) -> tuple[list[str], list[tuple[TokenRow, str]]]:
-        return await self._submit(load_tokens, None)
+        return await self._submit(pgsql.load_tokens, None)
 
     async def share_endpoint(self, endpoint_id: str, user: str) -> None:
         sql = (
             'INSERT INTO endpoint_shares (endpoint_id, "user") VALUES ($1, $2)'
             " ON CONFLICT DO NOTHING"
         )
-        await self._submit(execute, (sql, [endpoint_id, user]))
+        await self._submit(pgsql.execute, (sql, [endpoint_id, user]))
 
     async def load_shares(self) -> list[tuple[str, str]]:
         sql = 'SELECT endpoint_id, "user" FROM endpoint_shares ORDER BY endpoint_id, "user"'
-        return [(e, u) for e, u in await self._submit(select, (sql, []))]
+        return [(e, u) for e, u in await self._submit(pgsql.select, (sql, []))]
 
     async def set_allowed_functions(
         self, endpoint_id: str, function_ids: Collection[str] | None
@@ -529,13 +505,13 @@ class PostgresStore(Store):
                 " ON CONFLICT (endpoint_id) DO UPDATE SET function_ids = excluded.function_ids"
             )
             params = [endpoint_id, ",".join(sorted(function_ids))]
-        await self._submit(execute, (sql, params))
+        await self._submit(pgsql.execute, (sql, params))
 
     async def load_allowed_functions(self) -> dict[str, frozenset[str]]:
         sql = "SELECT endpoint_id, function_ids FROM endpoint_allow_lists"
         return {
             e: frozenset(filter(None, ids.split(",")))
-            for e, ids in await self._submit(select, (sql, []))
+            for e, ids in await self._submit(pgsql.select, (sql, []))
         }
 
 
@@ -553,25 +529,25 @@ class _Group:
     async def apply(self, op: _Op | None, arg: Any) -> tuple[Any, BaseException | None]:
         """Apply one item so that its failure undoes only itself."""
         conn = self.conn
-        if op is None and not inserts(arg):
+        if op is None and not pgsql.inserts(arg):
             # Changes only: converted here, run with the group's updates. Nothing of it
             # reaches the database before then, so it needs no savepoint of its own.
             try:
-                changes = pg_changes(arg, pg_histories(arg.transitions))
+                changes = pgsql.pg_changes(arg, pgsql.pg_histories(arg.transitions))
             except Exception as exc:  # noqa: BLE001 - handed to the item's own future
                 return None, exc
             self.updates.add(changes)
             return None, None
         if op is not None:
             # A read or purge must see every update queued before it.
-            await flush(conn, self.updates)
+            await pgsql.flush(conn, self.updates)
         # One round trip: the previous item's savepoint goes, this one's is set.
         await conn.execute("RELEASE item; SAVEPOINT item" if self.savepoint else "SAVEPOINT item")
         self.savepoint = True
         try:
             if op is None:
                 result = None
-                changes = await apply_batch(conn, arg)
+                changes = await pgsql.apply_batch(conn, arg)
             else:
                 result = await op(conn, arg)
         except Exception as exc:  # noqa: BLE001 - handed to the item's own future
