@@ -5,6 +5,7 @@ takes over when the first is SIGKILLed. Clients and agents given both addresses 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -109,3 +110,26 @@ def test_sigkill_of_the_active_server_with_5000_tasks_in_flight(
     assert shown.returncode == 0, shown.stderr
     assert str(BULK) in shown.stdout, shown.stdout
     agent.stop()
+
+
+def test_a_server_that_loses_its_database_connection_stops(home: Path, pg_url: str) -> None:
+    # Its lock went with the connection: a standby may be active already, so serving on
+    # from memory could answer for tasks another server now drives.
+    server = launch_server(home, pg_url, f"127.0.0.1:{free_port()}")
+    assert health(server.address) == "SERVING"
+
+    async def terminate_its_connections() -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg_url)
+        try:
+            return await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+
+    assert asyncio.run(terminate_its_connections()) >= 1
+    server.proc.wait_for_line("event=store-lost", timeout=30)
+    assert server.proc.popen.wait(timeout=30) == 1, tail(server.proc)
