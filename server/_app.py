@@ -99,8 +99,6 @@ class Server:
             )
         except HeartlineError as err:
             raise ConfigError(str(err)) from None
-        if not is_database_url(self.config.effective_db):
-            Path(self.config.effective_db).parent.mkdir(parents=True, exist_ok=True)
         auth = not self.config.insecure_no_auth
         # A terminal report carries a result and the tail of two output streams.
         limit = self.config.max_payload + 2 * self.config.max_output + _MESSAGE_HEADROOM
@@ -152,13 +150,10 @@ class Server:
         self._gate.reason = f"the server at {self.address} is opening its store {where}"
         log.info("event=bound address=%s store=%s", self.address, where)
         try:
+            if not is_database_url(self.config.effective_db):
+                Path(self.config.effective_db).parent.mkdir(parents=True, exist_ok=True)
             await self.store.open()
-        except (OSError, RuntimeError, ValueError) as err:
-            # sqlite3.Error and asyncpg's errors are Exceptions of their own: name them.
-            raise ConfigError(f"cannot open the store {where}: {err}") from err
-        except Exception as err:
-            if type(err).__module__.split(".")[0] not in ("sqlite3", "asyncpg"):
-                raise
+        except self.store.open_errors as err:
             raise ConfigError(f"cannot open the store {where}: {err}") from err
         self._store_watch = asyncio.create_task(self._watch_store())
         await self.core.open()

@@ -101,6 +101,12 @@ class PostgresStore(Store):
         ImportError: asyncpg (the ``postgresql`` extra) is not installed.
     """
 
+    open_errors = (
+        (*Store.open_errors, asyncpg.PostgresError, asyncpg.InterfaceError)
+        if asyncpg is not None
+        else Store.open_errors
+    )
+
     def __init__(self, url: str, *, standby_poll: float = 0.5) -> None:
         if asyncpg is None:
             raise ImportError(

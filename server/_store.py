@@ -132,6 +132,11 @@ class Store(abc.ABC):
       ``load_pending_groups`` are what a restarted scheduler resumes.
     """
 
+    open_errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ValueError)
+    """What ``open()`` raises when the store cannot be opened as configured (a bad path,
+    an unreachable database, a schema of another version): the server reports these in
+    one line instead of a traceback."""
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Create or upgrade the schema and start serving.
@@ -610,6 +615,8 @@ class SqliteStore(Store):
     Args:
         path: the database file; created with its schema when missing.
     """
+
+    open_errors = (*Store.open_errors, sqlite3.Error)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = os.fspath(path)
