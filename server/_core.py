@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import grpc
 
@@ -38,7 +38,7 @@ from heartline.server._events import (
     TaskChanged,
     Tick,
 )
-from heartline.server._memory import trim
+from heartline.server._memory import collector_paused, trim
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._requests import RequestMemo
 from heartline.server._rpc import Abort
@@ -98,11 +98,18 @@ class FunctionCache:
 class AgentConnection:
     """The downstream half of one agent's Connect stream: an outbox and its writer."""
 
-    def __init__(self, agent_id: str, endpoint_id: str, functions: FunctionCache) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        endpoint_id: str,
+        functions: FunctionCache,
+        read_args: Callable[[Sequence[str]], Awaitable[dict[str, bytes]]],
+    ) -> None:
         self.agent_id = agent_id
         self.endpoint_id = endpoint_id
         self.stream_id = uuid.uuid4().hex
         self._functions = functions
+        self._read_args = read_args
         self._outbox: list[tuple[str, tuple]] = []
         # Dispatches and cancels are urgent; acks only free the agent's memory, so they
         # are lazy (see heartline/_pacer.py).
@@ -165,10 +172,12 @@ class AgentConnection:
         messages = []
         for kind, items in runs:
             if kind == "dispatch":
+                stored = [i.task_id for i in items if i.args is None]
+                args = await self._read_args(stored) if stored else {}
                 messages.append(
                     ep_pb2.ConnectResponse(
                         dispatch=ep_pb2.DispatchBatch(
-                            dispatches=[await self._dispatch(i) for i in items]
+                            dispatches=[await self._dispatch(i, args) for i in items]
                         )
                     )
                 )
@@ -183,8 +192,15 @@ class AgentConnection:
                 messages.append(ep_pb2.ConnectResponse(ack=ep_pb2.AckBatch(acks=acks)))
         return messages
 
-    async def _dispatch(self, item: DispatchItem) -> ep_pb2.Dispatch:
+    async def _dispatch(self, item: DispatchItem, stored: dict[str, bytes]) -> ep_pb2.Dispatch:
+        """The item as sent; ``stored``: the args read of items without them."""
         # Called once per dispatch item, in the order the agent will read them.
+        args = item.args
+        if args is None:
+            args = stored.get(item.task_id)
+            if args is None:  # never expected: a pending task's args stay stored
+                log.error("event=args-missing task_id=%s", item.task_id)
+                args = b""  # the worker reports it as a task that cannot load its args
         function = b""
         if not self._sent_functions.touch(item.function_id):
             payload = await self._functions.get(item.function_id)
@@ -206,7 +222,7 @@ class AgentConnection:
             attempt=item.attempt,
             function_id=item.function_id,
             function=function,
-            args=item.args,
+            args=args,
             walltime_seconds=item.walltime,
             inputs=item.inputs,
         )
@@ -367,6 +383,10 @@ class ServerCore:
         for endpoint_id, user in await self.store.load_shares():
             self.shares.setdefault(endpoint_id, set()).add(user)
         self.allowed_functions = await self.store.load_allowed_functions()
+        with collector_paused():
+            await self._restore()
+
+    async def _restore(self) -> None:
         rows = await self.store.load_unsettled()
         # Metrics count tasks by state from here on; only they need the settled ones.
         counts = await self.store.count_by_state() if self.config.metrics else None

@@ -117,7 +117,9 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
             if state is not None:
                 held.append(HeldTask(h.task_id, h.attempt, state))
         agent_id = hello.agent_id
-        conn = AgentConnection(agent_id, endpoint.endpoint_id, self.core.functions)
+        conn = AgentConnection(
+            agent_id, endpoint.endpoint_id, self.core.functions, self.core.store.get_args
+        )
         previous = self.core.connections.get(agent_id)
         if previous is not None:
             # A live agent's id is not up for grabs: another stream may take it over only

@@ -205,7 +205,8 @@ class DispatchItem(NamedTuple):
     task_id: str
     attempt: int
     function_id: str
-    args: bytes
+    args: bytes | None
+    """None: still in the store (``TaskRecord.args``); the stream's writer reads it."""
     walltime: float
     inputs: tuple[bytes, ...] = ()
     """The results of the task's input tasks, in placeholder order."""

@@ -246,6 +246,8 @@ class GroupSteps:
             )
         inputs = tuple(results[i] for i in task.inputs)
         limit = self.config.max_payload
+        # A task with inputs is always loaded with its args (server/_rows.py PLAIN).
+        assert task.args is not None
         size = len(task.args) + sum(map(len, inputs))
         if size > limit:
             return (), ErrorInfo(

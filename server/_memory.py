@@ -11,11 +11,13 @@ returned when freed; smaller blocks, all the hot path uses, are unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("heartline.server")
@@ -61,3 +63,24 @@ def return_large_frees() -> bool:
     if not ok:
         log.debug("event=mallopt-refused")
     return ok
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a burst makes objects that all live on (a
+    restart's task records), then everything made so far moved out of its reach
+    (``gc.freeze``).
+
+    Each collection walks the objects of its generation, and a burst of a million
+    records sets off collections that walk all those made so far: measured, restoring
+    1,000,000 queued tasks, 1.2 s of 16 with the collector on. Frozen, they are left out
+    of later full collections too, which would otherwise stop the event loop for as
+    long, each time; a frozen object is still freed when its last reference goes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()

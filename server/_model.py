@@ -87,7 +87,9 @@ class TaskRecord:
     task_id: str
     endpoint_id: str
     function_id: str
-    args: bytes
+    args: bytes | None
+    """None: left in the store (a restart loads queued tasks without them, see
+    ``Store.load_unsettled``); their dispatch reads them (``Store.get_args``)."""
     owner: str
     state: TaskState
     submit_time: float

@@ -371,6 +371,11 @@ class PostgresStore(Store):
         rows = await self._submit(pgsql.select, (sql, [list(dict.fromkeys(task_ids))]))
         return {task_id: (STATE_OF[state], result) for task_id, state, result in rows}
 
+    async def get_args(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        sql = "SELECT task_id, args FROM task_args WHERE task_id = ANY($1::text[])"
+        rows = await self._submit(pgsql.select, (sql, [list(dict.fromkeys(task_ids))]))
+        return {task_id: args for task_id, args in rows}
+
     async def get_group(self, group_id: str) -> tuple[GroupRow, GroupStateRow] | None:
         sql = f"{pgsql.SELECT_GROUPS} WHERE group_id = $1"
         rows = await self._submit(pgsql.select_groups, (sql, [group_id]))

@@ -333,47 +333,59 @@ class Scheduler(GroupSteps):
             self._step.groups[group.group_id] = group
             if group.deadline is not None and not group.counts.settled:
                 heapq.heappush(self._deadlines, (group.deadline, group.group_id))
-        self.tasks_by_state = dict.fromkeys(TaskState, 0)
+        by_state = self.tasks_by_state = dict.fromkeys(TaskState, 0)
+        if counts is not None:
+            by_state.update(counts)
         pending = self.pending_by_owner = {}
-        for row in rows:
-            if row.state in PENDING_STATES:
-                pending[row.owner] = pending.get(row.owner, 0) + 1
-        if counts is None:
-            for row in rows:
-                self.tasks_by_state[row.state] += 1
-        else:
-            self.tasks_by_state.update(counts)
         orphans = False
-        # Each stored row comes with its own copy of every string: share the ones many
-        # tasks have in common (a million restored tasks would keep three copies each).
+        # Rows come with their own copy of every string: share the ones many tasks have
+        # in common (a million restored tasks would keep three copies each). A store's
+        # records share them already.
         shared: dict[str, str] = {}
         validate = self.config.validate
+        tasks = self.tasks
+        enqueue = self.dispatcher.enqueue
+        with_dependencies = []
+        # One pass, and nothing per task it does not need: a restart with a million
+        # queued tasks spends seconds here.
         for row in rows:
-            task = row if type(row) is TaskRecord else row.to_record()
-            task.endpoint_id = shared.setdefault(task.endpoint_id, task.endpoint_id)
-            task.function_id = shared.setdefault(task.function_id, task.function_id)
-            task.owner = shared.setdefault(task.owner, task.owner)
+            if type(row) is TaskRecord:
+                task = row
+            else:
+                task = row.to_record()
+                task.endpoint_id = shared.setdefault(task.endpoint_id, task.endpoint_id)
+                task.function_id = shared.setdefault(task.function_id, task.function_id)
+                task.owner = shared.setdefault(task.owner, task.owner)
+            state = task.state
+            if state in PENDING_STATES:
+                pending[task.owner] = pending.get(task.owner, 0) + 1
+            if counts is None:
+                by_state[state] += 1
             if requirements:
                 task.python = requirements.get(task.function_id, "")
-            self.tasks[task.task_id] = task
+            tasks[task.task_id] = task
             if validate:  # what validate() looks at; a dict entry a task otherwise
                 self._step.touched[task.task_id] = task
-            if task.state in ON_AGENT_STATES:
-                orphaned = Standing.ORPHANED
+            if state == S.WAITING_FOR_EP:
+                if task.standing is _LOST:
+                    # Loading, not a transition: the store keeps "not FRESH" only, and a
+                    # waiting task whose agent may still hold it is an orphan after a
+                    # restart.
+                    task.standing = _ORPHANED
+                    orphans = True
+                else:
+                    enqueue(task)
+            elif state in ON_AGENT_STATES:
                 self._transition(
-                    task, S.WAITING_FOR_EP, "server-restarted", time, standing=orphaned
+                    task, S.WAITING_FOR_EP, "server-restarted", time, standing=_ORPHANED
                 )
                 orphans = True
-            elif task.state == S.WAITING_FOR_EP and task.standing is Standing.LOST:
-                # Loading, not a transition: the store keeps "not FRESH" only, and a
-                # waiting task whose agent may still hold it is an orphan after a restart.
-                task.standing = Standing.ORPHANED
-                orphans = True
-            elif task.state == S.WAITING_FOR_EP:
-                self.dispatcher.enqueue(task)
+            if task.inputs or S.WAITING_FOR_DEPS in (state, task.held_from):
+                with_dependencies.append(task)
         self.orphans_until = time + self.config.heartbeat_timeout if orphans else None
-        for row in rows:
-            self._restore_dependencies(self.tasks[row.task_id], results or {})
+        # After every task is in: a task's inputs and parents may come after it.
+        for task in with_dependencies:
+            self._restore_dependencies(task, results or {})
         self._settle_dependants()
 
         instructions = self._finish_step()

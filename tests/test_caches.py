@@ -113,6 +113,10 @@ def _agent(tmp_path: Path, bounds: tuple[int, int] | None = None) -> tuple[Agent
     return agent, pool, refused
 
 
+async def _no_stored_args(task_ids: Sequence[str]) -> dict[str, bytes]:
+    raise AssertionError(f"these dispatches carry their args; read for {task_ids}")
+
+
 class _Link:
     """One server-side stream (AgentConnection) feeding one agent's _on_dispatch."""
 
@@ -125,7 +129,7 @@ class _Link:
         self.reconnect()
 
     def reconnect(self) -> None:
-        self.conn = AgentConnection(self.agent.agent_id, "ep-1", self.functions)
+        self.conn = AgentConnection(self.agent.agent_id, "ep-1", self.functions, _no_stored_args)
         if self.bounds is not None:
             self.conn._sent_functions = LruCache(*self.bounds)
 

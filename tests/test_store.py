@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from heartline._states import TaskState
+from heartline._states import SkipReason, TaskState
 from heartline.server._model import (
     FAILURE_WALLTIME,
     EndpointRow,
@@ -271,14 +271,39 @@ async def test_load_unsettled_takes_pending_and_errored_only(store: Store) -> No
     await store.write(submitted(*rows))
     lost = task("t-lost", submit_time=99.0, interrupted=True)
     await store.write(submitted(lost))
+    # A task whose column differs from its default, for each column a plain task's
+    # read leaves out (SqliteStore reads those tasks whole): each must load as stored.
+    unusual = [
+        task(f"t-{name}", **{name: value})
+        for name, value in {
+            "start_time": 1.5, "settle_time": 2.5, "held_from": S.WAITING_FOR_EP,
+            "result": b"r", "resubmitted_from": "t-old", "group_id": "g-1",
+            "payload_purged": True, "name": "fetch", "inputs": ("t-old",),
+            "skip_reason": SkipReason.WHEN_FALSE,
+            "error": ErrorInfo("E", "m", "tb", FAILURE_WALLTIME),
+        }.items()
+    ]  # fmt: skip
+    await store.write(submitted(*unusual))
     got = await store.load_unsettled()
-    expected = [r for r in [*rows, lost] if r.state.pending or r.state is S.ERRORED]
-    # Records as the scheduler holds them: every stored column, the flag as a standing.
-    assert got == [
-        r.to_record() for r in sorted(expected, key=lambda r: (r.submit_time, r.task_id))
+    # A record may leave its args in the store (SqliteStore: a plain task's), for its
+    # dispatch to read.
+    left = [r.task_id for r in got if r.args is None]
+    assert bool(left) is isinstance(store, SqliteStore)
+    stored = await store.get_args([*left, "t-unknown"])
+    assert sorted(stored) == sorted(left)
+    for r in got:
+        if r.args is None:
+            r.args = stored[r.task_id]
+    expected = [r for r in [*rows, lost, *unusual] if r.state.pending or r.state is S.ERRORED]
+    # Records as the scheduler holds them: every stored column, the flag as a standing;
+    # in no particular order.
+    assert sorted(got, key=lambda r: r.task_id) == [
+        r.to_record() for r in sorted(expected, key=lambda r: r.task_id)
     ]
     assert {r.state for r in got} == {s for s in TaskState if s.pending} | {S.ERRORED}
-    assert got[-1].standing is Standing.LOST and got[0].standing is Standing.FRESH
+    by_id = {r.task_id: r for r in got}
+    assert by_id["t-lost"].standing is Standing.LOST
+    assert by_id["t-WAITING_FOR_EP"].standing is Standing.FRESH
     # Values many tasks repeat are one object, not a copy per row.
     assert all(r.endpoint_id is got[0].endpoint_id and r.owner is got[0].owner for r in got)
 
