@@ -226,6 +226,11 @@ class Scheduler(GroupSteps):
         """Who waits for whom, the groups held, and results passed along."""
         self._deadlines: list[tuple[float, str]] = []
         """(deadline, group id) of groups with a timeout, soonest first."""
+        self._errored: list[tuple[float, str]] = []
+        """(settle time, task id) of each move into ERRORED, oldest first: the tick's
+        retention check pops what expired instead of scanning every task (a million
+        queued tasks took tens of milliseconds a tick). An entry whose task has moved on
+        since is dropped when popped."""
         self.orphans_until: float | None = None
         """After a restart: when ORPHANED tasks stop waiting for their agents (None once
         they were queued, or if there were none)."""
@@ -380,8 +385,11 @@ class Scheduler(GroupSteps):
                     task, S.WAITING_FOR_EP, "server-restarted", time, standing=_ORPHANED
                 )
                 orphans = True
+            elif state == S.ERRORED and task.settle_time is not None:
+                self._errored.append((task.settle_time, task.task_id))
             if task.inputs or S.WAITING_FOR_DEPS in (state, task.held_from):
                 with_dependencies.append(task)
+        heapq.heapify(self._errored)
         self.orphans_until = time + self.config.heartbeat_timeout if orphans else None
         # After every task is in: a task's inputs and parents may come after it.
         for task in with_dependencies:
@@ -800,8 +808,11 @@ class Scheduler(GroupSteps):
                 CloseAgent(agent.agent_id, "no heartbeat within the timeout", agent.stream_id)
             )
         expiry = event.time - self.config.errored_retention
-        for task in [t for t in self.tasks.values() if t.state == S.ERRORED]:
-            if task.settle_time is not None and task.settle_time < expiry:
+        errored = self._errored
+        while errored and errored[0][0] < expiry:
+            settle_time, task_id = heapq.heappop(errored)
+            task = self.tasks.get(task_id)
+            if task is not None and task.state == S.ERRORED and task.settle_time == settle_time:
                 self._transition(task, S.FAILED, "errored-retention", event.time)
 
     def _queue_orphans(self) -> None:
@@ -974,6 +985,8 @@ class Scheduler(GroupSteps):
         by_state[finish] += 1
         if start is not None:
             by_state[start] -= 1
+        if finish is S.ERRORED and task.settle_time is not None:
+            heapq.heappush(self._errored, (task.settle_time, task_id))
         if task_id not in step.new:
             step.dirty[task_id] = task
         if pending_delta:
@@ -1121,6 +1134,8 @@ class Scheduler(GroupSteps):
             assert task.state in (S.WAITING_FOR_EP, S.HELD), f"lost {task_id} is {task.state}"
         if task.state == S.HELD:
             assert task.held_from in (S.WAITING_FOR_EP, S.WAITING_FOR_DEPS)
+        if task.state == S.ERRORED and task.settle_time is not None:
+            assert (task.settle_time, task_id) in self._errored, f"{task_id} not up for retention"
         assert task.attempt >= 1
         deps = self.deps
         group = deps.groups.get(task.group_id) if task.group_id else None

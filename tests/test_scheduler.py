@@ -1054,6 +1054,32 @@ def test_errored_past_its_retention_is_failed_on_tick() -> None:
     assert s.tasks == {}
 
 
+def test_a_restored_errored_task_is_failed_once_past_its_retention() -> None:
+    s = make(errored_retention=100.0, heartbeat_timeout=1e9)
+    error = raised()
+    s.restore([row("t1", S.ERRORED, settle_time=10.0, error=error, raised_count=1)], 50.0)
+
+    assert s.handle(Tick(110.0)) == []
+    s.handle(Tick(110.5))
+
+    assert "t1" not in s.tasks
+
+
+def test_retention_counts_from_the_last_time_a_task_errored() -> None:
+    # Its first entry (settled at 2.0) is stale once it is retried and errors again.
+    s = make(errored_retention=100.0, heartbeat_timeout=1e9)
+    errored(s, time=2.0)
+    s.handle(cmd("retry", "t1", time=3.0))
+    assert s.tasks["t1"].state == S.DISPATCHED  # to agent A, whose slot it freed
+    s.handle(report("A", sr("t1", S.RUNNING, attempt=2), time=4.0))
+    s.handle(report("A", sr("t1", S.ERRORED, attempt=2, error=raised()), time=50.0))
+
+    assert s.handle(Tick(120.0)) == []  # past 2.0 + 100, not past 50.0 + 100
+    assert s.tasks["t1"].state == S.ERRORED
+    s.handle(Tick(150.5))
+    assert "t1" not in s.tasks
+
+
 # ------------------------------------------------------------- duplicate reports
 
 
