@@ -11,8 +11,8 @@ commits once, and resolves every future of the group with one ``call_soon_thread
 (group commit: durability costs one commit per group, not per request).
 
 Durability: WAL mode with ``synchronous=NORMAL``. A commit appends its frames to the WAL
-with ``write()``; the WAL is fsynced only at checkpoints, which a thread of their own
-runs (``_Checkpointer``), never a commit. A killed process (SIGKILL)
+with ``write()``; the WAL is fsynced only at checkpoints, which never run inside a
+commit (``_Checkpointer``). A killed process (SIGKILL)
 cannot lose what the kernel already holds in its page cache, so nothing committed is
 lost (SPEC section 8). Only an OS crash or power cut may drop the last commits, and even
 then the database stays consistent; ``synchronous=FULL`` would cost an fsync per group.
@@ -643,9 +643,9 @@ class _Checkpointer:
       copies the bulk of the WAL while commits go on;
     - such a checkpoint cannot finish while commits keep adding to the WAL, and SQLite
       starts the WAL over only after one that did. So the writer, once this thread has
-      copied, finishes the job itself (``finish``): when its queue is empty, or at the
-      latest after ``patience`` copies (a server never idle), with a PASSIVE checkpoint
-      of the few pages since, and its next commit starts the WAL over.
+      copied, finishes the job itself between two groups (``committed``): when its queue
+      is empty, or at the latest after ``patience`` copies (a server never idle), with a
+      PASSIVE checkpoint of the few pages since, and its next commit starts the WAL over.
 
     A checkpoint that fails or finds the database busy only leaves the WAL longer until
     the next one.
