@@ -118,7 +118,12 @@ def _with_server_options(fn):
 @main.command()
 @_with_server_options
 def server(listen, db, heartbeat_interval, heartbeat_timeout, insecure_no_auth, verbose, validate, metrics) -> None:
-    """Run the heartline server."""
+    """Run the heartline server.
+
+    Each agent and each client holds one connection, one open file, to the server: at
+    start it raises its soft limit of open files to the hard limit and logs how many
+    connections that allows (a warning if few), and warns once when they near it.
+    """
     from heartline.server import run_server
     from heartline.server._store import redacted
 

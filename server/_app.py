@@ -25,6 +25,7 @@ from heartline.server._core import ServerCore
 from heartline.server._decode import DecodeInterceptor
 from heartline.server._endpoint_service import EndpointServicer
 from heartline.server._gate import ActiveGate
+from heartline.server._limits import FdLimit, raise_fd_limit
 from heartline.server._memory import return_large_frees
 from heartline.server._store import Store, is_database_url, store_for
 from heartline.server._task_service import TaskServicer
@@ -280,6 +281,7 @@ async def serve(config: ServerConfig, ready=None, before_stop=None) -> bool:
 def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:
     """Blocking entry of ``heartline server``: uvloop, signals, exit code."""
     return_large_frees()  # the process's big payloads go back to the system (_memory.py)
+    _log_fd_limit(raise_fd_limit())
     try:
         import uvloop
 
@@ -292,3 +294,25 @@ def run_server(config: ServerConfig, ready=None, before_stop=None) -> int:
         print(f"heartline server: {err}", file=sys.stderr)
         return 2
     return 0 if ok else 1
+
+
+_FEW_CONNECTIONS = 10_000
+"""Under this many connections a server is told, at start, that its limit is low."""
+
+
+def _log_fd_limit(limit: FdLimit | None) -> None:
+    if limit is None:
+        return
+    line = (
+        f"event=fd-limit soft={limit.soft} hard={limit.hard} found={limit.found}"
+        f" connections={limit.connections}"
+    )
+    if limit.connections < _FEW_CONNECTIONS:
+        log.warning(
+            "%s: about %d agents and clients can connect at once; raise the hard limit "
+            "(ulimit -Hn, systemd LimitNOFILE=) for more",
+            line,
+            limit.connections,
+        )
+    else:
+        log.info(line)

@@ -38,6 +38,7 @@ from heartline.server._events import (
     TaskChanged,
     Tick,
 )
+from heartline.server._limits import FdWatch, fd_soft_limit, open_fds
 from heartline.server._memory import collector_paused, trim
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._requests import RequestMemo
@@ -48,6 +49,9 @@ from heartline.v1 import endpoint_service_pb2 as ep_pb2
 from heartline.v1 import task_pb2
 
 log = logging.getLogger("heartline.server")
+
+_FD_CHECK_SECONDS = 10.0
+"""How often the timers count the open descriptors against the limit."""
 
 
 def _mib(n: int) -> str:
@@ -715,15 +719,23 @@ class ServerCore:
         return row
 
     async def run_timers(self) -> None:
-        """Heartbeat checks and retention, until cancelled."""
+        """Heartbeat checks, retention and the descriptor watch, until cancelled."""
         interval = max(0.05, self.config.heartbeat_interval / 2)
-        last_purge = 0.0
+        last_purge = last_fds = 0.0
+        fd_watch = FdWatch(fd_soft_limit())
         while True:
             await asyncio.sleep(interval)
             now = time.time()
             # Queued behind agent messages already read, so a heartbeat that arrived in
             # time is counted before the tick judges its agent.
             self.feed_soon(Tick(now))
+            if now - last_fds >= _FD_CHECK_SECONDS:
+                last_fds = now
+                # Off the loop: listing /proc/self/fd takes milliseconds at 10,000.
+                used = await asyncio.to_thread(open_fds)
+                warning = None if used is None else fd_watch.check(used)
+                if warning is not None:
+                    log.warning(warning)
             if now - last_purge > 3600:
                 last_purge = now
                 try:

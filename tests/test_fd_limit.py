@@ -1,0 +1,72 @@
+"""The server's file-descriptor limit: raised to the hard limit at start, and one warning
+(not one a second) when open descriptors near it."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import pytest
+
+from heartline.server._limits import RESERVED_FDS, FdWatch, raise_fd_limit
+from tests.helpers import heartline_cmd, start_process
+
+# Run the server with a soft limit of 1,024, as many shells give a process.
+_LOW_SOFT_LIMIT = (
+    "import os, resource, sys;"
+    " hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1];"
+    " resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard));"
+    " os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _limits_of(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-files limit for {pid}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/limits")
+def test_the_server_raises_its_soft_limit_to_the_hard_one_and_says_so(tmp_path: Path) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    args = heartline_cmd(
+        "server", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "h.db"), "-v"
+    )  # fmt: skip
+    proc = start_process(
+        [sys.executable, "-c", _LOW_SOFT_LIMIT, *args], {"HEARTLINE_HOME": str(tmp_path)}
+    )
+    try:
+        line = proc.wait_for_line("event=fd-limit")
+        proc.wait_for_line("listening on")
+        soft_now, hard_now = _limits_of(proc.pid)
+    finally:
+        assert proc.stop() == 0
+    assert hard_now == hard
+    if hard != resource.RLIM_INFINITY:
+        assert soft_now == hard
+    assert "found=1024" in line and f"soft={soft_now}" in line
+    assert f"connections={soft_now - RESERVED_FDS}" in line
+
+
+def test_raising_the_limit_keeps_the_hard_one() -> None:
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = raise_fd_limit()
+    assert limit is not None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == before[1]
+    assert limit.soft == soft and limit.found == before[0]
+    assert limit.connections == soft - RESERVED_FDS
+
+
+def test_the_watch_warns_once_near_the_limit_and_again_only_after_falling_back() -> None:
+    watch = FdWatch(1000)
+    assert watch.check(100) is None
+    warning = watch.check(905)
+    assert warning is not None and "open=905 limit=1000" in warning and "ulimit -Hn" in warning
+    # At the edge for a long while: still the one line.
+    assert [watch.check(n) for n in (950, 999, 1000, 850)] == [None] * 4
+    assert watch.check(790) is None  # fell back under 80%: armed again
+    assert watch.check(920) is not None
