@@ -35,29 +35,29 @@ class FdLimit:
         return max(0, self.soft - RESERVED_FDS)
 
 
+def _finite(value: int) -> int:
+    import resource
+
+    return _UNLIMITED_TARGET if value == resource.RLIM_INFINITY else value
+
+
 def raise_fd_limit() -> FdLimit | None:
     """Raise the soft RLIMIT_NOFILE to the hard limit; None where there is no such limit
     (not a Unix). Where the system refuses the hard limit itself (macOS caps it), the
-    soft limit stays as it was."""
+    soft limit stays as it was. An unlimited value counts as ``_UNLIMITED_TARGET``."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not a Unix
         return None
     found, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = _UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
-    soft = found
-    if found != resource.RLIM_INFINITY and found < target:
+    soft = _finite(found)
+    if soft < _finite(hard):
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_finite(hard), hard))
+            soft = _finite(hard)
         except (ValueError, OSError):
             pass
-    infinite = resource.RLIM_INFINITY
-    return FdLimit(
-        soft=_UNLIMITED_TARGET if soft == infinite else soft,
-        hard=_UNLIMITED_TARGET if hard == infinite else hard,
-        found=_UNLIMITED_TARGET if found == infinite else found,
-    )
+    return FdLimit(soft=soft, hard=_finite(hard), found=_finite(found))
 
 
 def fd_soft_limit() -> int:
@@ -66,8 +66,7 @@ def fd_soft_limit() -> int:
         import resource
     except ImportError:  # pragma: no cover - not a Unix
         return _UNLIMITED_TARGET
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return _UNLIMITED_TARGET if soft == resource.RLIM_INFINITY else soft
+    return _finite(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def open_fds() -> int | None:
