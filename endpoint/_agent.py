@@ -312,6 +312,8 @@ class Agent:
             except Exception as exc:
                 logger.exception("event=stream-error server=%s", self._config.server)
                 reason = repr(exc)
+            if self._stop_requested.is_set():
+                return  # stopping: whatever ended the session, there is no reconnecting
             was_connected = self._state is AgentState.CONNECTED
             self._state = AgentState.CONNECTING
             cap = min(self._config.reconnect_max, self._config.reconnect_min * 2**self._failures)
@@ -432,7 +434,7 @@ class Agent:
                         tg.create_task(self._heartbeat_loop(interval))
                         await self._receive_loop(call)
                 except BaseExceptionGroup as group:
-                    raise _first_error(group) from None
+                    raise _session_error(group) from None
             finally:
                 call.cancel()
 
@@ -717,6 +719,21 @@ def _clip(text: str) -> str:
         return text
     half = _MAX_ERROR_TEXT // 2
     return f"{text[:half]}\n... [{len(text) - 2 * half} characters cut] ...\n{text[-half:]}"
+
+
+def _session_error(group: BaseExceptionGroup) -> BaseException:
+    """What a session's task group ended with, to raise in its place.
+
+    A cancellation of the session (the agent stopping) that lands while a child fails
+    (the stream broke: when `heartline up` is killed, its server and the agent's lifeline
+    go at once) comes out of the group as that child's error. It stays a cancellation:
+    raised as the stream's error, the link would take it for a lost connection and try
+    to reconnect, for ever, while the agent waits for it to stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return _first_error(group)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

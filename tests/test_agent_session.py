@@ -1,0 +1,56 @@
+"""A stopping agent's session ends as a cancellation, even when its stream breaks at once.
+
+`heartline up` killed with SIGKILL takes the server and the agent's lifeline in the same
+instant: the agent is told to stop while its stream fails. asyncio's TaskGroup then ends
+with the stream's error in a group, and the cancellation is left only in the task's
+``cancelling()`` count. Taken for a lost connection, it kept the agent reconnecting to a
+dead server for ever (tests/test_up.py's SIGKILL test, seen once in CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from heartline.endpoint import _agent
+
+
+async def _session(gate: asyncio.Event, started: asyncio.Event) -> None:
+    """A session's shape: a child that fails when the stream breaks, the body waiting."""
+
+    async def receive() -> None:
+        await gate.wait()
+        raise _agent._StreamLost("the stream broke")
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(receive())
+            started.set()
+            await asyncio.Event().wait()
+    except BaseExceptionGroup as group:
+        raise _agent._session_error(group) from None
+
+
+def _run(cancel: bool) -> BaseException:
+    async def main() -> BaseException:
+        gate, started = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(_session(gate, started))
+        await started.wait()
+        gate.set()  # the child fails on the next turn of the loop...
+        if cancel:
+            task.cancel()  # ...the same turn the stop arrives
+        try:
+            await asyncio.wait_for(task, timeout=5)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is checked
+            return exc
+        raise AssertionError("the session returned")
+
+    return asyncio.run(main())
+
+
+def test_a_stop_that_lands_as_the_stream_breaks_stays_a_cancellation() -> None:
+    assert isinstance(_run(cancel=True), asyncio.CancelledError)
+
+
+def test_a_broken_stream_alone_is_the_streams_error() -> None:
+    exc = _run(cancel=False)
+    assert isinstance(exc, _agent._StreamLost), repr(exc)
