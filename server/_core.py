@@ -25,7 +25,7 @@ from heartline.server._auth import Tokens
 from heartline.server._config import ServerConfig
 from heartline.server._convert import change_to_proto, group_change_to_proto
 from heartline.server._events import (
-    CloseAgent,
+    AgentLost,
     DispatchItem,
     Event,
     GroupChanged,
@@ -143,7 +143,15 @@ class AgentConnection:
         self._sent_functions: LruCache[str, None] = LruCache(*STREAM_SENT_FUNCTIONS)
         self.close_reason: str | None = None
         self.last_heard = time.monotonic()
-        """When the agent last sent a message on this stream (``time.monotonic()``)."""
+        """When the agent last sent a message on this stream (``time.monotonic()``).
+
+        A heartbeat only moves this (no scheduler step, no write): the server's timer
+        reads it, and only an agent silent past the heartbeat timeout becomes an event
+        (:meth:`ServerCore.lose_silent_agents`)."""
+
+    def heard_at(self) -> float:
+        """:attr:`last_heard` as wall-clock time (``time.time()``)."""
+        return time.time() - (time.monotonic() - self.last_heard)
 
     def push(self, kind: str, items: tuple) -> None:
         self._outbox.append((kind, items))
@@ -461,13 +469,6 @@ class ServerCore:
                 self._push(ins.agent_id, "dispatch", ins.items)
             elif isinstance(ins, SendCancels):
                 self._push(ins.agent_id, "cancel", ins.task_ids)
-            elif isinstance(ins, CloseAgent):
-                conn = self.connections.get(ins.agent_id)
-                # Only the stream the scheduler judged: a newer one of the same agent
-                # may already have replaced it.
-                if conn is not None and conn.stream_id == ins.stream_id:
-                    del self.connections[ins.agent_id]
-                    conn.close(ins.reason)
             else:
                 after_commit.append(ins)
         if after_commit:
@@ -607,9 +608,7 @@ class ServerCore:
         else:
             self.allowed_functions[endpoint_id] = function_ids
         others = sum(
-            1
-            for a in self.scheduler.agents.values()
-            if a.endpoint_id == endpoint_id and a.agent_id != agent_id
+            1 for a in self.scheduler.dispatcher.agents_of(endpoint_id) if a.agent_id != agent_id
         )
         level = logging.WARNING if others else logging.INFO
         log.log(
@@ -718,16 +717,40 @@ class ServerCore:
                 log.info("event=endpoint-registered name=%s endpoint_id=%s", name, row.endpoint_id)
         return row
 
+    def lose_silent_agents(self, now: float) -> list[str]:
+        """Close the streams that carried nothing for the heartbeat timeout up to ``now``
+        (``time.monotonic()``), and tell the scheduler their agents are lost; return
+        their agent ids.
+
+        A scan of the connections' timestamps: at 10,000 agents about a millisecond, once
+        per tick, where each heartbeat as a scheduler step cost far more in all."""
+        timeout = self.config.effective_heartbeat_timeout
+        silent = [c for c in self.connections.values() if now - c.last_heard > timeout]
+        wall = time.time()
+        for conn in silent:
+            log.warning("agent %s silent for %.1fs: lost", conn.agent_id, now - conn.last_heard)
+            # Out of the connections first: the stream's own end then reports nothing
+            # more, so the loss is recorded once, with this cause.
+            del self.connections[conn.agent_id]
+            conn.close("no heartbeat within the timeout")
+            self.feed_soon(AgentLost(conn.agent_id, wall, "heartbeat-timeout", conn.stream_id))
+        return [c.agent_id for c in silent]
+
     async def run_timers(self) -> None:
         """Heartbeat checks, retention and the descriptor watch, until cancelled."""
         interval = max(0.05, self.config.heartbeat_interval / 2)
         last_purge = last_fds = 0.0
         fd_watch = FdWatch(fd_soft_limit())
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + interval
             await asyncio.sleep(interval)
+            # Woken far past its time, the loop was held up (a long step, a pause): the
+            # streams' messages that arrived meanwhile are not read yet, so silence is
+            # judged at the next tick, once they are.
+            if loop.time() - due < interval:
+                self.lose_silent_agents(time.monotonic())
             now = time.time()
-            # Queued behind agent messages already read, so a heartbeat that arrived in
-            # time is counted before the tick judges its agent.
             self.feed_soon(Tick(now))
             if now - last_fds >= _FD_CHECK_SECONDS:
                 last_fds = now

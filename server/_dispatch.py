@@ -9,7 +9,7 @@ the transition table's business (``server/_lifecycle.py``).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from heartline.server._model import TaskRecord
@@ -25,7 +25,6 @@ class AgentState:
     endpoint_id: str
     capacity: int
     prefetch: int
-    last_seen: float
     hostname: str = ""
     version: str = ""
     stream_id: str = ""
@@ -195,11 +194,15 @@ class EndpointQueue:
 class Dispatcher:
     """Owns the endpoint queues and the connected agents."""
 
-    __slots__ = ("agents", "queues")
+    __slots__ = ("_by_endpoint", "agents", "queues")
 
     def __init__(self) -> None:
         self.agents: dict[str, AgentState] = {}
         """Connected agents by id (read-only outside this class)."""
+        self._by_endpoint: dict[str, dict[str, AgentState]] = {}
+        """The same agents by endpoint id, then agent id; an endpoint with none has no
+        entry. What an endpoint's dispatch, listing and waiting reasons read: they cost
+        that endpoint's agents, not every agent of the server."""
         self.queues: dict[str, EndpointQueue] = {}
         """Queues by endpoint id (read-only outside this class)."""
 
@@ -238,6 +241,7 @@ class Dispatcher:
 
     def connect(self, agent: AgentState) -> None:
         self.agents[agent.agent_id] = agent
+        self._by_endpoint.setdefault(agent.endpoint_id, {})[agent.agent_id] = agent
         queue = self.queues.get(agent.endpoint_id)
         if queue is not None and queue.parked:
             # Tasks that waited for an agent on this Python: they may go now.
@@ -249,7 +253,7 @@ class Dispatcher:
 
     def pythons(self, endpoint_id: str) -> set[str]:
         """The Pythons the endpoint's connected agents run ("" for one that did not say)."""
-        return {a.python for a in self.agents.values() if a.endpoint_id == endpoint_id}
+        return {a.python for a in self.agents_of(endpoint_id)}
 
     def unable(self, task: TaskRecord) -> str:
         """Why no connected agent of the task's endpoint can run it, or ""."""
@@ -268,6 +272,10 @@ class Dispatcher:
         """Forget the agent; return the tasks it held, sorted, for the caller to re-queue
         (each one's ``agent_id`` is undone by unbind() as it leaves the agent's state)."""
         agent = self.agents.pop(agent_id)
+        of_endpoint = self._by_endpoint[agent.endpoint_id]
+        del of_endpoint[agent_id]
+        if not of_endpoint:
+            del self._by_endpoint[agent.endpoint_id]
         held = sorted(agent.in_flight)
         agent.in_flight.clear()
         return held
@@ -284,8 +292,28 @@ class Dispatcher:
         task.agent_id = None
         return agent
 
-    def agents_of(self, endpoint_id: str) -> list[AgentState]:
-        return [a for a in self.agents.values() if a.endpoint_id == endpoint_id]
+    def agents_of(self, endpoint_id: str) -> Collection[AgentState]:
+        """The endpoint's connected agents (a view: read it before the next change)."""
+        agents = self._by_endpoint.get(endpoint_id)
+        return agents.values() if agents is not None else ()
+
+    def online(self) -> Collection[str]:
+        """The endpoints with at least one agent connected."""
+        return self._by_endpoint.keys()
+
+    def check_index(self, agents: Iterable[AgentState] | None = None) -> None:
+        """Assert the endpoint index holds these agents (None: exactly every agent)."""
+        if agents is None:
+            indexed = {a: e for e, of in self._by_endpoint.items() for a in of}
+            assert indexed == {a.agent_id: a.endpoint_id for a in self.agents.values()}, (
+                "the agents by endpoint differ from the agents"
+            )
+            assert all(self._by_endpoint.values()), "an endpoint indexed with no agent"
+            agents = self.agents.values()
+        for agent in agents:
+            assert self._by_endpoint[agent.endpoint_id][agent.agent_id] is agent, (
+                f"agent {agent.agent_id} not indexed under its endpoint"
+            )
 
     # -------------------------------------------------------------------- choosing
 
@@ -298,7 +326,7 @@ class Dispatcher:
         queue = self.queues.get(endpoint_id)
         if not queue:
             return
-        agents = [a for a in self.agents.values() if a.endpoint_id == endpoint_id and a.credit > 0]
+        agents = [a for a in self.agents_of(endpoint_id) if a.credit > 0]
         if queue.needs:
             # Some task's function runs only on one Python: match each to an agent on it.
             yield from self._matching(queue, endpoint_id, agents)

@@ -26,7 +26,6 @@ from heartline.server._events import (
     AgentConnected,
     AgentLost,
     AgentReported,
-    AgentSeen,
     HeldTask,
     StatusReport,
 )
@@ -228,5 +227,4 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 core.feed_soon(AgentReported(agent_id, tuple(reports), time.time()))
             elif kind == "capacity":
                 core.feed_soon(AgentCapacity(agent_id, message.capacity.capacity, time.time()))
-            else:
-                core.feed_soon(AgentSeen(agent_id, time.time()))
+            # A heartbeat is the timestamp above, nothing more (ServerCore.lose_silent_agents).

@@ -97,7 +97,10 @@ class AgentConnected:
 
 @dataclass(frozen=True, slots=True)
 class AgentLost:
-    """The agent's stream closed, or it went silent past the heartbeat timeout."""
+    """The agent's stream closed, or it went silent past the heartbeat timeout.
+
+    Heartbeats themselves are no event: the stream's connection notes when it last
+    heard from the agent, and the server's timer reports the silent ones as lost."""
 
     agent_id: str
     time: float
@@ -113,14 +116,6 @@ class AgentCapacity:
 
     agent_id: str
     capacity: int
-    time: float
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSeen:
-    """A heartbeat (or any message) arrived from the agent."""
-
-    agent_id: str
     time: float
 
 
@@ -180,7 +175,6 @@ Event = (
     TasksSubmitted
     | AgentConnected
     | AgentLost
-    | AgentSeen
     | AgentCapacity
     | AgentReported
     | TasksCommanded
@@ -264,24 +258,12 @@ class NotifyWatchers:
     groups: tuple[GroupChanged, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class CloseAgent:
-    """Close an agent's stream (e.g. it was declared lost while its stream stayed open)."""
-
-    agent_id: str
-    reason: str
-    stream_id: str = ""
-    """Close only this stream: a newer one of the same agent is left alone."""
-
-
-Instruction = Persist | SendDispatches | SendCancels | SendAcks | NotifyWatchers | CloseAgent
+Instruction = Persist | SendDispatches | SendCancels | SendAcks | NotifyWatchers
 
 __all__ = [
     "AgentConnected",
     "AgentLost",
     "AgentReported",
-    "AgentSeen",
-    "CloseAgent",
     "DispatchItem",
     "Event",
     "GroupChanged",

@@ -50,9 +50,8 @@ class ServerFigures:
 def snapshot(core: ServerCore) -> ServerFigures:
     """Copy the figures; must run on the server's event loop."""
     scheduler = core.scheduler
-    agents_of: dict[str, int] = {}
-    for agent in scheduler.agents.values():
-        agents_of[agent.endpoint_id] = agents_of.get(agent.endpoint_id, 0) + 1
+    dispatcher = scheduler.dispatcher
+    agents_of = {e: len(dispatcher.agents_of(e)) for e in dispatcher.online()}
     names = {endpoint_id: row.name for endpoint_id, row in core.endpoints.items()}
     known = names.keys() | scheduler.queues.keys() | agents_of.keys()
     return ServerFigures(

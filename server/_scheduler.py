@@ -30,8 +30,6 @@ from heartline.server._events import (
     AgentConnected,
     AgentLost,
     AgentReported,
-    AgentSeen,
-    CloseAgent,
     DispatchItem,
     Event,
     GroupChanged,
@@ -189,7 +187,6 @@ class _Step:
     dispatches: dict[str, list[DispatchItem]] = field(default_factory=dict)
     cancels: dict[str, list[str]] = field(default_factory=dict)
     acks: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    closes: list[CloseAgent] = field(default_factory=list)
     endpoints: set[str] = field(default_factory=set)
     """Endpoints whose queue or credit changed: try to dispatch on them."""
     requests: list[RequestRow] = field(default_factory=list)
@@ -551,7 +548,6 @@ class Scheduler(GroupSteps):
             endpoint_id=event.endpoint_id,
             capacity=max(0, event.capacity),
             prefetch=max(0, event.prefetch),
-            last_seen=event.time,
             hostname=event.hostname,
             version=event.version,
             stream_id=event.stream_id,
@@ -600,16 +596,10 @@ class Scheduler(GroupSteps):
             )
         self._step.endpoints.add(agent.endpoint_id)
 
-    def _on_agent_seen(self, event: AgentSeen) -> None:
-        agent = self.agents.get(event.agent_id)
-        if agent is not None:
-            agent.last_seen = event.time
-
     def _on_agent_capacity(self, event: AgentCapacity) -> None:
         agent = self.agents.get(event.agent_id)
         if agent is None:
             return  # a stream already declared lost: its next hello says it again
-        agent.last_seen = event.time
         # Fewer slots than tasks held is allowed (credit goes negative): nothing is taken
         # back from the agent; it is sent nothing more until its tasks drain.
         agent.capacity = max(0, event.capacity)
@@ -622,7 +612,7 @@ class Scheduler(GroupSteps):
             # Reports on a stream already declared lost: its tasks were re-queued; the
             # agent says hello again on its next stream. Nothing here is acknowledged.
             return
-        now = agent.last_seen = event.time
+        now = event.time
         agent_id = agent.agent_id
         tasks = self.tasks
         transition = self._transition
@@ -798,15 +788,6 @@ class Scheduler(GroupSteps):
                 self._stop_group(
                     group, SkipReason.GROUP_TIMED_OUT, cancel_running=True, cause="group-timed-out"
                 )
-        deadline = event.time - self.config.heartbeat_timeout
-        for agent in [a for a in self.agents.values() if a.last_seen < deadline]:
-            log.warning(
-                "agent %s silent for %.1fs: lost", agent.agent_id, event.time - agent.last_seen
-            )
-            self._lose_agent(agent, event.time, "heartbeat-timeout")
-            self._step.closes.append(
-                CloseAgent(agent.agent_id, "no heartbeat within the timeout", agent.stream_id)
-            )
         expiry = event.time - self.config.errored_retention
         errored = self._errored
         while errored and errored[0][0] < expiry:
@@ -837,7 +818,6 @@ class Scheduler(GroupSteps):
         TasksSubmitted: _on_submitted,
         AgentConnected: _on_agent_connected,
         AgentLost: _on_agent_lost,
-        AgentSeen: _on_agent_seen,
         AgentCapacity: _on_agent_capacity,
         AgentReported: _on_agent_reported,
         TasksCommanded: _on_commanded,
@@ -1061,7 +1041,6 @@ class Scheduler(GroupSteps):
             out.append(SendCancels(agent_id, tuple(dict.fromkeys(task_ids))))
         for agent_id, items in step.dispatches.items():
             out.append(SendDispatches(agent_id, tuple(items)))
-        out.extend(step.closes)
         for agent_id, acks in step.acks.items():
             out.append(SendAcks(agent_id, tuple(acks)))
         if step.changes or group_changes:
@@ -1096,6 +1075,8 @@ class Scheduler(GroupSteps):
             agents = [self.agents[a] for a in last.agents if a in self.agents]
         for task_id, task in tasks:
             self._check_task(task_id, task)
+        agents = list(agents)
+        self.dispatcher.check_index(None if full else agents)
         for agent in agents:
             # Reclaims may leave an agent over its credit (it came back holding more than
             # it has slots, e.g. finished results not yet acked); dispatch never does.

@@ -17,7 +17,7 @@ from heartline._serialize import function_id as hash_function
 from heartline._states import TaskState
 from heartline.server._auth import caller
 from heartline.server._convert import row_to_update, state_from_proto, task_to_proto, timestamp
-from heartline.server._core import ServerCore, Watcher
+from heartline.server._core import AgentConnection, ServerCore, Watcher
 from heartline.server._events import NewTask, TasksCommanded, TasksSubmitted
 from heartline.server._group_service import GroupRpcs
 from heartline.server._ids import new_id
@@ -49,6 +49,12 @@ def _inputs_kept_moving() -> Abort:
         grpc.StatusCode.UNAVAILABLE,
         "the input tasks kept settling while this request read them; send it again",
     )
+
+
+def _heard_at(conn: AgentConnection | None):  # -> Timestamp | None
+    """When the agent's stream last carried a message; None once it closed (the
+    scheduler has not yet handled the loss)."""
+    return None if conn is None else timestamp(conn.heard_at())
 
 
 def _mib(n: int) -> str:
@@ -714,12 +720,13 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     @refusing
     async def ListEndpoints(self, request, context):
         scheduler = self.core.scheduler
+        connections = self.core.connections
         scope = self._scope(context)
         out = []
         for row in sorted(self.core.endpoints.values(), key=lambda r: r.name):
             if scope is not None and not self.core.may_use_endpoint(row, scope):
                 continue
-            agents = [a for a in scheduler.agents.values() if a.endpoint_id == row.endpoint_id]
+            agents = scheduler.dispatcher.agents_of(row.endpoint_id)
             out.append(
                 pb.Endpoint(
                     endpoint_id=row.endpoint_id,
@@ -730,7 +737,7 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
                             agent_id=a.agent_id,
                             capacity=a.capacity,
                             in_flight=len(a.in_flight),
-                            last_heartbeat=timestamp(a.last_seen),
+                            last_heartbeat=_heard_at(connections.get(a.agent_id)),
                             version=a.version,
                             hostname=a.hostname,
                             python_version=a.python,
@@ -748,10 +755,9 @@ class TaskServicer(GroupRpcs, task_service_pb2_grpc.TaskServiceServicer):
     async def GetStats(self, request, context):
         counts = await self.core.store.count_by_state(self._scope(context))
         scheduler = self.core.scheduler
-        online = {a.endpoint_id for a in scheduler.agents.values()}
         return pb.GetStatsResponse(
             tasks_by_state={s.value: counts.get(s, 0) for s in TaskState},
-            endpoints_online=len(online),
+            endpoints_online=len(scheduler.dispatcher.online()),
             agents_online=len(scheduler.agents),
             transitions=scheduler.transitions_total,
             start_time=timestamp(self.core.start_time),

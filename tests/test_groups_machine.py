@@ -64,7 +64,6 @@ from heartline._states import (
 )
 from heartline.server._events import (
     AgentLost,
-    CloseAgent,
     Event,
     GroupChanged,
     GroupCommanded,
@@ -273,8 +272,6 @@ class Driver:
                 mine = self.held.get(i.agent_id, {})
                 for key in [k for k in mine if k[0] in i.task_ids]:
                     del mine[key]
-            elif isinstance(i, CloseAgent):
-                self.connected.pop(i.agent_id, None)
         assert not self.kills, f"cancelled on their agents, no cancel sent: {self.kills}"
         self.after_step()
 

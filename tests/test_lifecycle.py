@@ -74,8 +74,8 @@ def test_queue_pops_highest_priority_then_oldest() -> None:
 
 def test_assignments_spread_by_free_credit_and_stop_when_credit_runs_out() -> None:
     d = Dispatcher()
-    a = AgentState("A", "ep", capacity=1, prefetch=0, last_seen=0.0)
-    b = AgentState("B", "ep", capacity=2, prefetch=0, last_seen=0.0)
+    a = AgentState("A", "ep", capacity=1, prefetch=0)
+    b = AgentState("B", "ep", capacity=2, prefetch=0)
     d.connect(a)
     d.connect(b)
     tasks = {t.task_id: t for t in (task(f"t{i}", submit_time=float(i)) for i in range(5))}
@@ -88,6 +88,23 @@ def test_assignments_spread_by_free_credit_and_stop_when_credit_runs_out() -> No
     assert given == [("t0", "B"), ("t1", "A"), ("t2", "B")]
     assert d.queued("ep") == 2 and (a.credit, b.credit) == (0, 0)
     assert d.unbind(tasks["t1"]) is a and a.credit == 1 and tasks["t1"].agent_id is None
+
+
+def test_each_endpoint_reads_only_its_own_agents() -> None:
+    d = Dispatcher()
+    agents = [AgentState(f"A{i}", f"ep{i % 3}", capacity=1, prefetch=0) for i in range(7)]
+    for agent in agents:
+        d.connect(agent)
+    d.check_index()
+    assert [a.agent_id for a in d.agents_of("ep1")] == ["A1", "A4"]
+    assert list(d.agents_of("nowhere")) == [] and set(d.online()) == {"ep0", "ep1", "ep2"}
+    d.enqueue(task("t0", endpoint="ep1"))
+    assert [(t, a.agent_id) for t, a in d.assignments("ep1")] == [("t0", "A1")]
+    for agent_id in ("A1", "A4"):
+        d.disconnect(agent_id)
+    d.check_index()
+    assert "ep1" not in d.online() and list(d.agents_of("ep1")) == []
+    assert len(d.agents) == 5
 
 
 # ----------------------------------------------------------------------- standing

@@ -19,8 +19,6 @@ from heartline.server._dispatch import EndpointQueue
 from heartline.server._events import (
     AgentCapacity,
     AgentLost,
-    AgentSeen,
-    CloseAgent,
     HeldTask,
     NewTask,
     NotifyWatchers,
@@ -180,7 +178,7 @@ def test_dispatch_sends_capacity_plus_prefetch_and_no_more(sched: Scheduler) -> 
     assert sched.waiting_reason("t4") == "no free slot on the endpoint"
     assert sched.waiting_reason("t1") == "sent to the endpoint, not yet acknowledged"
     # Refused: nothing more goes out while the agent has no credit, whatever happens.
-    assert sched.handle(AgentSeen("A", 2.0), Tick(3.0), submit("t6", time=3.0)) == [
+    assert sched.handle(Tick(3.0), submit("t6", time=3.0)) == [
         persist(
             new=(row("t6", S.WAITING_FOR_EP, submit_time=3.0),),
             transitions=(tr("t6", None, S.WAITING_FOR_EP, "submit", 3.0),),
@@ -215,7 +213,7 @@ def test_a_capacity_change_moves_the_agents_credit(sched: Scheduler) -> None:
     assert [i for i in out if isinstance(i, SendDispatches)] == [
         SendDispatches("A", (item("t2"), item("t3")))
     ]
-    assert sched.agents["A"].capacity == 3 and sched.agents["A"].last_seen == 2.0
+    assert sched.agents["A"].capacity == 3
     assert sched.handle(AgentCapacity("A", 1, 3.0)) == []
     assert sched.agents["A"].credit == -2
     assert sched.waiting_reason("t4") == "no free slot on the endpoint"
@@ -326,7 +324,6 @@ def test_progress_report_for_a_task_the_agent_does_not_hold_is_cancelled_there(
     out = sched.handle(report("B", sr("t1", S.RUNNING), sr("ghost", S.RUNNING), time=1.0))
 
     assert out == [SendCancels("B", ("t1", "ghost"))]
-    before[1]["B"]["last_seen"] = 1.0  # any message is a sign of life
     assert state_of(sched) == before
 
 
@@ -655,14 +652,15 @@ def test_lost_of_an_unknown_agent_and_reports_from_a_lost_agent_change_nothing(
     assert state_of(sched) == before
 
 
-def test_tick_past_the_heartbeat_timeout_loses_the_agent_and_closes_its_stream() -> None:
+def test_an_agent_lost_to_silence_has_its_tasks_dispatched_again_under_that_cause() -> None:
+    # The server's timer judges silence (ServerCore.lose_silent_agents); a tick alone
+    # loses nobody, however long since the agent's last message.
     s = make(heartbeat_timeout=10.0)
     s.handle(submit("t1"), connect("A", time=0.0))
     s.handle(connect("B", time=4.0))
-    s.handle(AgentSeen("A", 5.0), AgentSeen("B", 9.0))
 
-    assert s.handle(Tick(15.0)) == []  # exactly at the timeout: still alive
-    out = s.handle(Tick(15.5))
+    assert s.handle(Tick(15.0), Tick(100.0)) == []
+    out = s.handle(AgentLost("A", 15.5, "heartbeat-timeout"))
 
     assert out == [
         persist(
@@ -673,7 +671,6 @@ def test_tick_past_the_heartbeat_timeout_loses_the_agent_and_closes_its_stream()
             ),
         ),
         SendDispatches("B", (item("t1", 2),)),
-        CloseAgent("A", "no heartbeat within the timeout"),
         NotifyWatchers(
             (
                 changed("t1", S.WAITING_FOR_EP, "heartbeat-timeout", 15.5),
@@ -1145,7 +1142,6 @@ def test_late_terminal_report_of_an_earlier_attempt_is_acked_and_discarded(
     out = sched.handle(report("A", sr("t1", S.SUCCEEDED, 1, result=b"old"), time=3.0))
 
     assert out == [SendAcks("A", (("t1", 1),))]
-    before[1]["A"]["last_seen"] = 3.0
     assert state_of(sched) == before
 
 
@@ -1182,7 +1178,6 @@ def test_duplicate_success_of_an_errored_task_does_not_change_its_outcome(sched:
     out = sched.handle(report("A", sr("t1", S.SUCCEEDED, result=b"late"), time=3.0))
 
     assert out == [SendAcks("A", (("t1", 1),))]
-    before[1]["A"]["last_seen"] = 3.0
     assert state_of(sched) == before
 
 
@@ -1230,7 +1225,7 @@ def test_restored_task_nobody_reclaims_runs_again_after_the_heartbeat_timeout() 
     s.handle(connect("B", capacity=2, time=51.0))  # takes t2, not t1
     assert s.tasks["t1"].state == S.WAITING_FOR_EP and s.tasks["t1"].agent_id is None
 
-    assert s.handle(AgentSeen("B", 59.0), Tick(59.9)) == []
+    assert s.handle(Tick(59.9)) == []
     out = s.handle(Tick(60.0))
 
     assert out == [

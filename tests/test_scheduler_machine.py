@@ -25,7 +25,6 @@ from heartline.server._events import (
     AgentConnected,
     AgentLost,
     AgentReported,
-    AgentSeen,
     HeldTask,
     Instruction,
     NewTask,
@@ -317,20 +316,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         for tid in held:
             assert tid in self.s.tasks and self.s.tasks[tid].agent_id != agent
 
-    @precondition(lambda self: self.s.agents)
-    @rule(data=st.data(), delay=delays)
-    def seen(self, data: st.DataObject, delay: float) -> None:
-        agent = data.draw(st.sampled_from(sorted(self.s.agents)), label="agent")
-        now = self.tick_clock(delay)
-        self.step(AgentSeen(agent, now))
-        assert self.s.agents[agent].last_seen == now
-
     @rule(delay=st.floats(min_value=0.0, max_value=40.0, allow_nan=False))
     def tick(self, delay: float) -> None:
-        now = self.tick_clock(delay)
-        silent = {a for a, st_ in self.s.agents.items() if st_.last_seen < now - HEARTBEAT_TIMEOUT}
-        self.step(Tick(now))
-        assert not silent & set(self.s.agents), "a silent agent survived the tick"
+        # Silence is judged outside (ServerCore.lose_silent_agents, an AgentLost): a
+        # tick keeps every agent.
+        agents = set(self.s.agents)
+        self.step(Tick(self.tick_clock(delay)))
+        assert set(self.s.agents) == agents, "a tick lost an agent"
 
     # ---------------------------------------------------------------- invariants
 

@@ -115,3 +115,78 @@ async def test_agents_registering_one_name_at_once_get_one_endpoint(tmp_path: Pa
     with sqlite3.connect(db) as conn:
         stored = conn.execute("SELECT endpoint_id FROM endpoints WHERE name = 'twins'").fetchall()
     assert stored == [(rows[0].endpoint_id,)]
+
+
+async def test_heartbeats_are_no_scheduler_step_and_only_a_silent_agent_is_lost(
+    tmp_path: Path,
+) -> None:
+    # Two agents on one endpoint: one beats every 0.1 s, one goes silent after its hello.
+    # Heartbeats only stamp the stream; the timer loses the silent one (its stream
+    # closed, its cause heartbeat-timeout), and nothing a heartbeat does reaches the
+    # scheduler.
+    import asyncio
+    import datetime
+
+    import grpc
+
+    from heartline.server._events import AgentConnected, AgentLost, Tick
+    from heartline.v1 import endpoint_service_pb2 as ep
+    from heartline.v1 import endpoint_service_pb2_grpc
+
+    config = ServerConfig(
+        listen="127.0.0.1:0", db=tmp_path / "h.db", validate=True, heartbeat_interval=0.2
+    )
+    server = Server(config)
+    await server.start()
+    fed: list[object] = []
+    feed = server.core.feed
+
+    def spy(*events: object):  # the real feed, with a record of what reached it
+        fed.extend(events)
+        return feed(*events)  # type: ignore[arg-type]
+
+    server.core.feed = spy  # type: ignore[method-assign]
+    metadata = _defaults.bearer_metadata(_defaults.token())
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = endpoint_service_pb2_grpc.EndpointServiceStub(channel)
+            endpoint = await stub.RegisterEndpoint(
+                ep.RegisterEndpointRequest(name="pulse"), metadata=metadata
+            )
+
+            async def connect(agent_id: str):
+                call = stub.Connect(metadata=metadata)
+                hello = ep.Hello(endpoint_id=endpoint.endpoint_id, agent_id=agent_id, capacity=1)
+                await call.write(ep.ConnectRequest(hello=hello))
+                assert (await call.read()).WhichOneof("message") == "welcome"
+                return call
+
+            steady, silent = await connect("steady"), await connect("silent")
+            beats = 0
+
+            async def beat_until_the_silent_one_is_closed() -> None:
+                nonlocal beats
+                ended = asyncio.ensure_future(silent.read())
+                while not ended.done():
+                    await steady.write(ep.ConnectRequest(heartbeat=ep.Heartbeat()))
+                    beats += 1
+                    await asyncio.wait({ended}, timeout=0.1)
+                assert ended.result() is grpc.aio.EOF
+
+            async with asyncio.timeout(10):
+                await beat_until_the_silent_one_is_closed()
+            assert set(server.core.scheduler.agents) == {"steady"}
+            assert beats >= 6  # the steady one outlived the timeout (0.6 s) on heartbeats
+
+            async with AsyncClient(server.address) as client:
+                (pulse,) = await client.list_endpoints()
+            (agent,) = pulse.agents
+            assert agent.agent_id == "steady" and agent.last_heartbeat is not None
+            age = datetime.datetime.now(datetime.UTC) - agent.last_heartbeat
+            assert age.total_seconds() < 0.6, age
+            steady.cancel()
+    finally:
+        await server.stop(grace=0)
+    assert {type(e) for e in fed} <= {AgentConnected, AgentLost, Tick}, fed
+    lost = [e for e in fed if isinstance(e, AgentLost)]
+    assert [(e.agent_id, e.cause) for e in lost][:1] == [("silent", "heartbeat-timeout")], lost
