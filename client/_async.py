@@ -871,9 +871,18 @@ class AsyncClient(AdminCalls, ClientBase):
         return ids
 
     async def list_endpoints(self) -> list[EndpointInfo]:
-        """List endpoints with their agents and queue lengths."""
-        response = await self._unary("ListEndpoints", task_service_pb2.ListEndpointsRequest())
-        return [EndpointInfo._from_proto(e) for e in response.endpoints]
+        """List every endpoint the caller may use, by name, with its agents and queue
+        length (read in pages: each call costs the server a bounded time)."""
+        request = task_service_pb2.ListEndpointsRequest(page_size=1000)
+        endpoints: list[EndpointInfo] = []
+        while True:
+            response = await self._unary("ListEndpoints", request)
+            endpoints.extend(EndpointInfo._from_proto(e) for e in response.endpoints)
+            if not response.next_page_token or not response.endpoints:
+                break
+            request.page_token = response.next_page_token
+        endpoints.sort(key=lambda e: (e.name, e.id))
+        return endpoints
 
     async def stats(self) -> Stats:
         """Task counts by state, endpoints and agents online, transitions so far."""

@@ -233,7 +233,8 @@ class Client:
         return self._run(self._async.resubmit(task_ids))
 
     def list_endpoints(self) -> list[EndpointInfo]:
-        """List endpoints with their agents and queue lengths."""
+        """List every endpoint the caller may use, by name, with its agents and queue
+        length (read in pages: each call costs the server a bounded time)."""
         return self._run(self._async.list_endpoints())
 
     def stats(self) -> Stats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -117,6 +118,17 @@ async def test_agents_registering_one_name_at_once_get_one_endpoint(tmp_path: Pa
     assert stored == [(rows[0].endpoint_id,)]
 
 
+async def _connect(stub, endpoint_id: str, agent_id: str):
+    """An agent's Connect stream as far as its welcome (then the caller's to drive)."""
+    from heartline.v1 import endpoint_service_pb2 as ep
+
+    call = stub.Connect(metadata=_defaults.bearer_metadata(_defaults.token()))
+    hello = ep.Hello(endpoint_id=endpoint_id, agent_id=agent_id, capacity=1)
+    await call.write(ep.ConnectRequest(hello=hello))
+    assert (await call.read()).WhichOneof("message") == "welcome"
+    return call
+
+
 async def test_heartbeats_are_no_scheduler_step_and_only_a_silent_agent_is_lost(
     tmp_path: Path,
 ) -> None:
@@ -154,14 +166,8 @@ async def test_heartbeats_are_no_scheduler_step_and_only_a_silent_agent_is_lost(
                 ep.RegisterEndpointRequest(name="pulse"), metadata=metadata
             )
 
-            async def connect(agent_id: str):
-                call = stub.Connect(metadata=metadata)
-                hello = ep.Hello(endpoint_id=endpoint.endpoint_id, agent_id=agent_id, capacity=1)
-                await call.write(ep.ConnectRequest(hello=hello))
-                assert (await call.read()).WhichOneof("message") == "welcome"
-                return call
-
-            steady, silent = await connect("steady"), await connect("silent")
+            steady = await _connect(stub, endpoint.endpoint_id, "steady")
+            silent = await _connect(stub, endpoint.endpoint_id, "silent")
             beats = 0
 
             async def beat_until_the_silent_one_is_closed() -> None:
@@ -190,3 +196,70 @@ async def test_heartbeats_are_no_scheduler_step_and_only_a_silent_agent_is_lost(
     assert {type(e) for e in fed} <= {AgentConnected, AgentLost, Tick}, fed
     lost = [e for e in fed if isinstance(e, AgentLost)]
     assert [(e.agent_id, e.cause) for e in lost][:1] == [("silent", "heartbeat-timeout")], lost
+
+
+async def test_list_endpoints_pages_end_at_the_page_size_or_the_agents_a_page_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+
+    from heartline.server import _task_service
+    from heartline.v1 import endpoint_service_pb2 as ep
+    from heartline.v1 import endpoint_service_pb2_grpc, task_service_pb2, task_service_pb2_grpc
+
+    monkeypatch.setattr(_task_service, "AGENTS_PER_PAGE", 3)
+    server = Server(ServerConfig(listen="127.0.0.1:0", db=tmp_path / "h.db", validate=True))
+    await server.start()
+    metadata = _defaults.bearer_metadata(_defaults.token())
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            agents = endpoint_service_pb2_grpc.EndpointServiceStub(channel)
+            tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+            ids = []
+            for name in ("e0", "e1", "e2", "e3", "e4"):  # registered in this order
+                reply = await agents.RegisterEndpoint(
+                    ep.RegisterEndpointRequest(name=name), metadata=metadata
+                )
+                ids.append(reply.endpoint_id)
+            # e1 has 2 agents, e2 has 3 (a page of its own), e4 has 1.
+            streams = [
+                await _connect(agents, ids[i], f"a{i}-{k}")
+                for i, n in ((1, 2), (2, 3), (4, 1))
+                for k in range(n)
+            ]
+            async with asyncio.timeout(10):
+                while len(server.core.scheduler.agents) < 6:
+                    await asyncio.sleep(0.01)
+
+            async def pages(size: int) -> list[list[tuple[str, int]]]:
+                request = task_service_pb2.ListEndpointsRequest(page_size=size)
+                out = []
+                for _ in range(10):
+                    reply = await tasks.ListEndpoints(request, metadata=metadata)
+                    out.append([(e.name, len(e.agents)) for e in reply.endpoints])
+                    if not reply.next_page_token:
+                        return out
+                    request.page_token = reply.next_page_token
+                raise AssertionError(f"no last page: {out}")
+
+            # Ends at 2 endpoints, or before the endpoint that would pass 3 agents (e3, with
+            # none, still fits beside e2).
+            assert await pages(2) == [[("e0", 0), ("e1", 2)], [("e2", 3), ("e3", 0)], [("e4", 1)]]
+            assert await pages(0) == [[("e0", 0), ("e1", 2)], [("e2", 3), ("e3", 0)], [("e4", 1)]]
+            for request, message in (
+                (task_service_pb2.ListEndpointsRequest(page_size=-1), "page_size is negative"),
+                (task_service_pb2.ListEndpointsRequest(page_token="!!"), "malformed page_token"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await tasks.ListEndpoints(request, metadata=metadata)
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert message in (info.value.details() or "")
+            async with AsyncClient(server.address) as client:
+                listed = await client.list_endpoints()  # every page, by name
+            assert [(e.name, len(e.agents)) for e in listed] == [
+                ("e0", 0), ("e1", 2), ("e2", 3), ("e3", 0), ("e4", 1)
+            ]  # fmt: skip
+            for stream in streams:
+                stream.cancel()
+    finally:
+        await server.stop(grace=0)

@@ -206,7 +206,7 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEndpoints(self, request, context):
-        """Lists endpoints with their agents and queue lengths.
+        """Lists endpoints with their agents and queue lengths, in pages, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
