@@ -21,6 +21,10 @@ COMMIT_SECONDS_BOUNDS = (
 """Upper bounds (seconds) of the buckets of one store group commit."""
 BATCH_ITEMS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Upper bounds of the buckets of queued items applied in one store group commit."""
+GC_PAUSE_BOUNDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+"""Upper bounds (seconds) of the buckets of one cyclic garbage collection."""
 
 
 class Buckets:

@@ -134,13 +134,16 @@ def histogram(
     labels: Iterable[tuple[str, str]] = (),
 ) -> HistogramMetricFamily:
     """A histogram family from plain ``Buckets`` (cumulative, as Prometheus wants)."""
-    names = [k for k, _ in labels]
-    values = [v for _, v in labels]
-    family = HistogramMetricFamily(name, documentation, labels=names)
+    family = HistogramMetricFamily(name, documentation, labels=[k for k, _ in labels])
+    add_buckets(family, [v for _, v in labels], buckets)
+    return family
+
+
+def add_buckets(family: HistogramMetricFamily, values: list[str], buckets: Buckets) -> None:
+    """Add one series (its label values, then its figures) to a histogram family."""
     cumulative = []
     running = 0
     for bound, count in zip((*buckets.bounds, float("inf")), buckets.counts, strict=True):
         running += count
         cumulative.append((floatToGoString(bound), running))
     family.add_metric(values, cumulative, buckets.total)
-    return family

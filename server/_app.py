@@ -26,7 +26,7 @@ from heartline.server._decode import DecodeInterceptor
 from heartline.server._endpoint_service import EndpointServicer
 from heartline.server._gate import ActiveGate
 from heartline.server._limits import FdLimit, raise_fd_limit
-from heartline.server._memory import return_large_frees
+from heartline.server._memory import GcPauses, return_large_frees
 from heartline.server._store import Store, is_database_url, store_for
 from heartline.server._task_service import TaskServicer
 from heartline.v1 import (
@@ -76,6 +76,7 @@ class Server:
         self._store_watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._metrics: MetricsServer | None = None
+        self._gc_pauses: GcPauses | None = None
 
     @property
     def address(self) -> str:
@@ -117,7 +118,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ]
+            ],
         )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.core), server)
         endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(
@@ -197,12 +198,15 @@ class Server:
         from heartline._metrics import MetricsError, MetricsServer
         from heartline.server._metrics import ServerCollector
 
+        pauses = GcPauses()
         try:
-            collector = ServerCollector(self.core, asyncio.get_running_loop())
+            collector = ServerCollector(self.core, asyncio.get_running_loop(), pauses)
             self._metrics = MetricsServer.start(self.config.metrics, collector)
         except MetricsError as exc:
             await self.store.close()
             raise ConfigError(str(exc)) from None
+        pauses.install()
+        self._gc_pauses = pauses
 
     @property
     def metrics_address(self) -> str | None:
@@ -214,6 +218,9 @@ class Server:
         if self._metrics is not None:
             await self._metrics.stop()
             self._metrics = None
+        if self._gc_pauses is not None:
+            self._gc_pauses.remove()
+            self._gc_pauses = None
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None

@@ -19,12 +19,18 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from heartline._figures import Buckets
-from heartline._metrics import histogram, on_loop
+from heartline._metrics import add_buckets, histogram, on_loop
 from heartline._states import TaskState
 from heartline.server._core import ServerCore
+from heartline.server._memory import GcPauses
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +76,12 @@ def snapshot(core: ServerCore) -> ServerFigures:
 class ServerCollector:
     """A prometheus_client collector of one server's figures."""
 
-    def __init__(self, core: ServerCore, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, core: ServerCore, loop: asyncio.AbstractEventLoop, gc_pauses: GcPauses | None = None
+    ) -> None:
         self._core = core
         self._loop = loop
+        self._gc_pauses = gc_pauses
 
     def collect(self) -> Iterator[Metric]:
         # Called on the HTTP server's thread.
@@ -116,6 +125,15 @@ class ServerCollector:
             agents.add_metric([ep.name, ep.endpoint_id], ep.agents)
         yield queued
         yield agents
+        if self._gc_pauses is not None:
+            pauses = HistogramMetricFamily(
+                "heartline_gc_pause_seconds",
+                "Seconds each cyclic garbage collection held the process, by generation.",
+                labels=["generation"],
+            )
+            for generation, buckets in enumerate(self._gc_pauses.copy()):
+                add_buckets(pauses, [str(generation)], buckets)
+            yield pauses
         store = self._core.store.figures()
         if store is not None:
             yield histogram(

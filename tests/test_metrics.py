@@ -4,6 +4,7 @@ and ``/metrics`` scraped from a real server and a real agent, compared with GetS
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import subprocess
 import sys
@@ -220,6 +221,31 @@ async def test_a_scrape_takes_its_snapshot_on_the_servers_loop(tmp_path: Path) -
     finally:
         await server.stop(grace=0)
     assert server.metrics_address is None
+
+
+async def test_garbage_collections_are_timed_by_generation_while_metrics_are_on(
+    tmp_path: Path,
+) -> None:
+    hooks = len(gc.callbacks)
+    server = Server(ServerConfig(listen="127.0.0.1:0", db=tmp_path / "h.db", metrics="127.0.0.1:0"))
+    await server.start()
+    try:
+        assert server.metrics_address is not None
+        before = await asyncio.to_thread(_scrape, server.metrics_address)
+        full = _one(before, "heartline_gc_pause_seconds_count", generation="2")
+        gc.collect()
+        gc.collect()
+        after = await asyncio.to_thread(_scrape, server.metrics_address)
+        assert _one(after, "heartline_gc_pause_seconds_count", generation="2") >= full + 2
+        assert _one(after, "heartline_gc_pause_seconds_sum", generation="2") > 0
+        assert {dict(k)["generation"] for k in after["heartline_gc_pause_seconds_count"]} == {
+            "0",
+            "1",
+            "2",
+        }
+    finally:
+        await server.stop(grace=0)
+    assert len(gc.callbacks) == hooks  # the clock is gone with the metrics
 
 
 def test_without_metrics_prometheus_client_is_not_even_imported() -> None:
