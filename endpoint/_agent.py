@@ -158,6 +158,8 @@ class Agent:
         self._failures = 0
         # The server's payload limit from the last welcome; 0 means none was given.
         self._max_payload = 0
+        self._heartbeat_interval = _defaults.HEARTBEAT_INTERVAL
+        """Seconds between heartbeats: the welcome's, or a later Settings message's."""
         # Terminal reports made, by wire state (metrics).
         self._finished: dict[int, int] = {}
         self._metrics: MetricsServer | None = None
@@ -412,6 +414,7 @@ class Agent:
                 interval = first.welcome.heartbeat_interval_seconds
                 if not interval > 0:
                     interval = _defaults.HEARTBEAT_INTERVAL
+                self._heartbeat_interval = interval
                 self._max_payload = max(0, first.welcome.max_payload_bytes)
                 if first.welcome.HasField("max_output_bytes"):
                     self._engine.max_output = max(0, first.welcome.max_output_bytes)
@@ -431,7 +434,7 @@ class Agent:
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._send_loop(call))
-                        tg.create_task(self._heartbeat_loop(interval))
+                        tg.create_task(self._heartbeat_loop())
                         await self._receive_loop(call)
                 except BaseExceptionGroup as group:
                     raise _session_error(group) from None
@@ -489,9 +492,10 @@ class Agent:
                 self._heartbeat_due = False
                 await _write(call, pb.ConnectRequest(heartbeat=pb.Heartbeat()))
 
-    async def _heartbeat_loop(self, interval: float) -> None:
+    async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(interval)
+            # Read each time: a Settings message may have changed it.
+            await asyncio.sleep(self._heartbeat_interval)
             self._heartbeat_due = True
             self._pacer.urgent()
 
@@ -510,6 +514,11 @@ class Agent:
                 for key in keys:
                     self._unacked.pop(key, None)
                 self._disk.ack(keys, self._unacked)
+            elif kind == "settings":
+                interval = message.settings.heartbeat_interval_seconds
+                if interval > 0:
+                    logger.info("event=heartbeat-interval seconds=%g", interval)
+                    self._heartbeat_interval = interval
             else:
                 logger.debug("event=ignored-message kind=%s", kind)
 

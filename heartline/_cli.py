@@ -88,8 +88,9 @@ _server_tls_options = [
 ]  # fmt: skip
 
 # Limits (SPEC section 6); like the TLS options, they wait in the click context.
-_SERVER_LIMIT_FIELDS = ("max_watches_per_user", "max_pending_per_user", "max_output")
+_SERVER_LIMIT_FIELDS = ("max_watches_per_user", "max_pending_per_user", "max_output", "heartbeat_rate")
 _server_limit_options = [
+    click.option("--max-heartbeat-rate", "heartbeat_rate", type=click.FloatRange(min=0, min_open=True), default=None, metavar="PER_SECOND", expose_value=False, callback=keep_in_context, help=f"Heartbeats a second asked of all agents together, at most: with more agents than this times --heartbeat-interval, each is asked to beat less often, and its timeout grows as much [default: {_defaults.HEARTBEAT_RATE:g}]."),
     click.option("--max-output", type=click.IntRange(min=0), default=None, metavar="BYTES", expose_value=False, callback=keep_in_context, help=f"Bytes of each task's stdout, and as many of its stderr, kept with the task (the last ones; 0 keeps none) [default: {_defaults.MAX_OUTPUT}]."),
     click.option("--max-watches-per-user", type=click.IntRange(min=1), default=None, expose_value=False, callback=keep_in_context, help=f"Most watch streams one user may hold open [default: {_defaults.MAX_WATCHES_PER_USER}]."),
     click.option("--max-pending-per-user", type=click.IntRange(min=1), default=None, expose_value=False, callback=keep_in_context, help=f"Most pending tasks one user may have; a submit past it is refused [default: {_defaults.MAX_PENDING_PER_USER}]."),

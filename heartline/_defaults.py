@@ -40,6 +40,10 @@ HEARTBEAT_INTERVAL = 5.0
 """Seconds between agent heartbeats; the server sends its own value in the welcome."""
 HEARTBEAT_TIMEOUT_FACTOR = 3
 """Silence of this many heartbeat intervals loses an agent, unless a timeout is given."""
+HEARTBEAT_RATE = 200.0
+"""Heartbeats a second a server asks of all its agents together, at most: past
+``HEARTBEAT_RATE x heartbeat interval`` agents, each is asked to beat less often
+(server/_liveness.py)."""
 HELLO_TIMEOUT = 5.0
 """Seconds the server waits for an agent's hello on a new Connect stream, then closes it."""
 HELLO_TAKEOVER_SILENCE = 2

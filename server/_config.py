@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heartline import _defaults
+from heartline.server._liveness import HeartbeatPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,10 @@ class ServerConfig:
     """Seconds between agent heartbeats (sent to agents in the welcome)."""
     heartbeat_timeout: float | None = None
     """Seconds of silence after which an agent is lost; None means 3 x heartbeat_interval."""
+    heartbeat_rate: float = _defaults.HEARTBEAT_RATE
+    """Heartbeats a second asked of all agents together, at most: with more than
+    ``heartbeat_rate x heartbeat_interval`` agents, each is asked for a longer interval
+    (and given a timeout as many times longer)."""
     max_payload: int = _defaults.MAX_PAYLOAD
     """Largest function, argument or result payload, in bytes (RESOURCE_EXHAUSTED above)."""
     max_output: int = _defaults.MAX_OUTPUT
@@ -74,6 +79,8 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int of at least {least}, not {value!r}")
+        if not self.heartbeat_rate > 0:
+            raise ValueError(f"heartbeat_rate must be above 0, not {self.heartbeat_rate!r}")
 
     @property
     def tls_mode(self) -> str:
@@ -85,6 +92,12 @@ class ServerConfig:
     @property
     def effective_heartbeat_timeout(self) -> float:
         return _defaults.heartbeat_timeout(self.heartbeat_interval, self.heartbeat_timeout)
+
+    @property
+    def heartbeats(self) -> HeartbeatPolicy:
+        return HeartbeatPolicy(
+            self.heartbeat_interval, self.effective_heartbeat_timeout, self.heartbeat_rate
+        )
 
     @property
     def effective_token_file(self) -> Path:

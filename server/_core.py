@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -146,8 +147,21 @@ class AgentConnection:
         """When the agent last sent a message on this stream (``time.monotonic()``).
 
         A heartbeat only moves this (no scheduler step, no write): the server's timer
-        reads it, and only an agent silent past the heartbeat timeout becomes an event
-        (:meth:`ServerCore.lose_silent_agents`)."""
+        reads it, and only an agent silent past :attr:`heartbeat_timeout` becomes an
+        event (:meth:`ServerCore.lose_silent_agents`)."""
+        self.heartbeat_interval = 0.0
+        """The interval the agent was asked to beat at (the welcome's, or a later
+        Settings message's); see server/_liveness.py."""
+        self.heartbeat_timeout = math.inf
+        """The silence that loses this agent (none before its welcome)."""
+
+    def ask_heartbeats(self, interval: float, timeout: float, *, tell: bool = True) -> None:
+        """Ask the agent to beat every ``interval`` seconds, judging it by ``timeout``
+        from now on; ``tell=False`` when the welcome says it."""
+        self.heartbeat_interval = interval
+        self.heartbeat_timeout = timeout
+        if tell:
+            self.push("settings", (interval,))
 
     def heard_at(self) -> float:
         """:attr:`last_heard` as wall-clock time (``time.time()``)."""
@@ -155,7 +169,7 @@ class AgentConnection:
 
     def push(self, kind: str, items: tuple) -> None:
         self._outbox.append((kind, items))
-        if kind == "ack":
+        if kind == "ack" or kind == "settings":
             self._pacer.lazy()
         else:
             self._pacer.urgent()
@@ -199,6 +213,9 @@ class AgentConnection:
                         cancel=ep_pb2.CancelBatch(task_ids=list(dict.fromkeys(items)))
                     )
                 )
+            elif kind == "settings":  # the last one holds
+                settings = ep_pb2.Settings(heartbeat_interval_seconds=items[-1])
+                messages.append(ep_pb2.ConnectResponse(settings=settings))
             else:
                 acks = [ep_pb2.Ack(task_id=tid, attempt=attempt) for tid, attempt in items]
                 messages.append(ep_pb2.ConnectResponse(ack=ep_pb2.AckBatch(acks=acks)))
@@ -360,6 +377,9 @@ class ServerCore:
         """Bytes of stored functions by owner (config.max_function_bytes bounds each)."""
         self._registering: set[str] = set()
         self.connections: dict[str, AgentConnection] = {}
+        self.heartbeats = config.heartbeats
+        self._stretched_to = 0.0
+        """No stream was asked for a shorter heartbeat interval than this."""
         self.watchers = WatchRegistry()
         self.requests = RequestMemo(store)
         self.endpoints: dict[str, EndpointRow] = {}
@@ -724,8 +744,7 @@ class ServerCore:
 
         A scan of the connections' timestamps: at 10,000 agents about a millisecond, once
         per tick, where each heartbeat as a scheduler step cost far more in all."""
-        timeout = self.config.effective_heartbeat_timeout
-        silent = [c for c in self.connections.values() if now - c.last_heard > timeout]
+        silent = [c for c in self.connections.values() if now - c.last_heard > c.heartbeat_timeout]
         wall = time.time()
         for conn in silent:
             log.warning("agent %s silent for %.1fs: lost", conn.agent_id, now - conn.last_heard)
@@ -735,6 +754,38 @@ class ServerCore:
             conn.close("no heartbeat within the timeout")
             self.feed_soon(AgentLost(conn.agent_id, wall, "heartbeat-timeout", conn.stream_id))
         return [c.agent_id for c in silent]
+
+    def stretch_heartbeats(self) -> int:
+        """Ask every agent told a shorter interval than the current fleet needs for the
+        longer one (server/_liveness.py); return how many were asked."""
+        policy = self.heartbeats
+        interval = policy.interval_for(len(self.connections))
+        if interval <= self._stretched_to:
+            return 0  # every stream has this interval or a longer one already
+        timeout = policy.timeout_for(interval)
+        asked = 0
+        for conn in self.connections.values():
+            if conn.heartbeat_interval < interval:
+                conn.ask_heartbeats(interval, timeout)
+                asked += 1
+        self._stretched_to = interval
+        if asked:
+            log.info(
+                "event=heartbeats-stretched interval=%g timeout=%g agents=%d asked=%d",
+                interval,
+                timeout,
+                len(self.connections),
+                asked,
+            )
+        return asked
+
+    def welcome_heartbeats(self, conn: AgentConnection) -> float:
+        """The interval a new stream's welcome gives (the fleet's, with it counted in)."""
+        policy = self.heartbeats
+        interval = policy.interval_for(len(self.connections))
+        conn.ask_heartbeats(interval, policy.timeout_for(interval), tell=False)
+        self._stretched_to = min(self._stretched_to, interval)
+        return interval
 
     async def run_timers(self) -> None:
         """Heartbeat checks, retention and the descriptor watch, until cancelled."""
@@ -750,6 +801,7 @@ class ServerCore:
             # judged at the next tick, once they are.
             if loop.time() - due < interval:
                 self.lose_silent_agents(time.monotonic())
+            self.stretch_heartbeats()
             now = time.time()
             self.feed_soon(Tick(now))
             if now - last_fds >= _FD_CHECK_SECONDS:

@@ -125,7 +125,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
             # once the old one has missed heartbeats (a reconnect after a network cut the
             # server has not noticed yet); until then it is refused, and an agent retries.
             silence = time.monotonic() - previous.last_heard
-            limit = HELLO_TAKEOVER_SILENCE * self.core.config.heartbeat_interval
+            limit = HELLO_TAKEOVER_SILENCE * previous.heartbeat_interval
             if silence < limit:
                 await context.abort(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -140,7 +140,7 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
         await context.write(
             pb.ConnectResponse(
                 welcome=pb.Welcome(
-                    heartbeat_interval_seconds=self.core.config.heartbeat_interval,
+                    heartbeat_interval_seconds=self.core.welcome_heartbeats(conn),
                     agent_id=agent_id,
                     max_payload_bytes=self.core.config.max_payload,
                     max_output_bytes=self.core.config.max_output,

@@ -163,14 +163,22 @@ class AckBatch(_message.Message):
     acks: _containers.RepeatedCompositeFieldContainer[Ack]
     def __init__(self, acks: _Optional[_Iterable[_Union[Ack, _Mapping]]] = ...) -> None: ...
 
+class Settings(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds",)
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+
 class ConnectResponse(_message.Message):
-    __slots__ = ("welcome", "dispatch", "cancel", "ack")
+    __slots__ = ("welcome", "dispatch", "cancel", "ack", "settings")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     dispatch: DispatchBatch
     cancel: CancelBatch
     ack: AckBatch
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., dispatch: _Optional[_Union[DispatchBatch, _Mapping]] = ..., cancel: _Optional[_Union[CancelBatch, _Mapping]] = ..., ack: _Optional[_Union[AckBatch, _Mapping]] = ...) -> None: ...
+    settings: Settings
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., dispatch: _Optional[_Union[DispatchBatch, _Mapping]] = ..., cancel: _Optional[_Union[CancelBatch, _Mapping]] = ..., ack: _Optional[_Union[AckBatch, _Mapping]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ...) -> None: ...
