@@ -137,16 +137,18 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
         self.core.connections[agent_id] = conn
         # Only a hello let in sets the endpoint's allow-list (not one refused above).
         self.core.set_allowed_functions(endpoint, allowed, agent_id)
-        await context.write(
-            pb.ConnectResponse(
-                welcome=pb.Welcome(
-                    heartbeat_interval_seconds=self.core.welcome_heartbeats(conn),
-                    agent_id=agent_id,
-                    max_payload_bytes=self.core.config.max_payload,
-                    max_output_bytes=self.core.config.max_output,
-                )
-            )
+        welcome = pb.Welcome(
+            heartbeat_interval_seconds=self.core.welcome_heartbeats(conn),
+            agent_id=agent_id,
+            max_payload_bytes=self.core.config.max_payload,
+            max_output_bytes=self.core.config.max_output,
         )
+        try:
+            await context.write(pb.ConnectResponse(welcome=welcome))
+        except BaseException:  # the agent went away first: it never was connected
+            if self.core.connections.get(agent_id) is conn:
+                del self.core.connections[agent_id]
+            raise
         self.core.feed_soon(
             AgentConnected(
                 agent_id,
@@ -180,15 +182,19 @@ class EndpointServicer(endpoint_service_pb2_grpc.EndpointServiceServicer):
                 ):
                     log.warning("agent stream %s ended: %r", agent_id, task.exception())
         finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            # First, with no await before it: gRPC cancels this handler when the agent's
+            # side goes away, and a cancellation landing in the gather below would skip
+            # whatever came after it (the agent then stayed online until its heartbeat
+            # timeout: up to minutes with many agents).
             if self.core.connections.get(agent_id) is conn:
                 del self.core.connections[agent_id]
                 self.core.feed_soon(
                     AgentLost(agent_id, time.time(), "stream-closed", conn.stream_id)
                 )
                 log.info("agent disconnected agent=%s", agent_id)
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
 
     async def _read(self, conn: AgentConnection, context) -> None:
         core = self.core

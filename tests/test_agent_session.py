@@ -54,3 +54,44 @@ def test_a_stop_that_lands_as_the_stream_breaks_stays_a_cancellation() -> None:
 def test_a_broken_stream_alone_is_the_streams_error() -> None:
     exc = _run(cancel=False)
     assert isinstance(exc, _agent._StreamLost), repr(exc)
+
+
+async def test_an_agent_whose_stream_brings_no_welcome_opens_another(tmp_path, monkeypatch) -> None:
+    # A server that takes the hello and then says nothing: the agent must not wait on
+    # that stream for ever.
+    import grpc
+
+    from heartline.endpoint._agent import Agent
+    from heartline.endpoint._config import AgentConfig
+    from heartline.v1 import endpoint_service_pb2 as pb
+    from heartline.v1 import endpoint_service_pb2_grpc
+
+    monkeypatch.setattr(_agent, "_WELCOME_TIMEOUT", 0.3)
+    hellos: list[str] = []
+    second = asyncio.Event()
+
+    class Mute(endpoint_service_pb2_grpc.EndpointServiceServicer):
+        async def RegisterEndpoint(self, request, context):
+            return pb.RegisterEndpointResponse(endpoint_id="e" * 36, name=request.name)
+
+        async def Connect(self, request_iterator, context):
+            first = await context.read()
+            hellos.append(first.hello.agent_id)
+            if len(hellos) >= 2:
+                second.set()
+            await asyncio.Event().wait()  # until the agent gives up on the stream
+
+    server = grpc.aio.server()
+    endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(Mute(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    agent = Agent(AgentConfig(name="patient", server=f"127.0.0.1:{port}", home=tmp_path, workers=1))
+    running = asyncio.ensure_future(agent.run())
+    try:
+        async with asyncio.timeout(20):
+            await second.wait()
+        assert hellos[0] == hellos[1] == agent.agent_id  # the same agent, a new stream
+    finally:
+        await agent.stop()
+        await asyncio.gather(running, return_exceptions=True)
+        await server.stop(0)
