@@ -211,12 +211,16 @@ class Processes:
 PROCESSES = Processes()
 
 
-def start_process(args: list[str], env: dict[str, str] | None = None) -> Proc:
+def start_process(
+    args: list[str], env: dict[str, str] | None = None, *, stdin: int = subprocess.DEVNULL
+) -> Proc:
+    """Start a process whose output (stdout and stderr) is read into a :class:`Proc`;
+    ``stdin=subprocess.PIPE`` gives it one the test writes to (``proc.popen.stdin``)."""
     popen = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         text=True,
         env={**os.environ, **(env or {})},
     )
