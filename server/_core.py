@@ -7,6 +7,7 @@ Only :meth:`ServerCore.feed` calls the scheduler, always on the server's event l
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
@@ -40,7 +41,7 @@ from heartline.server._events import (
     Tick,
 )
 from heartline.server._limits import FdWatch, fd_soft_limit, open_fds
-from heartline.server._memory import collector_paused, trim
+from heartline.server._memory import Freezer, collector_paused, trim
 from heartline.server._model import EndpointRow, FunctionRow, WriteBatch
 from heartline.server._requests import RequestMemo
 from heartline.server._rpc import Abort
@@ -378,6 +379,7 @@ class ServerCore:
         self._registering: set[str] = set()
         self.connections: dict[str, AgentConnection] = {}
         self.heartbeats = config.heartbeats
+        self._freezer = Freezer()
         self._stretched_to = 0.0
         """No stream was asked for a shorter heartbeat interval than this."""
         self.watchers = WatchRegistry()
@@ -802,6 +804,12 @@ class ServerCore:
             if loop.time() - due < interval:
                 self.lose_silent_agents(time.monotonic())
             self.stretch_heartbeats()
+            if self._freezer.check(len(self.connections), time.monotonic()):
+                log.info(
+                    "event=gc-frozen agents=%d objects=%d",
+                    len(self.connections),
+                    gc.get_freeze_count(),
+                )
             now = time.time()
             self.feed_soon(Tick(now))
             if now - last_fds >= _FD_CHECK_SECONDS:

@@ -117,3 +117,59 @@ class GcPauses:
 
     def copy(self) -> tuple[Buckets, ...]:
         return tuple(b.copy() for b in self.generations)
+
+
+class Freezer:
+    """Freezes what the server holds each time its agents grow by a quarter.
+
+    A full collection walks every object the collector tracks, and Python starts one
+    each time the survivors of younger collections reach a quarter of the objects
+    already old. As 10,000 agents connected (each stream some hundreds of objects), that
+    made 12 full collections of 0.3 to over 1 s each, 7.3 s in all, each holding the
+    event loop; frozen (``gc.freeze``) at each quarter more agents, 2.7 s, none over
+    0.5 s (bench/agents.py, docs/PERFORMANCE.md).
+
+    A frozen object is still freed when its last reference goes; only garbage in a
+    reference cycle among frozen objects (a stream gone since, say) waits: every
+    ``thaw_seconds`` the collector is thawed (``gc.unfreeze``), the next full collection
+    walks everything once and reclaims it, and what survived is frozen again.
+    """
+
+    def __init__(
+        self, *, least: int = 1000, growth: float = 1.25, thaw_seconds: float = 600.0
+    ) -> None:
+        self._least = least
+        self._growth = growth
+        self._thaw_seconds = thaw_seconds
+        self._frozen_at = 0
+        self._thawed_at = time.monotonic()
+        self._thawed_full: int | None = None
+        """While thawed, the full collections counted at the thaw."""
+
+    def check(self, agents: int, now: float) -> bool:
+        """Freeze, thaw, or do nothing, given the agents connected and ``now``
+        (``time.monotonic()``); True if it froze."""
+        if self._thawed_full is not None:
+            if _full_collections() == self._thawed_full:
+                return False  # waiting for the full collection that reclaims the cycles
+            self._thawed_full = None
+            return self._freeze(agents)
+        if now - self._thawed_at >= self._thaw_seconds:
+            self._thawed_at = now
+            if gc.get_freeze_count():
+                gc.unfreeze()
+                self._thawed_full = _full_collections()
+            return False
+        if agents < self._least or agents < self._frozen_at * self._growth:
+            return False
+        gc.collect(1)  # the young garbage goes first: frozen, a cycle would wait
+        return self._freeze(agents)
+
+    def _freeze(self, agents: int) -> bool:
+        gc.freeze()
+        self._frozen_at = agents
+        return True
+
+
+def _full_collections() -> int:
+    return gc.get_stats()[-1]["collections"]
