@@ -452,6 +452,19 @@ class _Bearer(
         return continuation(self._with_token(details), requests)
 
 
+async def open_agent_stream(stub: Any, endpoint_id: str, agent_id: str) -> tuple[Any, float]:
+    """An agent's Connect stream (``stub``: an aio EndpointServiceStub), as far as its
+    welcome, then the caller's to drive; and the heartbeat interval the welcome gave."""
+    from heartline.v1 import endpoint_service_pb2 as ep
+
+    call = stub.Connect(metadata=_defaults.bearer_metadata(_defaults.token()))
+    hello = ep.Hello(endpoint_id=endpoint_id, agent_id=agent_id, capacity=1)
+    await call.write(ep.ConnectRequest(hello=hello))
+    first = await call.read()
+    assert first.WhichOneof("message") == "welcome", first
+    return call, first.welcome.heartbeat_interval_seconds
+
+
 def authed_channel(address: str, token: str | None = None) -> grpc.Channel:
     """A plaintext (blocking) channel whose calls carry ``token``, else the token a
     client would send (``$HEARTLINE_TOKEN``, else the token file in ``$HEARTLINE_HOME``)."""

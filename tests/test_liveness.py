@@ -17,6 +17,7 @@ from heartline.server import Server, ServerConfig
 from heartline.server._liveness import HeartbeatPolicy
 from heartline.v1 import endpoint_service_pb2 as ep
 from heartline.v1 import endpoint_service_pb2_grpc
+from tests.helpers import open_agent_stream
 
 pytestmark = pytest.mark.usefixtures("loop_watchdog")
 
@@ -42,16 +43,6 @@ def test_a_rate_that_is_not_positive_is_refused() -> None:
         ServerConfig(heartbeat_rate=0.0)
 
 
-async def _welcomed(stub, endpoint_id: str, agent_id: str):
-    call = stub.Connect(metadata=_defaults.bearer_metadata(_defaults.token()))
-    await call.write(
-        ep.ConnectRequest(hello=ep.Hello(endpoint_id=endpoint_id, agent_id=agent_id, capacity=1))
-    )
-    first = await call.read()
-    assert first.WhichOneof("message") == "welcome"
-    return call, first.welcome.heartbeat_interval_seconds
-
-
 async def test_more_agents_than_the_rate_allows_are_asked_for_a_longer_interval_and_judged_by_it(
     tmp_path: Path,
 ) -> None:
@@ -73,7 +64,9 @@ async def test_more_agents_than_the_rate_allows_are_asked_for_a_longer_interval_
                 ep.RegisterEndpointRequest(name="fleet"),
                 metadata=_defaults.bearer_metadata(_defaults.token()),
             )
-            streams = [await _welcomed(stub, endpoint.endpoint_id, f"a{i}") for i in range(3)]
+            streams = [
+                await open_agent_stream(stub, endpoint.endpoint_id, f"a{i}") for i in range(3)
+            ]
             assert [interval for _, interval in streams] == pytest.approx([0.2, 0.2, 0.4])
             async with asyncio.timeout(10):
                 for call, _ in streams[:2]:  # the first two are told at the next tick
@@ -119,7 +112,9 @@ async def test_the_agent_beats_at_the_interval_a_settings_message_gives(tmp_path
                 stub = endpoint_service_pb2_grpc.EndpointServiceStub(channel)
                 # Two more agents on its endpoint, over 5 heartbeats a second at 0.2 s: 2
                 # agents need 0.4 s, 3 need 0.6 s, asked for 0.8 s (4 steps of sqrt 2).
-                extra = [await _welcomed(stub, agent.endpoint_id, f"x{i}") for i in range(2)]
+                extra = [
+                    await open_agent_stream(stub, agent.endpoint_id, f"x{i}") for i in range(2)
+                ]
                 assert [interval for _, interval in extra] == pytest.approx([0.4, 0.8])
                 conn = server.core.connections[agent.agent_id]
                 while conn.heartbeat_interval < 0.7:  # told at the next tick

@@ -10,6 +10,7 @@ import pytest
 
 from heartline import AsyncClient, HeartlineError, _defaults
 from heartline.server import Server, ServerConfig
+from tests.helpers import open_agent_stream
 
 # The server runs on the test's own event loop: the watchdog checks that nothing blocks it.
 pytestmark = pytest.mark.usefixtures("loop_watchdog")
@@ -118,17 +119,6 @@ async def test_agents_registering_one_name_at_once_get_one_endpoint(tmp_path: Pa
     assert stored == [(rows[0].endpoint_id,)]
 
 
-async def _connect(stub, endpoint_id: str, agent_id: str):
-    """An agent's Connect stream as far as its welcome (then the caller's to drive)."""
-    from heartline.v1 import endpoint_service_pb2 as ep
-
-    call = stub.Connect(metadata=_defaults.bearer_metadata(_defaults.token()))
-    hello = ep.Hello(endpoint_id=endpoint_id, agent_id=agent_id, capacity=1)
-    await call.write(ep.ConnectRequest(hello=hello))
-    assert (await call.read()).WhichOneof("message") == "welcome"
-    return call
-
-
 async def test_heartbeats_are_no_scheduler_step_and_only_a_silent_agent_is_lost(
     tmp_path: Path,
 ) -> None:
@@ -166,8 +156,8 @@ async def test_heartbeats_are_no_scheduler_step_and_only_a_silent_agent_is_lost(
                 ep.RegisterEndpointRequest(name="pulse"), metadata=metadata
             )
 
-            steady = await _connect(stub, endpoint.endpoint_id, "steady")
-            silent = await _connect(stub, endpoint.endpoint_id, "silent")
+            steady, _ = await open_agent_stream(stub, endpoint.endpoint_id, "steady")
+            silent, _ = await open_agent_stream(stub, endpoint.endpoint_id, "silent")
             beats = 0
 
             async def beat_until_the_silent_one_is_closed() -> None:
@@ -223,7 +213,7 @@ async def test_list_endpoints_pages_end_at_the_page_size_or_the_agents_a_page_ho
                 ids.append(reply.endpoint_id)
             # e1 has 2 agents, e2 has 3 (a page of its own), e4 has 1.
             streams = [
-                await _connect(agents, ids[i], f"a{i}-{k}")
+                (await open_agent_stream(agents, ids[i], f"a{i}-{k}"))[0]
                 for i, n in ((1, 2), (2, 3), (4, 1))
                 for k in range(n)
             ]
