@@ -131,12 +131,13 @@ class Freezer:
 
     A frozen object is still freed when its last reference goes; only garbage in a
     reference cycle among frozen objects (a stream gone since, say) waits: every
-    ``thaw_seconds`` the collector is thawed (``gc.unfreeze``), the next full collection
-    walks everything once and reclaims it, and what survived is frozen again.
+    ``thaw_seconds`` (an hour) the collector is thawed (``gc.unfreeze``), the next full
+    collection walks everything once (what a restart froze too) and reclaims it, and
+    what survived is frozen again: one long walk an hour, not one each quarter's growth.
     """
 
     def __init__(
-        self, *, least: int = 1000, growth: float = 1.25, thaw_seconds: float = 600.0
+        self, *, least: int = 1000, growth: float = 1.25, thaw_seconds: float = 3600.0
     ) -> None:
         self._least = least
         self._growth = growth
