@@ -45,11 +45,9 @@ import argparse
 import asyncio
 import collections
 import enum
-import importlib.metadata
 import json
 import pickle
 import random
-import resource
 import signal
 import socket
 import sys
@@ -63,11 +61,13 @@ import cloudpickle
 import grpc
 
 from heartline import _defaults, _forms
+from heartline.endpoint._agent import _VERSION as AGENT_VERSION
+from heartline.server._limits import raise_fd_limit
 from heartline.v1 import endpoint_service_pb2 as pb
 from heartline.v1 import endpoint_service_pb2_grpc as pb_grpc
 from heartline.v1 import task_pb2
 
-__all__ = ["FleetError", "SimFleet", "main", "raise_fd_limit"]
+__all__ = ["FleetError", "SimFleet", "main"]
 
 _CONNECT = "/heartline.v1.EndpointService/Connect"
 _CHANNEL_OPTIONS = [
@@ -92,27 +92,6 @@ _CHANNEL_READY_TIMEOUT = 20.0
 # (endpoint/_config.py reconnect_min, reconnect_max): full jitter, doubling.
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 10.0
-
-
-def _version() -> str:
-    # The version the real agent's hello carries (endpoint/_agent.py _version).
-    try:
-        return importlib.metadata.version("heartline")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.1.0"
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft limit of open files to its hard limit; return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):  # a kernel cap (nr_open) under an unlimited hard
-            pass
-    return soft
 
 
 class FleetError(Exception):
@@ -471,7 +450,7 @@ class SimFleet:
         self.settings = 0
         self._serial = 0
         self._hostname = socket.gethostname()
-        self._version = _version()
+        self._version = AGENT_VERSION  # what the real agent's hello carries
 
     # -- registration and agents --------------------------------------------------------
 
@@ -755,7 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how long each task runs (0: reported at once)",
     )
     opts = parser.parse_args(argv)
-    opts.fd_limit = raise_fd_limit()
+    limit = raise_fd_limit()  # thousands of sockets: the server's own raise
+    opts.fd_limit = None if limit is None else limit.soft
     loop_factory = None
     try:
         import uvloop
