@@ -385,6 +385,9 @@ class ServerCore:
         self.watchers = WatchRegistry()
         self.requests = RequestMemo(store)
         self.endpoints: dict[str, EndpointRow] = {}
+        self._endpoints_named: dict[str, list[EndpointRow]] = {}
+        """The same endpoints by name (one per owner): a submit by name looks at those
+        of its name, not at every endpoint."""
         self._registration = asyncio.Lock()
         """Held while an endpoint is looked up by name and, if new, registered."""
         self.tokens = Tokens(store)
@@ -411,7 +414,7 @@ class ServerCore:
     async def open(self) -> None:
         """Load endpoints and unsettled tasks from the store; resume where it stopped."""
         for row in await self.store.list_endpoints():
-            self.endpoints[row.endpoint_id] = row
+            self._remember_endpoint(row)
         await self.tokens.load()
         self.function_bytes = await self.store.function_bytes_by_owner()
         for endpoint_id, user in await self.store.load_shares():
@@ -595,12 +598,16 @@ class ServerCore:
 
     async def register_endpoint(self, row: EndpointRow) -> None:
         await asyncio.shield(self._write(WriteBatch(endpoints=(row,))))
+        self._remember_endpoint(row)
+
+    def _remember_endpoint(self, row: EndpointRow) -> None:
         self.endpoints[row.endpoint_id] = row
+        self._endpoints_named.setdefault(row.name, []).append(row)
 
     def endpoint_named(self, name: str, owner: str) -> EndpointRow | None:
         """The endpoint of this name the user may submit to: its own, else one shared
         with it (the oldest, if several users shared one of that name)."""
-        rows = [r for r in self.endpoints.values() if r.name == name]
+        rows = self._endpoints_named.get(name, ())
         own = next((r for r in rows if r.owner == owner), None)
         if own is not None:
             return own
