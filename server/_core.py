@@ -378,7 +378,7 @@ class ServerCore:
         """Bytes of stored functions by owner (config.max_function_bytes bounds each)."""
         self._registering: set[str] = set()
         self.connections: dict[str, AgentConnection] = {}
-        self.heartbeats = config.heartbeats
+        self._heartbeats = config.heartbeats
         self._freezer = Freezer()
         self._stretched_to = 0.0
         """No stream was asked for a shorter heartbeat interval than this."""
@@ -746,10 +746,9 @@ class ServerCore:
                 log.info("event=endpoint-registered name=%s endpoint_id=%s", name, row.endpoint_id)
         return row
 
-    def lose_silent_agents(self, now: float) -> list[str]:
+    def lose_silent_agents(self, now: float) -> None:
         """Close the streams that carried nothing for the heartbeat timeout up to ``now``
-        (``time.monotonic()``), and tell the scheduler their agents are lost; return
-        their agent ids.
+        (``time.monotonic()``), and tell the scheduler their agents are lost.
 
         A scan of the connections' timestamps: at 10,000 agents about a millisecond, once
         per tick, where each heartbeat as a scheduler step cost far more in all."""
@@ -762,15 +761,14 @@ class ServerCore:
             del self.connections[conn.agent_id]
             conn.close("no heartbeat within the timeout")
             self.feed_soon(AgentLost(conn.agent_id, wall, "heartbeat-timeout", conn.stream_id))
-        return [c.agent_id for c in silent]
 
-    def stretch_heartbeats(self) -> int:
+    def stretch_heartbeats(self) -> None:
         """Ask every agent told a shorter interval than the current fleet needs for the
-        longer one (server/_liveness.py); return how many were asked."""
-        policy = self.heartbeats
+        longer one (server/_liveness.py)."""
+        policy = self._heartbeats
         interval = policy.interval_for(len(self.connections))
         if interval <= self._stretched_to:
-            return 0  # every stream has this interval or a longer one already
+            return  # every stream has this interval or a longer one already
         timeout = policy.timeout_for(interval)
         asked = 0
         for conn in self.connections.values():
@@ -786,11 +784,10 @@ class ServerCore:
                 len(self.connections),
                 asked,
             )
-        return asked
 
     def welcome_heartbeats(self, conn: AgentConnection) -> float:
         """The interval a new stream's welcome gives (the fleet's, with it counted in)."""
-        policy = self.heartbeats
+        policy = self._heartbeats
         interval = policy.interval_for(len(self.connections))
         conn.ask_heartbeats(interval, policy.timeout_for(interval), tell=False)
         self._stretched_to = min(self._stretched_to, interval)
